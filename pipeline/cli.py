@@ -1,0 +1,417 @@
+"""The ``rhbatch`` command line: parse, call one core function, turn errors into exit codes.
+
+Exit codes: 0 every row succeeded; 1 some rows failed or are unknown; 2 bad input or usage;
+3 the run was stopped (account, credentials, interrupt, budget). Data goes to stdout, progress and
+messages to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from pipeline import __version__
+from pipeline.config import RedactingFilter, redact, resolve_settings
+from pipeline.errors import RhbatchError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+
+
+def echo_err(message: str) -> None:
+    click.echo(redact(message), err=True)
+
+
+def handle_errors(func: F) -> F:
+    """Turn rhbatch errors into a one-line message on stderr and their exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RhbatchError as exc:
+            echo_err(f"Error: {exc}")
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def manifest_options(func: F) -> F:
+    """--bind / --workflow-id / --schema / --allow-duplicates, shared by validate and run."""
+    func = click.option(
+        "--allow-duplicates",
+        is_flag=True,
+        help="Keep rows whose nodeInfoList is identical (an identical graph may be a cached no-op).",
+    )(func)
+    func = click.option(
+        "--schema",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="A JSON Schema each row must satisfy (default: schemas/manifest.schema.json).",
+    )(func)
+    func = click.option("--workflow-id", help="Workflow id for rows without a workflowId.")(func)
+    func = click.option(
+        "--bind",
+        "binds",
+        multiple=True,
+        metavar="COLUMN=NODE.FIELD",
+        help="Send COLUMN as the value of NODE.FIELD (repeatable).",
+    )(func)
+    return func
+
+
+def connection_options(func: F) -> F:
+    func = click.option(
+        "--base-url", help="RunningHub base URL [env RUNNINGHUB_BASE_URL; https://www.runninghub.ai]"
+    )(func)
+    func = click.option(
+        "--api-key", help="RunningHub API key [env RUNNINGHUB_API_KEY; prefer the environment]"
+    )(func)
+    return func
+
+
+def _manifest_args(manifest: Path, binds: tuple[str, ...], workflow_id: str | None,
+                   schema: Path | None, allow_duplicates: bool) -> Any:
+    from pipeline.runs import ManifestArgs
+
+    return ManifestArgs(Path(manifest), tuple(binds), workflow_id, schema, allow_duplicates)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rhbatch")
+def cli() -> None:
+    """Run large, resumable batches of ComfyUI workflows on RunningHub."""
+
+
+# -- validate ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@manifest_options
+@handle_errors
+def validate(manifest: Path, binds: tuple[str, ...], workflow_id: str | None,
+             schema: Path | None, allow_duplicates: bool) -> None:
+    """Check MANIFEST without sending anything; list every problem at once."""
+    loaded = _manifest_args(manifest, binds, workflow_id, schema, allow_duplicates).load()
+    workflows = sorted({r.workflow_id for r in loaded.rows})
+    click.echo(f"{manifest}: {len(loaded.rows)} rows OK, workflow {', '.join(workflows)}")
+    for column, target in loaded.bound.items():
+        click.echo(f"  {column} -> {target}")
+    if loaded.unbound:
+        click.echo(f"  not sent (no binding): {', '.join(loaded.unbound)}")
+    if loaded.duplicates:
+        click.echo(f"  {len(loaded.duplicates)} duplicate row(s) kept on purpose")
+
+
+# -- run -------------------------------------------------------------------------------------
+
+
+class Progress:
+    """tqdm on stderr, quiet when stderr is not a terminal or with --quiet."""
+
+    def __init__(self, total: int, done: int, quiet: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            unit="row",
+            file=sys.stderr,
+            disable=quiet or not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        )
+        self.counts = {"submitted": 0, "success": 0, "failed": 0, "unknown": 0}
+
+    def __call__(self, event: Any) -> None:
+        if event.kind in self.counts:
+            self.counts[event.kind] += 1
+        if event.kind in ("success", "failed"):
+            self.bar.update(1)
+        if event.kind == "stopping":
+            self.bar.write(f"Stopping: {redact(event.detail)}", file=sys.stderr)
+        self.bar.set_postfix(
+            sub=self.counts["submitted"], ok=self.counts["success"], fail=self.counts["failed"],
+            unk=self.counts["unknown"], refresh=False,
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def print_summary(run_dir: Path, summary: Any) -> None:
+    counts = {k: v for k, v in summary.counts.items() if v}
+    parts = ", ".join(f"{v} {k}" for k, v in counts.items())
+    echo_err(
+        f"{summary.total} rows: {parts}. {summary.coins:g} coins, {summary.elapsed_s:.1f}s, "
+        f"{summary.requests} requests."
+    )
+    echo_err(f"Results: {run_dir / 'results.jsonl'} and {run_dir / 'results.csv'}")
+    if summary.counts.get("SUBMIT_UNKNOWN"):
+        echo_err(
+            f"{summary.counts['SUBMIT_UNKNOWN']} row(s) are SUBMIT_UNKNOWN: their create was sent "
+            "but no answer came back, so they may have run (and been billed). Check RunningHub's "
+            f"call records, then `rhbatch retry {run_dir} --unknown --accept-double-pay` to "
+            "submit them again."
+        )
+    if summary.stopped:
+        echo_err(f"Stopped: {summary.stopped}")
+        echo_err(f"Resume with the same command: rhbatch run ... --out {run_dir}")
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (state, results, log). An existing run there is resumed.")
+@manifest_options
+@connection_options
+@click.option("--concurrency", type=int, help="Tasks in flight at most (the account's limit).")
+@click.option("--poll-interval", type=float, help="Seconds between polls of one task.")
+@click.option("--account-poll-interval", type=float,
+              help="Seconds between reads of the account's live task count.")
+@click.option("--max-coins", type=float, help="Stop submitting before spending more coins.")
+@click.option("--instance-type", type=click.Choice(["default", "plus", "ultra"]))
+@click.option("--use-personal-queue", is_flag=True, default=None)
+@click.option("--webhook-url", help="Passed to RunningHub as webhookUrl.")
+@click.option("--dry-run", is_flag=True, help="Print the exact request bodies; send nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--verbose", "-v", is_flag=True, help="Log details to stderr (key redacted).")
+@handle_errors
+def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str | None,
+        schema: Path | None, allow_duplicates: bool, api_key: str | None, base_url: str | None,
+        concurrency: int | None, poll_interval: float | None,
+        account_poll_interval: float | None, max_coins: float | None,
+        instance_type: str | None, use_personal_queue: bool | None, webhook_url: str | None,
+        dry_run: bool, quiet: bool, verbose: bool) -> None:
+    """Submit every row of MANIFEST, collect results into OUT; resume if OUT holds this run."""
+    from pipeline import runs
+
+    args = _manifest_args(manifest, binds, workflow_id, schema, allow_duplicates)
+    task_options = {
+        k: v
+        for k, v in {
+            "instanceType": instance_type,
+            "usePersonalQueue": use_personal_queue,
+            "webhookUrl": webhook_url,
+        }.items()
+        if v is not None
+    }
+    if dry_run:
+        settings = resolve_settings(api_key=None, base_url=base_url, env={},
+                                    task_options=task_options)
+        loaded = args.load()
+        for payload in runs.dry_run_payloads(loaded, settings):
+            click.echo(json.dumps(payload, ensure_ascii=False))
+        echo_err(f"Dry run: {len(loaded.rows)} request bodies printed, nothing sent.")
+        return
+    settings = resolve_settings(
+        api_key=api_key,
+        base_url=base_url,
+        concurrency=concurrency,
+        poll_interval_s=poll_interval,
+        account_poll_interval_s=account_poll_interval,
+        task_options=task_options,
+    )
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(RedactingFilter())
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("rhbatch").addHandler(handler)
+
+    progress: Progress | None = None
+
+    def on_open(store: Any, created: bool) -> None:
+        nonlocal progress
+        counts = store.counts()
+        total = sum(counts.values())
+        done = counts["SUCCESS"] + counts["FAILED"] + counts["CANCELLED"]
+        verb = "Starting" if created else "Resuming"
+        echo_err(f"{verb} {total} rows in {out_dir} ({done} already final)")
+        progress = Progress(total, done, quiet)
+
+    def on_event(event: Any) -> None:
+        if progress:
+            progress(event)
+
+    def on_account(account: Any) -> None:
+        coins = "?" if account.remain_coins is None else f"{account.remain_coins:g}"
+        echo_err(
+            f"Account: {account.api_type or 'unknown type'}, {coins} coins, "
+            f"{account.current_task_counts} task(s) running or queued"
+        )
+
+    try:
+        summary = runs.run_batch(
+            args, out_dir, settings, on_event=on_event, on_account=on_account, on_open=on_open,
+            max_coins=max_coins, verbose=verbose,
+        )
+    finally:
+        if progress:
+            progress.close()
+    print_summary(out_dir, summary)
+    sys.exit(summary.exit_code)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["FAILED", "CANCELLED", "SUCCESS"]),
+              help="Rows in this state (repeatable; default FAILED).")
+@click.option("--code", "codes", multiple=True, type=int, help="Rows that failed with this code.")
+@click.option("--class", "classes", multiple=True,
+              help="Failure class: task_failed, row_fatal, task_gone, oom, cancelled.")
+@click.option("--where", help="Expression over columns, e.g. \"`3.cfg` >= 7 and status == 'FAILED'\".")
+@click.option("--unknown", is_flag=True, help="Also SUBMIT_UNKNOWN rows (needs --accept-double-pay).")
+@click.option("--accept-double-pay", is_flag=True,
+              help="I checked RunningHub's call records: resubmitting unknown rows may bill twice.")
+@click.option("--dry-run", is_flag=True, help="Only count the rows that would be retried.")
+@connection_options
+@click.option("--concurrency", type=int)
+@click.option("--poll-interval", type=float)
+@click.option("--account-poll-interval", type=float)
+@click.option("--quiet", "-q", is_flag=True)
+@handle_errors
+def retry(run_dir: Path, statuses: tuple[str, ...], codes: tuple[int, ...], classes: tuple[str, ...],
+          where: str | None, unknown: bool, accept_double_pay: bool, dry_run: bool,
+          api_key: str | None, base_url: str | None, concurrency: int | None,
+          poll_interval: float | None, account_poll_interval: float | None, quiet: bool) -> None:
+    """Submit chosen rows of RUN_DIR again, keeping each row's history and attempt count."""
+    from pipeline import runs
+    from pipeline.errors import UsageError
+
+    if unknown and not accept_double_pay:
+        raise UsageError(
+            "SUBMIT_UNKNOWN rows may already have run and been billed: check RunningHub's call "
+            "records, then add --accept-double-pay to resubmit them"
+        )
+    selection = runs.Selection(
+        statuses=statuses or ("FAILED",), codes=codes, classes=classes, where=where,
+        unknown=unknown,
+    )
+    settings = resolve_settings(
+        api_key=api_key, base_url=base_url, env=None if not dry_run else {},
+        concurrency=concurrency, poll_interval_s=poll_interval,
+        account_poll_interval_s=account_poll_interval,
+    )
+    count, summary = runs.retry_rows(run_dir, settings, selection, dry_run=dry_run)
+    if summary is None:
+        click.echo(f"{count} row(s) would be retried")
+        return
+    echo_err(f"Retried {count} row(s)")
+    print_summary(run_dir, summary)
+    sys.exit(summary.exit_code)
+
+
+# -- status / export ---------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--by", multiple=True, help="Group counts by an input column (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def status(run_dir: Path, by: tuple[str, ...], as_json: bool) -> None:
+    """Counts per state of the run in RUN_DIR (safe while it runs)."""
+    from pipeline.runs import run_status
+
+    report = run_status(run_dir, by)
+    if as_json:
+        data = {"run_dir": str(run_dir), "total": report.total, "counts": report.counts,
+                "coins": report.coins}
+        if report.groups is not None:
+            data["groups"] = [
+                {"key": list(k) if isinstance(k, tuple) else k, "counts": v}
+                for k, v in report.groups.items()
+            ]
+        click.echo(json.dumps(data, ensure_ascii=False))
+        return
+    click.echo(f"{run_dir}: {report.total} rows from {report.source}, {report.coins:g} coins")
+    for state, n in report.counts.items():
+        if n:
+            click.echo(f"  {state:<15} {n}")
+    for number, row_id, why in report.unknown:
+        click.echo(f"  unknown: row {number} ({row_id}): {why}")
+    if report.groups is not None:
+        states = [s for s in report.counts if any(g[s] for g in report.groups.values())]
+        click.echo("  " + " | ".join([", ".join(by)] + states))
+        for key, counts in report.groups.items():
+            click.echo("  " + " | ".join([str(key)] + [str(counts[s]) for s in states]))
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default="jsonl")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="File to write (default: RUN_DIR/results.FORMAT).")
+@handle_errors
+def export_cmd(run_dir: Path, fmt: str, output: Path | None) -> None:
+    """Write the output manifest of RUN_DIR (works while the run is going)."""
+    from pipeline import export
+    from pipeline.store import RunStore
+
+    target = output or run_dir / f"results.{fmt}"
+    store = RunStore.open(run_dir, readonly=True)
+    try:
+        count = export.export(store, fmt, target)
+    finally:
+        store.close()
+    echo_err(f"Wrote {count} rows to {target}")
+
+
+# -- sweep -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Manifest to write: .csv, .jsonl or .parquet.")
+@click.option("--max-rows", type=int, default=100_000, show_default=True,
+              help="Refuse larger sweeps unless --yes.")
+@click.option("--yes", is_flag=True, help="Write even past --max-rows.")
+@handle_errors
+def sweep(spec: Path, output: Path, max_rows: int, yes: bool) -> None:
+    """Expand a sweep SPEC (YAML or JSON) into a manifest, streaming."""
+    from pipeline.sweep import expand_sweep
+
+    result = expand_sweep(spec, output, max_rows=max_rows, force=yes)
+    click.echo(f"Wrote {result.rows} rows to {result.path}")
+
+
+# -- simulator and demo --------------------------------------------------------------------
+
+
+def _register_sim() -> None:
+    try:
+        from pipeline.sim.cli import sim_command
+    except ImportError:  # pragma: no cover - the simulator ships with rhbatch
+        return
+    cli.add_command(sim_command)
+
+
+_register_sim()
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("outputs/demo"), show_default=True)
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Manifest to run (default: manifests/demo_sweep.csv).")
+@click.option("--quiet", "-q", is_flag=True)
+@handle_errors
+def demo(out_dir: Path, manifest: Path | None, quiet: bool) -> None:
+    """Start the simulator in-process and run an example sweep against it."""
+    from pipeline.demo import run_demo
+
+    code = run_demo(out_dir, manifest, quiet=quiet, echo=echo_err)
+    sys.exit(code)
+
+
+def main() -> None:
+    cli(prog_name="rhbatch")

@@ -1,0 +1,145 @@
+"""Settings, resolved once: flag, then environment, then default; the API key is never printed.
+
+``Settings`` is frozen. The key lives in a :class:`Secret` whose ``repr``/``str`` are redacted, and
+:func:`redact` scrubs it from any text that could reach a log, an exception message or a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.errors import ConfigError
+
+DEFAULT_BASE_URL = "https://www.runninghub.ai"
+ENV_API_KEY = "RUNNINGHUB_API_KEY"
+ENV_BASE_URL = "RUNNINGHUB_BASE_URL"
+
+DEFAULT_CONCURRENCY = 1  # consumer keys run one task at a time
+HTTP_CONNECT_TIMEOUT_S = 10.0
+HTTP_READ_TIMEOUT_S = 60.0
+POLL_INTERVAL_S = 5.0  # a task's own outputs poll, when nothing better is known
+ACCOUNT_POLL_INTERVAL_S = 2.0  # the shared accountStatus signal
+MAX_POLL_INTERVAL_S = 30.0  # every live task is asked about at least this often
+CAPACITY_BACKOFF_S = 20.0  # first wait after 421/415/1520 before resubmitting
+MAX_CAPACITY_BACKOFF_S = 120.0
+RESULTS_FLUSH_INTERVAL_S = 10.0
+
+
+class Secret:
+    """A string that never shows itself in repr, str or f-strings."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+_REDACT_KEYS: set[str] = set()
+_KEYLIKE = re.compile(r"(?i)(apikey|api_key|authorization|bearer)([\"'=:\s]+)([A-Za-z0-9._\-]{8,})")
+
+
+def register_secret(value: str) -> None:
+    """Make :func:`redact` (and every rhbatch log line) scrub ``value`` from now on."""
+    if value:
+        _REDACT_KEYS.add(value)
+
+
+def redact(text: Any) -> str:
+    """``text`` as a string with every registered secret and key-looking assignment masked."""
+    out = str(text)
+    for key in _REDACT_KEYS:
+        if key in out:
+            out = out.replace(key, "***")
+    return _KEYLIKE.sub(lambda m: f"{m.group(1)}{m.group(2)}***", out)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that renders each record and scrubs secrets from it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs to talk to RunningHub, resolved once."""
+
+    api_key: Secret | None = None
+    base_url: str = DEFAULT_BASE_URL
+    concurrency: int = DEFAULT_CONCURRENCY
+    poll_interval_s: float = POLL_INTERVAL_S
+    account_poll_interval_s: float = ACCOUNT_POLL_INTERVAL_S
+    max_poll_interval_s: float = MAX_POLL_INTERVAL_S
+    capacity_backoff_s: float = CAPACITY_BACKOFF_S
+    max_capacity_backoff_s: float = MAX_CAPACITY_BACKOFF_S
+    connect_timeout_s: float = HTTP_CONNECT_TIMEOUT_S
+    read_timeout_s: float = HTTP_READ_TIMEOUT_S
+    results_flush_interval_s: float = RESULTS_FLUSH_INTERVAL_S
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    def require_key(self) -> str:
+        if not self.api_key:
+            raise ConfigError(f"No API key: set {ENV_API_KEY} or pass --api-key")
+        return self.api_key.reveal()
+
+
+def resolve_settings(
+    *,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Flag > environment > default, validated. ``overrides`` are other Settings fields (None = unset)."""
+    environ = os.environ if env is None else env
+    key = api_key or environ.get(ENV_API_KEY) or None
+    if key is not None:
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_\-]{8,128}", key):
+            raise ConfigError(
+                f"The API key in {'--api-key' if api_key else ENV_API_KEY} does not look like a "
+                "RunningHub key (32 letters and digits): copy it again from the RunningHub console"
+            )
+        register_secret(key)
+    url = (base_url or environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(
+            f"Base URL {url!r} is not an http(s) URL: set {ENV_BASE_URL} or --base-url to "
+            f"e.g. {DEFAULT_BASE_URL}"
+        )
+    values = {k: v for k, v in overrides.items() if v is not None}
+    concurrency = values.get("concurrency", DEFAULT_CONCURRENCY)
+    if not isinstance(concurrency, int) or concurrency < 1 or concurrency > 5000:
+        raise ConfigError(f"--concurrency must be a whole number from 1 to 5000, not {concurrency!r}")
+    for name, value in values.items():
+        if name.endswith("_s") and (not isinstance(value, int | float) or value < 0):
+            raise ConfigError(f"{name} must be a number of seconds >= 0, not {value!r}")
+    return Settings(api_key=Secret(key) if key else None, base_url=url, **values)

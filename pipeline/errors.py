@@ -1,0 +1,310 @@
+"""rhbatch's exception tree and the RunningHub response-code taxonomy.
+
+Every error raised inside ``pipeline`` derives from :class:`RhbatchError`; third-party exceptions
+(httpx, jsonschema, sqlite3, pandas) are translated where they are caught, with ``raise ... from exc``.
+
+::
+
+    RhbatchError                      (exit_code 1 unless a subclass says otherwise)
+    ├── UsageError                    bad flags or settings                       exit 2, run-fatal
+    │   └── ConfigError               missing key, bad base URL, bad sim config   exit 2
+    ├── InputError                    the user's files are wrong                  exit 2
+    │   ├── ManifestError             every problem in a manifest, at once
+    │   ├── SchemaError               the JSON Schema itself is invalid
+    │   └── SweepError                a sweep spec is wrong
+    ├── StateError                    the run directory cannot be used            exit 2
+    │   ├── RunLockedError            another rhbatch process holds the run
+    │   └── ManifestChangedError      the run exists with another manifest
+    ├── StorageError                  disk full, read-only, corrupt state         exit 3
+    ├── RunStopped                    the run must stop (account, credentials)    exit 3
+    └── ApiError                      a RunningHub answer we cannot use
+        ├── TransientApiError         retry the same request later (5xx, 429, resets, garbage)
+        ├── CapacityError             the account is full: wait and resubmit (421, 415, ...)
+        ├── RowFatalError             this row is wrong: fail it, carry on (803, 433, ...)
+        ├── RunFatalError             the whole run must stop (412, 414, 416, ...)
+        ├── TaskGoneError             the task id is unknown or purged (807, 423, 1004)
+        └── SubmitUnknownError        a create was sent and its outcome is unknown
+
+Every class carries ``transient`` / ``row_fatal`` / ``run_fatal`` so callers branch on what an error
+means, never on its text.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Kind(enum.Enum):
+    """What a RunningHub code means for the caller (section 6 of runninghub-api.md)."""
+
+    OK = "ok"
+    STATE = "state"  # 804 running, 813 queued: keep polling
+    CAPACITY = "capacity"  # account full or service busy: wait, then resubmit
+    TRANSIENT = "transient"  # retry the same request with backoff
+    ROW_FATAL = "row_fatal"  # this row's input is wrong: fail the row
+    RUN_FATAL = "run_fatal"  # credentials or money: stop the whole run
+    TASK_FAILED = "task_failed"  # the task ran and failed
+    TASK_GONE = "task_gone"  # unknown, foreign or purged task id
+
+
+@dataclass(frozen=True)
+class Code:
+    code: int
+    name: str
+    kind: Kind
+    fix: str = ""
+
+
+_CODES = [
+    Code(0, "success", Kind.OK),
+    Code(301, "PARAMS_INVALID", Kind.ROW_FATAL, "check workflowId and the request fields"),
+    Code(380, "WORKFLOW_NOT_EXISTS", Kind.ROW_FATAL, "check the workflowId and that your key can see it"),
+    Code(
+        412,
+        "TOKEN_INVALID",
+        Kind.RUN_FATAL,
+        "check RUNNINGHUB_API_KEY and RUNNINGHUB_BASE_URL (a .cn key only works on runninghub.cn)",
+    ),
+    Code(
+        414,
+        "TASK_CREATE_FAILED_BY_NOT_ENOUGH_POWER_VALUE",
+        Kind.RUN_FATAL,
+        "top up the account's API balance, then run the same command again to resume",
+    ),
+    Code(415, "TASK_INSTANCE_MAXED", Kind.CAPACITY),
+    Code(
+        416,
+        "TASK_CREATE_FAILED_BY_NOT_ENOUGH_WALLET",
+        Kind.RUN_FATAL,
+        "top up the wallet, then run the same command again to resume",
+    ),
+    Code(421, "TASK_QUEUE_MAXED", Kind.CAPACITY),
+    Code(423, "TASK_NOT_FOUNED", Kind.TASK_GONE),
+    Code(433, "VALIDATE_PROMPT_FAILED", Kind.ROW_FATAL, "fix the row's node values (see promptTips)"),
+    Code(
+        435,
+        "TASK_USER_EXCLAPI_INSTANCE_NOT_FOUND",
+        Kind.ROW_FATAL,
+        "set instanceType to a machine class your key owns",
+    ),
+    Code(436, "TASK_USER_EXCLAPI_REQUIRED", Kind.ROW_FATAL, "this call needs an exclusive key"),
+    Code(500, "UNKNOWN_ERROR", Kind.TRANSIENT),
+    Code(801, "APIKEY_UNSUPPORTED_FREE_USER", Kind.RUN_FATAL, "the API needs a paid membership"),
+    Code(802, "APIKEY_UNAUTHORIZED", Kind.RUN_FATAL, "the key is not authorised or was revoked"),
+    Code(
+        803,
+        "APIKEY_INVALID_NODE_INFO",
+        Kind.ROW_FATAL,
+        "a nodeId/fieldName is not in the workflow: run `rhbatch inspect`",
+    ),
+    Code(804, "APIKEY_TASK_IS_RUNNING", Kind.STATE),
+    Code(805, "APIKEY_TASK_STATUS_ERROR", Kind.TASK_FAILED),
+    Code(
+        806,
+        "APIKEY_USER_NOT_FOUND",
+        Kind.RUN_FATAL,
+        "wrong key or wrong site: a .ai key needs RUNNINGHUB_BASE_URL=https://www.runninghub.ai",
+    ),
+    Code(807, "APIKEY_TASK_NOT_FOUND", Kind.TASK_GONE),
+    Code(808, "APIKEY_UPLOAD_FAILED", Kind.TRANSIENT),
+    Code(809, "APIKEY_FILE_SIZE_EXCEEDED", Kind.ROW_FATAL, "input files must be 30 MB or smaller"),
+    Code(
+        810,
+        "WORKFLOW_NOT_SAVED_OR_NOT_RUNNING",
+        Kind.ROW_FATAL,
+        "save the workflow and run it once in the RunningHub web UI",
+    ),
+    Code(811, "CORPAPIKEY_INVALID", Kind.RUN_FATAL, "the enterprise key is invalid"),
+    Code(
+        812,
+        "CORPAPIKEY_INSUFFICIENT_FUNDS",
+        Kind.RUN_FATAL,
+        "top up the enterprise account, then run the same command again to resume",
+    ),
+    Code(813, "APIKEY_TASK_IS_QUEUED", Kind.STATE),
+    Code(814, "PERSONAL_QUEUE_COUNT_LIMIT", Kind.CAPACITY),
+    Code(901, "WEBAPP_NOT_EXISTS", Kind.ROW_FATAL, "check the webappId"),
+    Code(1000, "unknown error", Kind.TASK_FAILED),
+    Code(1001, "invalid request", Kind.ROW_FATAL),
+    Code(1002, "auth failed", Kind.RUN_FATAL, "check RUNNINGHUB_API_KEY"),
+    Code(1003, "rate limited", Kind.CAPACITY),
+    Code(1004, "not found or expired", Kind.TASK_GONE),
+    Code(1005, "server error", Kind.TRANSIENT),
+    Code(1006, "timeout", Kind.TASK_FAILED),
+    Code(1007, "param invalid", Kind.ROW_FATAL),
+    Code(1008, "size exceeded", Kind.ROW_FATAL),
+    Code(1009, "method not allowed", Kind.ROW_FATAL),
+    Code(1010, "service busy", Kind.CAPACITY),
+    Code(1011, "service overloaded", Kind.CAPACITY),
+    Code(1012, "service unavailable", Kind.CAPACITY),
+    Code(1013, "file processing failed", Kind.TRANSIENT),
+    Code(1014, "needs an enterprise-shared key", Kind.ROW_FATAL),
+    Code(1015, "generation failed", Kind.TASK_FAILED),
+    Code(1101, "node info error", Kind.ROW_FATAL),
+    Code(1501, "content moderation rejected", Kind.ROW_FATAL),
+    Code(1504, "model timeout", Kind.TASK_FAILED),
+    Code(1505, "real-person generation prohibited", Kind.ROW_FATAL),
+    Code(1520, "TASK_USER_CONCURRENT_LIMIT", Kind.CAPACITY),
+]
+
+CODES: dict[int, Code] = {c.code: c for c in _CODES}
+
+
+def classify(code: int) -> Kind:
+    """The kind of a RunningHub business code; unknown non-zero codes count as row-fatal."""
+    known = CODES.get(code)
+    return known.kind if known else Kind.ROW_FATAL
+
+
+def code_name(code: int) -> str:
+    known = CODES.get(code)
+    return known.name if known else f"CODE_{code}"
+
+
+class RhbatchError(Exception):
+    """Base of every rhbatch error."""
+
+    exit_code = 1
+    transient = False
+    row_fatal = False
+    run_fatal = False
+
+
+class UsageError(RhbatchError):
+    exit_code = 2
+    run_fatal = True
+
+
+class ConfigError(UsageError):
+    pass
+
+
+class InputError(RhbatchError):
+    exit_code = 2
+    run_fatal = True
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one row of a manifest (row is 1-based, as the user counts)."""
+
+    row: int | None
+    column: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = []
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.column is not None:
+            where.append(f'column "{self.column}"')
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+
+class ManifestError(InputError):
+    """Every problem found in a manifest, reported together."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        shown = "\n".join(f"  {p}" for p in problems[:200])
+        more = f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"{source}: {count}, nothing was submitted:\n{shown}{more}")
+
+
+class SchemaError(InputError):
+    pass
+
+
+class SweepError(InputError):
+    pass
+
+
+class StateError(RhbatchError):
+    exit_code = 2
+    run_fatal = True
+
+
+class RunLockedError(StateError):
+    pass
+
+
+class ManifestChangedError(StateError):
+    pass
+
+
+class StorageError(RhbatchError):
+    exit_code = 3
+    run_fatal = True
+
+
+class RunStopped(RhbatchError):
+    """The run was stopped on purpose (interrupt, budget) or by the account; it can be resumed."""
+
+    exit_code = 3
+    run_fatal = True
+
+
+@dataclass
+class ApiErrorInfo:
+    code: int | None = None
+    msg: str = ""
+    data: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ApiError(RhbatchError):
+    """A RunningHub answer that is not the success we asked for."""
+
+    def __init__(self, message: str, code: int | None = None, msg: str = "", data: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.msg = msg
+        self.data = data
+
+
+class TransientApiError(ApiError):
+    transient = True
+
+
+class CapacityError(ApiError):
+    transient = True
+
+
+class RowFatalError(ApiError):
+    row_fatal = True
+
+
+class RunFatalError(ApiError):
+    run_fatal = True
+    exit_code = 3
+
+
+class TaskGoneError(ApiError):
+    row_fatal = True
+
+
+class SubmitUnknownError(ApiError):
+    """A create request left this machine and no usable answer came back: never resend it."""
+
+    row_fatal = True
+
+
+def api_error_for(code: int, msg: str, data: Any = None, *, where: str) -> ApiError:
+    """Build the right ApiError subclass for a non-zero business ``code``."""
+    kind = classify(code)
+    known = CODES.get(code)
+    name = known.name if known else "unknown code"
+    fix = f": {known.fix}" if known and known.fix else ""
+    shown_msg = msg if msg and msg != name else ""
+    text = f"RunningHub {where} answered {code} {name}{' (' + shown_msg + ')' if shown_msg else ''}{fix}"
+    cls: type[ApiError] = {
+        Kind.CAPACITY: CapacityError,
+        Kind.TRANSIENT: TransientApiError,
+        Kind.RUN_FATAL: RunFatalError,
+        Kind.TASK_GONE: TaskGoneError,
+    }.get(kind, RowFatalError)
+    return cls(text, code=code, msg=msg, data=data)

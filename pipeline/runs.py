@@ -1,0 +1,467 @@
+"""Run directories: start a run from a manifest, resume it, report on it.
+
+``run_batch`` is the one core function behind ``rhbatch run``:
+
+1. lock the directory (one process per run; a killed holder's lock vanishes with it);
+2. new directory: load and validate the manifest (nothing is sent while any row is invalid), store
+   every row as PENDING; existing directory: check it holds the same manifest, then turn rows left
+   in SUBMITTING by a crash into SUBMIT_UNKNOWN;
+3. read the account once (a bad key or empty balance stops here, before any create);
+4. drive the :class:`~pipeline.runner.Runner` until every row is final or the run is stopped,
+   refreshing ``results.jsonl`` / ``results.csv`` in the background and once more at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import export
+from pipeline import store as st
+from pipeline.client import AccountStatus, RetryPolicy, RunningHubClient, build_payload
+from pipeline.config import RedactingFilter, Settings
+from pipeline.errors import ManifestChangedError, RunFatalError, StateError
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.runner import Event, Runner, RunSummary
+
+log = logging.getLogger("rhbatch")
+LOG_FILE = "rhbatch.log"
+
+
+@dataclass(frozen=True)
+class ManifestArgs:
+    path: Path
+    binds: tuple[str, ...] = ()
+    workflow_id: str | None = None
+    schema: Path | None = None
+    allow_duplicates: bool = False
+
+    def load(self) -> Manifest:
+        return load_manifest(
+            self.path,
+            binds=self.binds,
+            workflow_id=self.workflow_id,
+            schema_path=self.schema,
+            allow_duplicates=self.allow_duplicates,
+        )
+
+    def identity(self) -> str:
+        """Hash of the manifest file's bytes and of every option that shapes its rows."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(repr((sorted(self.binds), self.workflow_id, self.allow_duplicates)).encode())
+        if self.schema:
+            digest.update(Path(self.schema).read_bytes())
+        return digest.hexdigest()
+
+
+def dry_run_payloads(manifest: Manifest, settings: Settings) -> Iterator[dict[str, Any]]:
+    """The exact bodies ``run`` would send (without the key), one per row."""
+    for row in manifest.rows:
+        yield {
+            "row": row.number,
+            "row_id": row.row_id,
+            "body": build_payload(
+                row.workflow_id, row.node_info_list, {**settings.task_options, **row.options}
+            ),
+        }
+
+
+def attach_log(run_dir: Path, verbose: bool = False) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger("rhbatch")
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    return handler
+
+
+def open_run(args: ManifestArgs, run_dir: Path) -> tuple[st.RunStore, bool]:
+    """Open (resume) or create the run in ``run_dir`` for this manifest. Caller holds the lock."""
+    identity = args.identity()
+    if st.RunStore.exists(run_dir):
+        store = st.RunStore.open(run_dir)
+        if store.get_meta("manifest_identity") == identity:
+            return store, False
+        manifest = args.load()
+        if store.get_meta("manifest_fingerprint") != manifest.fingerprint:
+            source = store.get_meta("manifest_source", "another manifest")
+            rows = store.total()
+            store.close()
+            raise ManifestChangedError(
+                f"{run_dir} already holds a run of {source} ({rows} rows) and {args.path} "
+                "describes different rows: use a new --out directory for this manifest, or "
+                "run the original manifest to resume"
+            )
+        store.set_meta(manifest_identity=identity)
+        return store, False
+    manifest = args.load()
+    store = st.RunStore.open(run_dir, create=True)
+    store.insert_rows(manifest.rows)
+    store.set_meta(
+        manifest_fingerprint=manifest.fingerprint,
+        manifest_identity=identity,
+        manifest_source=str(args.path),
+        columns=manifest.columns,
+        bound=manifest.bound,
+        created_at=time.time(),
+    )
+    return store, True
+
+
+class _ResultsFlusher:
+    """Rewrites results.* in a thread, no more often than the last rewrite took (x5)."""
+
+    def __init__(self, run_dir: Path, interval_s: float):
+        self.run_dir = run_dir
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        delay = self.interval_s
+        while True:
+            await asyncio.sleep(delay)
+            started = time.monotonic()
+            try:
+                await asyncio.to_thread(self.flush)
+            except Exception as exc:  # a failed refresh is retried; the database stays the truth
+                log.warning("could not refresh results: %s", exc)
+            delay = max(self.interval_s, 5 * (time.monotonic() - started))
+
+    def flush(self) -> None:
+        reader = st.RunStore.open(self.run_dir, readonly=True)
+        try:
+            export.write_results(reader)
+        finally:
+            reader.close()
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def _drive(
+    store: st.RunStore,
+    settings: Settings,
+    *,
+    on_event: Callable[[Event], None],
+    on_account: Callable[[AccountStatus], None],
+    policy: RetryPolicy | None,
+    max_coins: float | None,
+    expected_task_coins: float | None,
+    handle_signals: bool,
+) -> RunSummary:
+    async with RunningHubClient(settings, policy=policy) as client:
+        runner = Runner(
+            store,
+            client,
+            settings,
+            on_event=on_event,
+            max_coins=max_coins,
+            expected_task_coins=expected_task_coins,
+        )
+        try:
+            account = await client.account_status()
+        except RunFatalError as exc:
+            log.error("stopping before any submission: %s", exc)
+            return RunSummary(
+                counts=store.counts(), total=store.total(), elapsed_s=0.0, stopped=str(exc),
+                exit_code=3, coins=store.spent_coins(), requests=client.requests_sent,
+            )
+        except Exception as exc:  # the pre-check is informative; the run decides by itself
+            log.warning("could not read the account before the run: %s", exc)
+        else:
+            on_account(account)
+        loop = asyncio.get_running_loop()
+        installed = []
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, runner.stop)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError):
+                    pass
+        flusher = _ResultsFlusher(store.run_dir, settings.results_flush_interval_s)
+        flusher.start()
+        try:
+            return await runner.run()
+        finally:
+            await flusher.stop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+
+def _execute(
+    store: st.RunStore,
+    settings: Settings,
+    *,
+    created: bool,
+    on_event: Callable[[Event], None] | None,
+    on_account: Callable[[AccountStatus], None] | None,
+    on_open: Callable[[st.RunStore, bool], None] | None,
+    policy: RetryPolicy | None,
+    max_coins: float | None,
+    expected_task_coins: float | None,
+    verbose: bool,
+    handle_signals: bool,
+) -> RunSummary:
+    handler = attach_log(store.run_dir, verbose)
+    try:
+        recovered = store.recover()
+        if recovered:
+            log.warning(
+                "%d row(s) were being submitted when rhbatch last stopped: marked "
+                "SUBMIT_UNKNOWN, not resubmitted", recovered
+            )
+        log.info("%s run in %s: %s", "new" if created else "resuming", store.run_dir,
+                 store.counts())
+        if on_open:
+            on_open(store, created)
+        summary = asyncio.run(
+            _drive(
+                store,
+                settings,
+                on_event=on_event or (lambda e: None),
+                on_account=on_account or (lambda a: None),
+                policy=policy,
+                max_coins=max_coins,
+                expected_task_coins=expected_task_coins,
+                handle_signals=handle_signals,
+            )
+        )
+        export.write_results(store)
+        log.info("run ended: %s exit %d", summary.counts, summary.exit_code)
+        return summary
+    finally:
+        logging.getLogger("rhbatch").removeHandler(handler)
+        handler.close()
+
+
+def run_batch(
+    args: ManifestArgs,
+    run_dir: str | Path,
+    settings: Settings,
+    *,
+    on_event: Callable[[Event], None] | None = None,
+    on_account: Callable[[AccountStatus], None] | None = None,
+    on_open: Callable[[st.RunStore, bool], None] | None = None,
+    policy: RetryPolicy | None = None,
+    max_coins: float | None = None,
+    expected_task_coins: float | None = None,
+    verbose: bool = False,
+    handle_signals: bool = True,
+) -> RunSummary:
+    """Start or resume the run of ``args`` in ``run_dir``; returns when it ends or stops."""
+    run_dir = Path(run_dir)
+    settings.require_key()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with st.RunLock(run_dir):
+        store, created = open_run(args, run_dir)
+        try:
+            return _execute(
+                store, settings, created=created, on_event=on_event, on_account=on_account,
+                on_open=on_open, policy=policy, max_coins=max_coins,
+                expected_task_coins=expected_task_coins, verbose=verbose,
+                handle_signals=handle_signals,
+            )
+        finally:
+            store.close()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows ``rhbatch retry`` starts again."""
+
+    statuses: tuple[str, ...] = (st.FAILED,)
+    codes: tuple[int, ...] = ()
+    classes: tuple[str, ...] = ()
+    where: str | None = None
+    unknown: bool = False  # SUBMIT_UNKNOWN rows: may pay twice, only on explicit request
+
+
+FAILURE_CLASSES = ("task_failed", "row_fatal", "task_gone", "oom", "cancelled", "unknown")
+
+
+def failure_class(status: str, code: int | None, failed_reason: Any) -> str | None:
+    """A coarse label for why a row did not succeed (``retry --class``, the report's triage)."""
+    from pipeline.errors import Kind, classify
+
+    if status == st.SUBMIT_UNKNOWN:
+        return "unknown"
+    if status == st.CANCELLED:
+        return "cancelled"
+    if status != st.FAILED:
+        return None
+    if isinstance(failed_reason, dict):
+        text = f"{failed_reason.get('exception_type', '')} {failed_reason.get('exception_message', '')}"
+        if "OutOfMemory" in text or "out of memory" in text.lower():
+            return "oom"
+    if code is None:
+        return "row_fatal"
+    kind = classify(code)
+    return {Kind.TASK_FAILED: "task_failed", Kind.TASK_GONE: "task_gone"}.get(kind, "row_fatal")
+
+
+def select_rows(store: st.RunStore, selection: Selection) -> list[int]:
+    """Indexes of the rows ``selection`` names (final or unknown rows only; live rows never)."""
+    import json
+
+    import pandas as pd
+
+    from pipeline.errors import UsageError
+
+    for name in selection.classes:
+        if name not in FAILURE_CLASSES:
+            raise UsageError(f"--class {name!r} is not a failure class: use one of "
+                             f"{', '.join(FAILURE_CLASSES)}")
+    statuses = set(selection.statuses)
+    if selection.unknown:
+        statuses.add(st.SUBMIT_UNKNOWN)
+    elif st.SUBMIT_UNKNOWN in statuses:
+        raise UsageError(
+            "SUBMIT_UNKNOWN rows may already have run and been billed: select them with "
+            "--unknown --accept-double-pay"
+        )
+    allowed = statuses & {st.FAILED, st.CANCELLED, st.SUCCESS, st.SUBMIT_UNKNOWN}
+    records: list[dict[str, Any]] = []
+    for row in store.iter_rows():
+        if row["status"] not in allowed:
+            continue
+        reason = json.loads(row["failed_reason"]) if row["failed_reason"] else None
+        if selection.codes and row["error_code"] not in selection.codes:
+            continue
+        cls = failure_class(row["status"], row["error_code"], reason)
+        if selection.classes and cls not in selection.classes:
+            continue
+        record = dict(json.loads(row["inputs"]))
+        record.update(idx=row["idx"], row_id=row["row_id"], status=row["status"],
+                      error_code=row["error_code"], failure_class=cls,
+                      workflowId=row["workflow_id"])
+        records.append(record)
+    if not selection.where or not records:
+        return [r["idx"] for r in records]
+    frame = pd.DataFrame.from_records(records)
+    try:
+        chosen = frame.query(selection.where, engine="python")
+    except Exception as exc:
+        columns = ", ".join(f"`{c}`" if not str(c).isidentifier() else str(c)
+                            for c in frame.columns if c != "idx")
+        raise UsageError(
+            f"--where {selection.where!r} could not be evaluated ({type(exc).__name__}: {exc}); "
+            f"columns are {columns} (put names like `3.cfg` in backticks)"
+        ) from None
+    return [int(i) for i in chosen["idx"]]
+
+
+def retry_rows(
+    run_dir: str | Path,
+    settings: Settings,
+    selection: Selection,
+    *,
+    dry_run: bool = False,
+    **kwargs: Any,
+) -> tuple[int, RunSummary | None]:
+    """Start the selected rows again inside the same run (history kept), then drive the run."""
+    run_dir = Path(run_dir)
+    if not dry_run:
+        settings.require_key()
+    with st.RunLock(run_dir):
+        store = st.RunStore.open(run_dir)
+        try:
+            store.recover()
+            chosen = select_rows(store, selection)
+            if dry_run:
+                return len(chosen), None
+            store.requeue(chosen)
+            log.info("retry: %d row(s) requeued", len(chosen))
+            summary = _execute(
+                store, settings, created=False,
+                on_event=kwargs.get("on_event"), on_account=kwargs.get("on_account"),
+                on_open=kwargs.get("on_open"), policy=kwargs.get("policy"),
+                max_coins=kwargs.get("max_coins"), expected_task_coins=None,
+                verbose=kwargs.get("verbose", False),
+                handle_signals=kwargs.get("handle_signals", True),
+            )
+            return len(chosen), summary
+        finally:
+            store.close()
+
+
+@dataclass
+class RunStatus:
+    run_dir: Path
+    counts: dict[str, int]
+    total: int
+    coins: float
+    source: str | None
+    unknown: list[tuple[int, str, str]]  # (row number, row_id, why)
+    groups: dict[Any, dict[str, int]] | None = None
+
+
+def run_status(run_dir: str | Path, by: Sequence[str] = ()) -> RunStatus:
+    """Counts per state (optionally grouped by input columns), read without taking the lock."""
+    store = st.RunStore.open(run_dir, readonly=True)
+    try:
+        unknown = [
+            (r["number"], r["row_id"], r["error"] or "")
+            for r in store.conn.execute(
+                "SELECT number, row_id, error FROM rows WHERE status = 'SUBMIT_UNKNOWN' "
+                "ORDER BY idx LIMIT 50"
+            )
+        ]
+        groups = _group_counts(store, list(by)) if by else None
+        counts = store.counts()
+        return RunStatus(
+            run_dir=Path(run_dir),
+            counts=counts,
+            total=sum(counts.values()),
+            coins=store.spent_coins(),
+            source=store.get_meta("manifest_source"),
+            unknown=unknown,
+            groups=groups,
+        )
+    finally:
+        store.close()
+
+
+def _group_counts(store: st.RunStore, by: list[str]) -> dict[Any, dict[str, int]]:
+    import json
+
+    columns = set(store.get_meta("columns") or [])
+    extra = {"status", "error_code", "workflowId"}
+    for column in by:
+        if column not in columns and column not in extra:
+            raise StateError(
+                f"--by {column!r} is not a column of this run: choose from "
+                f"{', '.join(sorted(columns | extra))}"
+            )
+    groups: dict[Any, dict[str, int]] = {}
+    for row in store.iter_rows():
+        inputs = json.loads(row["inputs"])
+        key_parts = []
+        for column in by:
+            if column == "workflowId":
+                key_parts.append(row["workflow_id"])
+            elif column in ("status", "error_code"):
+                key_parts.append(row[column])
+            else:
+                key_parts.append(inputs.get(column))
+        key = tuple(key_parts) if len(key_parts) > 1 else key_parts[0]
+        bucket = groups.setdefault(key, dict.fromkeys(st.STATES, 0))
+        bucket[row["status"]] += 1
+    return groups

@@ -1,0 +1,514 @@
+"""Run state: one SQLite database per run directory, the single source of truth.
+
+Layout of a run directory::
+
+    DIR/state.db        this database (WAL mode, synchronous=FULL: a commit survives a kill)
+    DIR/.lock           held with flock by the one process running DIR
+    DIR/results.jsonl   output manifest, rewritten from the database (export.py)
+    DIR/results.csv
+    DIR/rhbatch.log     the run's log, key redacted
+    DIR/files/          downloaded outputs
+
+Row lifecycle (DESIGN.md)::
+
+    PENDING -> SUBMITTING -> QUEUED -> RUNNING -> SUCCESS | FAILED | CANCELLED
+                        \\-> SUBMIT_UNKNOWN (create sent, outcome unknown: never resent by itself)
+
+Invariants:
+- ``SUBMITTING`` is committed before a create request leaves; the task id is committed as soon as it
+  arrives. A process that dies in between leaves ``SUBMITTING``, which :meth:`RunStore.recover`
+  turns into ``SUBMIT_UNKNOWN`` on the next open, so no row is ever created twice by accident.
+- A row with a task id is only ever polled, never resubmitted (``retry`` starts a new attempt and
+  keeps the old one in ``attempts_log``).
+
+Schema changes are named migrations applied in order and recorded in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import RunLockedError, StateError, StorageError
+
+STATE_DB = "state.db"
+LOCK_FILE = ".lock"
+
+PENDING = "PENDING"
+SUBMITTING = "SUBMITTING"
+QUEUED = "QUEUED"
+RUNNING = "RUNNING"
+SUCCESS = "SUCCESS"
+FAILED = "FAILED"
+CANCELLED = "CANCELLED"
+SUBMIT_UNKNOWN = "SUBMIT_UNKNOWN"
+STATES = (PENDING, SUBMITTING, QUEUED, RUNNING, SUCCESS, FAILED, CANCELLED, SUBMIT_UNKNOWN)
+LIVE = (QUEUED, RUNNING)
+FINAL = (SUCCESS, FAILED, CANCELLED)
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "001_initial",
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE rows (
+            idx INTEGER PRIMARY KEY,
+            number INTEGER NOT NULL,
+            row_id TEXT NOT NULL UNIQUE,
+            workflow_id TEXT NOT NULL,
+            node_info_list TEXT NOT NULL,
+            inputs TEXT NOT NULL,
+            options TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'PENDING',
+            task_id TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            error_code INTEGER,
+            error TEXT,
+            failed_reason TEXT,
+            outputs TEXT,
+            coins REAL,
+            task_cost_s REAL,
+            submitted_at REAL,
+            started_at REAL,
+            finished_at REAL,
+            updated_at REAL
+        );
+        CREATE INDEX rows_status ON rows (status, idx);
+        CREATE TABLE attempts_log (
+            row_idx INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            task_id TEXT,
+            status TEXT NOT NULL,
+            error_code INTEGER,
+            error TEXT,
+            submitted_at REAL,
+            finished_at REAL,
+            PRIMARY KEY (row_idx, attempt)
+        );
+        CREATE TABLE files (
+            row_idx INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            url TEXT NOT NULL,
+            node_id TEXT,
+            path TEXT,
+            sha256 TEXT,
+            size INTEGER,
+            status TEXT NOT NULL DEFAULT 'PENDING',
+            error TEXT,
+            tries INTEGER NOT NULL DEFAULT 0,
+            url_seen_at REAL,
+            PRIMARY KEY (row_idx, n)
+        );
+        """,
+    ),
+]
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+@dataclass(frozen=True)
+class ActiveTask:
+    idx: int
+    task_id: str
+    status: str
+    submitted_at: float
+    started_at: float | None
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> StorageError:
+    text = str(exc)
+    if "full" in text:
+        fix = "free some disk space, then run the same command again to resume"
+    elif "readonly" in text or "read-only" in text:
+        fix = "make the run directory writable again, then run the same command to resume"
+    elif "locked" in text:
+        fix = "another program holds the database; stop it and resume"
+    else:
+        fix = "the run state could not be written; check the disk, then resume"
+    return StorageError(f"Run state {path}: {text}: {fix}")
+
+
+class RunLock:
+    """An exclusive flock on ``DIR/.lock``; released by the kernel if the holder dies."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(f"Cannot open {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.path.parent} is being run by process {holder}: wait for it to finish, "
+                "or stop it (Ctrl-C) and run the same command again to resume"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass  # the pid is informative only; a read-only disk shows up at the first commit
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class RunStore:
+    """The run's database. Every write commits before it returns."""
+
+    def __init__(self, run_dir: Path, conn: sqlite3.Connection):
+        self.run_dir = run_dir
+        self.path = run_dir / STATE_DB
+        self.conn = conn
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def exists(cls, run_dir: str | Path) -> bool:
+        return (Path(run_dir) / STATE_DB).is_file()
+
+    @classmethod
+    def open(cls, run_dir: str | Path, *, create: bool = False, readonly: bool = False) -> RunStore:
+        run_dir = Path(run_dir)
+        path = run_dir / STATE_DB
+        if not path.is_file() and not create:
+            raise StateError(
+                f"{run_dir} holds no rhbatch run (no {STATE_DB}): check the path, or start one "
+                f"with `rhbatch run MANIFEST --out {run_dir}`"
+            )
+        try:
+            if create:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            if readonly:
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+            else:
+                conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.row_factory = sqlite3.Row
+            store = cls(run_dir, conn)
+            if not readonly:
+                store._migrate()
+            return store
+        except sqlite3.DatabaseError as exc:
+            raise _translate(exc, path) from None
+        except OSError as exc:
+            raise StorageError(f"Cannot create run directory {run_dir}: {exc.strerror}") from None
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StateError(
+                f"{self.path} was written by a newer rhbatch (state version {version}): upgrade "
+                "rhbatch to resume it"
+            )
+        for number, (_name, sql) in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction():
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {number}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise _translate(exc, self.path) from None
+
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        try:
+            self.conn.execute(sql, params)
+        except sqlite3.DatabaseError as exc:
+            raise _translate(exc, self.path) from None
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_meta(self, **values: Any) -> None:
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [(k, _dumps(v)) for k, v in values.items()],
+            )
+
+    # -- rows -------------------------------------------------------------------------------
+
+    def insert_rows(self, rows: Iterable[Any], batch: int = 20_000) -> int:
+        """Insert manifest rows (objects with index, number, row_id, workflow_id, ...) as PENDING."""
+        now = time.time()
+        count = 0
+        chunk: list[tuple[Any, ...]] = []
+        with self.transaction() as conn:
+            for row in rows:
+                chunk.append(
+                    (
+                        row.index,
+                        row.number,
+                        row.row_id,
+                        row.workflow_id,
+                        _dumps(list(row.node_info_list)),
+                        _dumps(row.inputs),
+                        _dumps(row.options),
+                        now,
+                    )
+                )
+                if len(chunk) >= batch:
+                    count += len(chunk)
+                    conn.executemany(
+                        "INSERT INTO rows (idx, number, row_id, workflow_id, node_info_list, "
+                        "inputs, options, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                        chunk,
+                    )
+                    chunk = []
+            if chunk:
+                count += len(chunk)
+                conn.executemany(
+                    "INSERT INTO rows (idx, number, row_id, workflow_id, node_info_list, "
+                    "inputs, options, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                    chunk,
+                )
+        return count
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for status, n in self.conn.execute("SELECT status, COUNT(*) FROM rows GROUP BY status"):
+            out[status] = n
+        return out
+
+    def total(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+
+    def pending(self, after_idx: int = -1, limit: int = 1000) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            "SELECT idx, row_id, workflow_id, node_info_list, options, attempts FROM rows "
+            "WHERE status = 'PENDING' AND idx > ? ORDER BY idx LIMIT ?",
+            (after_idx, limit),
+        ).fetchall()
+
+    def active(self) -> list[ActiveTask]:
+        return [
+            ActiveTask(r["idx"], r["task_id"], r["status"], r["submitted_at"] or 0.0,
+                       r["started_at"])
+            for r in self.conn.execute(
+                "SELECT idx, task_id, status, submitted_at, started_at FROM rows "
+                "WHERE status IN ('QUEUED', 'RUNNING') ORDER BY submitted_at, idx"
+            )
+        ]
+
+    def recover(self) -> int:
+        """After a crash: a row left SUBMITTING may have been created; make it SUBMIT_UNKNOWN."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE rows SET status = 'SUBMIT_UNKNOWN', error = ?, updated_at = ? "
+                "WHERE status = 'SUBMITTING'",
+                (
+                    "rhbatch stopped while this row's create request may have been in flight; "
+                    "check RunningHub's call records before resubmitting",
+                    time.time(),
+                ),
+            )
+            return cur.rowcount
+
+    def mark_submitting(self, idx: int) -> None:
+        self._write(
+            "UPDATE rows SET status = 'SUBMITTING', attempts = attempts + 1, error = NULL, "
+            "error_code = NULL, updated_at = ? WHERE idx = ?",
+            (time.time(), idx),
+        )
+
+    def mark_submitted(self, idx: int, task_id: str, status: str, at: float) -> None:
+        started = at if status == RUNNING else None
+        self._write(
+            "UPDATE rows SET status = ?, task_id = ?, submitted_at = ?, started_at = ?, "
+            "updated_at = ? WHERE idx = ?",
+            (status, task_id, at, started, time.time(), idx),
+        )
+
+    def mark_running(self, idx: int, at: float) -> None:
+        self._write(
+            "UPDATE rows SET status = 'RUNNING', started_at = COALESCE(started_at, ?), "
+            "updated_at = ? WHERE idx = ? AND status = 'QUEUED'",
+            (at, time.time(), idx),
+        )
+
+    def revert_pending(self, idx: int) -> None:
+        """The service proved the create was refused (capacity): not an attempt."""
+        self._write(
+            "UPDATE rows SET status = 'PENDING', attempts = MAX(attempts - 1, 0), "
+            "updated_at = ? WHERE idx = ? AND status = 'SUBMITTING'",
+            (time.time(), idx),
+        )
+
+    def mark_unknown(self, idx: int, error: str) -> None:
+        self._write(
+            "UPDATE rows SET status = 'SUBMIT_UNKNOWN', error = ?, updated_at = ? WHERE idx = ?",
+            (error, time.time(), idx),
+        )
+
+    def mark_success(self, idx: int, outputs: list[dict[str, Any]], at: float) -> None:
+        coins = [o["consumeCoins"] for o in outputs if o.get("consumeCoins") is not None]
+        times = [o["taskCostTime"] for o in outputs if o.get("taskCostTime") is not None]
+        self._write(
+            "UPDATE rows SET status = 'SUCCESS', outputs = ?, coins = ?, task_cost_s = ?, "
+            "finished_at = ?, error = NULL, error_code = NULL, failed_reason = NULL, "
+            "updated_at = ? WHERE idx = ?",
+            (
+                _dumps(outputs),
+                max(coins) if coins else None,
+                max(times) if times else None,
+                at,
+                time.time(),
+                idx,
+            ),
+        )
+
+    def mark_failed(
+        self,
+        idx: int,
+        *,
+        code: int | None,
+        error: str,
+        failed_reason: Any = None,
+        at: float | None = None,
+        status: str = FAILED,
+    ) -> None:
+        self._write(
+            "UPDATE rows SET status = ?, error_code = ?, error = ?, failed_reason = ?, "
+            "finished_at = ?, updated_at = ? WHERE idx = ?",
+            (
+                status,
+                code,
+                error,
+                None if failed_reason is None else _dumps(failed_reason),
+                at if at is not None else time.time(),
+                time.time(),
+                idx,
+            ),
+        )
+
+    def requeue(self, indexes: Sequence[int]) -> int:
+        """Start a new attempt for rows (retry): the old attempt goes to ``attempts_log``."""
+        now = time.time()
+        with self.transaction() as conn:
+            for idx in indexes:
+                conn.execute(
+                    "INSERT OR REPLACE INTO attempts_log (row_idx, attempt, task_id, status, "
+                    "error_code, error, submitted_at, finished_at) SELECT idx, attempts, task_id, "
+                    "status, error_code, error, submitted_at, finished_at FROM rows WHERE idx = ?",
+                    (idx,),
+                )
+                conn.execute(
+                    "UPDATE rows SET status = 'PENDING', task_id = NULL, error = NULL, "
+                    "error_code = NULL, failed_reason = NULL, outputs = NULL, coins = NULL, "
+                    "task_cost_s = NULL, submitted_at = NULL, started_at = NULL, "
+                    "finished_at = NULL, updated_at = ? WHERE idx = ?",
+                    (now, idx),
+                )
+                conn.execute("DELETE FROM files WHERE row_idx = ?", (idx,))
+        return len(indexes)
+
+    def iter_rows(self, batch: int = 5000) -> Iterator[sqlite3.Row]:
+        """Every row in input order, streamed."""
+        last = -1
+        while True:
+            chunk = self.conn.execute(
+                "SELECT * FROM rows WHERE idx > ? ORDER BY idx LIMIT ?", (last, batch)
+            ).fetchall()
+            if not chunk:
+                return
+            yield from chunk
+            last = chunk[-1]["idx"]
+
+    def files_for(self, idx: int) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            "SELECT * FROM files WHERE row_idx = ? ORDER BY n", (idx,)
+        ).fetchall()
+
+    def spent_coins(self) -> float:
+        value = self.conn.execute("SELECT SUM(coins) FROM rows").fetchone()[0]
+        return float(value or 0.0)
+
+
+def row_record(row: sqlite3.Row, files: Sequence[sqlite3.Row] = ()) -> dict[str, Any]:
+    """The output-manifest record for one stored row (fields in DESIGN.md)."""
+    outputs = _loads(row["outputs"]) or []
+    record: dict[str, Any] = {
+        "row": row["number"],
+        "row_id": row["row_id"],
+        "workflowId": row["workflow_id"],
+        "inputs": _loads(row["inputs"]),
+        "options": _loads(row["options"]),
+        "nodeInfoList": _loads(row["node_info_list"]),
+        "status": row["status"],
+        "taskId": row["task_id"],
+        "fileUrls": [o.get("fileUrl") for o in outputs if o.get("fileUrl")],
+        "outputs": outputs,
+        "coins": row["coins"],
+        "taskCostTime": row["task_cost_s"],
+        "error_code": row["error_code"],
+        "error": row["error"],
+        "failedReason": _loads(row["failed_reason"]),
+        "attempts": row["attempts"],
+        "submitted_at": _iso(row["submitted_at"]),
+        "finished_at": _iso(row["finished_at"]),
+    }
+    if files:
+        record["files"] = [
+            {"path": f["path"], "sha256": f["sha256"], "size": f["size"], "status": f["status"],
+             "nodeId": f["node_id"]}
+            for f in files
+        ]
+    else:
+        record["files"] = []
+    return record
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

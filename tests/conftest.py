@@ -1,0 +1,99 @@
+"""Shared fixtures: a real simulator on loopback, keys made at run time, fast run settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TEXT2IMG = "1904136902449209346"
+
+
+@pytest.fixture
+def api_key() -> str:
+    return secrets.token_hex(16)
+
+
+@pytest.fixture
+def make_sim(api_key: str) -> Iterator[Callable[..., Any]]:
+    """Start simulators with an account for ``api_key``; all are stopped after the test."""
+    from pipeline.sim import AccountConfig, SimConfig, Simulator
+
+    started: list[Any] = []
+
+    def factory(*, concurrency: int = 50, coins: float = 10**9, api_type: str = "SHARED",
+                **config: Any) -> Any:
+        config.setdefault("time_scale", 1000.0)
+        config.setdefault("task_duration_s", (10.0, 30.0))
+        config.setdefault("queue_delay_s", (0.0, 2.0))
+        accounts = config.pop("accounts", None) or [
+            AccountConfig(key=api_key, api_type=api_type, concurrency=concurrency, coins=coins)
+        ]
+        sim = Simulator(SimConfig(accounts=accounts, **config))
+        sim.__enter__()
+        started.append(sim)
+        return sim
+
+    yield factory
+    for sim in reversed(started):
+        sim.__exit__(None, None, None)
+
+
+def fast_settings(sim: Any, key: str, **overrides: Any) -> Any:
+    from pipeline.config import resolve_settings
+
+    values: dict[str, Any] = {
+        "concurrency": 20,
+        "poll_interval_s": 0.05,
+        "account_poll_interval_s": 0.01,
+        "max_poll_interval_s": 0.5,
+        "capacity_backoff_s": 0.05,
+        "max_capacity_backoff_s": 0.3,
+        "results_flush_interval_s": 0.5,
+    }
+    values.update(overrides)
+    return resolve_settings(api_key=key, base_url=sim.base_url, env={}, **values)
+
+
+def fast_env(sim: Any, key: str) -> dict[str, str]:
+    """Environment for an ``rhbatch`` subprocess pointed at ``sim``."""
+    import os
+
+    env = dict(os.environ)
+    env["RUNNINGHUB_API_KEY"] = key
+    env["RUNNINGHUB_BASE_URL"] = sim.base_url
+    return env
+
+
+FAST_FLAGS = ["--poll-interval", "0.05", "--account-poll-interval", "0.01"]
+
+
+def write_manifest(path: Path, n: int, *, workflow_id: str = TEXT2IMG, extra: dict | None = None
+                   ) -> Path:
+    """A CSV manifest of ``n`` distinct prompt x seed rows."""
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        columns = ["workflowId", "6.text", "3.seed", "3.cfg"] + list(extra or {})
+        writer.writerow(columns)
+        for i in range(n):
+            writer.writerow(
+                [workflow_id, f"prompt number {i // 10}", i, 7.0] + list((extra or {}).values())
+            )
+    return path
+
+
+def read_results(run_dir: Path) -> list[dict[str, Any]]:
+    with (run_dir / "results.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def canonical(node_info_list: Any) -> str:
+    items = sorted(
+        (str(i["nodeId"]), str(i["fieldName"]), json.dumps(i["fieldValue"])) for i in node_info_list
+    )
+    return json.dumps(items)

@@ -1,0 +1,164 @@
+"""End to end over real HTTP: the pipeline against the simulator on loopback."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from conftest import canonical, fast_settings, read_results, write_manifest
+
+from pipeline import store as st
+from pipeline.errors import ManifestChangedError
+from pipeline.runs import ManifestArgs, run_batch
+
+
+def _run(sim, key, manifest, out, **overrides):
+    return run_batch(ManifestArgs(manifest), out, fast_settings(sim, key, **overrides),
+                     handle_signals=False)
+
+
+def test_500_rows_at_concurrency_20_all_succeed_and_match_the_audit(make_sim, api_key, tmp_path):
+    sim = make_sim(concurrency=20)
+    manifest = write_manifest(tmp_path / "m.csv", 500)
+    summary = _run(sim, api_key, manifest, tmp_path / "run", concurrency=20)
+    assert summary.exit_code == 0
+    assert summary.counts[st.SUCCESS] == 500
+    results = read_results(tmp_path / "run")
+    assert [r["row"] for r in results] == list(range(1, 501))
+    tasks = {t["taskId"]: t for t in sim.audit.tasks()}
+    assert len(tasks) == 500
+    for record in results:
+        task = tasks[record["taskId"]]
+        assert canonical(task["nodeInfoList"]) == canonical(record["nodeInfoList"])
+        assert record["fileUrls"] and all(u.startswith(sim.base_url) for u in record["fileUrls"])
+        assert record["status"] == "SUCCESS" and record["coins"] > 0
+    # the values were sent with their types: seed an int, cfg a float
+    sent = {i["fieldName"]: i["fieldValue"] for i in results[7]["nodeInfoList"]}
+    assert sent == {"text": "prompt number 0", "seed": 7, "cfg": 7.0}
+
+
+def test_capacity_answers_shrink_the_window_and_never_fail_rows(make_sim, api_key, tmp_path):
+    sim = make_sim(concurrency=3, api_type="NORMAL")
+    manifest = write_manifest(tmp_path / "m.csv", 40)
+    summary = _run(sim, api_key, manifest, tmp_path / "run", concurrency=10)
+    assert summary.counts[st.SUCCESS] == 40 and summary.exit_code == 0
+    codes = Counter(r["code"] for r in sim.audit.requests() if r["route"] == "create")
+    assert codes[0] == 40
+    assert len(sim.audit.tasks()) == 40
+
+
+def test_task_failures_are_recorded_with_failed_reason(make_sim, api_key, tmp_path):
+    sim = make_sim(failure_rate=0.3, seed=3)
+    manifest = write_manifest(tmp_path / "m.csv", 60)
+    summary = _run(sim, api_key, manifest, tmp_path / "run")
+    assert summary.exit_code == 1
+    failed = [r for r in read_results(tmp_path / "run") if r["status"] == "FAILED"]
+    sim_failed = {t["taskId"] for t in sim.audit.tasks() if t["status"] == "FAILED"}
+    assert failed and {r["taskId"] for r in failed} == sim_failed
+    for record in failed:
+        assert record["error_code"] == 805
+        assert record["failedReason"]["exception_type"]
+        assert record["error"]
+
+
+def test_empty_balance_stops_with_exit_3_and_resumes_after_top_up(make_sim, api_key, tmp_path):
+    sim = make_sim(coins=0)
+    manifest = write_manifest(tmp_path / "m.csv", 10)
+    summary = _run(sim, api_key, manifest, tmp_path / "run")
+    assert summary.exit_code == 3
+    assert "414" in summary.stopped and "top up" in summary.stopped
+    assert summary.counts[st.PENDING] == 10
+    assert sim.audit.tasks() == []
+    sim.account(api_key).coins = 10**6
+    summary = _run(sim, api_key, manifest, tmp_path / "run")
+    assert summary.exit_code == 0 and summary.counts[st.SUCCESS] == 10
+    assert len(sim.audit.tasks()) == 10
+
+
+def test_bad_key_stops_before_any_create(make_sim, api_key, tmp_path):
+    import secrets
+
+    sim = make_sim()
+    manifest = write_manifest(tmp_path / "m.csv", 5)
+    summary = _run(sim, secrets.token_hex(16), manifest, tmp_path / "run")
+    assert summary.exit_code == 3
+    assert "RUNNINGHUB_API_KEY" in summary.stopped
+    assert not [r for r in sim.audit.requests() if r["route"] == "create"]
+
+
+def test_row_fatal_codes_fail_the_row_and_the_rest_go_on(make_sim, api_key, tmp_path):
+    sim = make_sim()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "row_id,workflowId,nodeInfoList\n"
+        'a,1904136902449209346,"[{""nodeId"":""6"",""fieldName"":""text"",""fieldValue"":""x""}]"\n'
+        'b,1904136902449209346,"[{""nodeId"":""99"",""fieldName"":""text"",""fieldValue"":""x""}]"\n'
+        'c,1904136902449209346,"[{""nodeId"":""6"",""fieldName"":""clip"",""fieldValue"":""x""}]"\n'
+        'd,1904136902449209346,"[{""nodeId"":""3"",""fieldName"":""seed"",""fieldValue"":2}]"\n',
+        encoding="utf-8",
+    )
+    summary = _run(sim, api_key, manifest, tmp_path / "run")
+    by_id = {r["row_id"]: r for r in read_results(tmp_path / "run")}
+    assert summary.exit_code == 1
+    assert by_id["a"]["status"] == by_id["d"]["status"] == "SUCCESS"
+    assert by_id["b"]["status"] == "FAILED" and by_id["b"]["error_code"] == 803
+    assert by_id["c"]["status"] == "FAILED" and by_id["c"]["error_code"] == 433
+    assert len(sim.audit.tasks()) == 2
+
+
+def test_resume_polls_known_tasks_and_never_resubmits(make_sim, api_key, tmp_path):
+    sim = make_sim(time_scale=100.0)
+    manifest = write_manifest(tmp_path / "m.csv", 30)
+    run_dir = tmp_path / "run"
+    # first run: stop as soon as some tasks are in flight (as Ctrl-C would)
+    from pipeline import runner as runner_mod
+
+    original = runner_mod.Runner._submit
+    submitted = []
+
+    async def submit_then_stop(self, row):
+        await original(self, row)
+        submitted.append(row["idx"])
+        if len(submitted) == 8:
+            self.stop()
+
+    runner_mod.Runner._submit = submit_then_stop
+    try:
+        first = _run(sim, api_key, manifest, run_dir, concurrency=8)
+    finally:
+        runner_mod.Runner._submit = original
+    assert first.exit_code == 3 and first.stopped == "interrupted"
+    live = first.counts[st.QUEUED] + first.counts[st.RUNNING]
+    assert live + first.counts[st.SUCCESS] + first.counts[st.FAILED] == 8
+    assert first.counts[st.PENDING] == 22
+    second = _run(sim, api_key, manifest, run_dir, concurrency=8)
+    assert second.exit_code == 0 and second.counts[st.SUCCESS] == 30
+    created = Counter(canonical(t["nodeInfoList"]) for t in sim.audit.tasks())
+    assert len(created) == 30 and set(created.values()) == {1}
+
+
+def test_a_changed_manifest_is_refused(make_sim, api_key, tmp_path):
+    sim = make_sim()
+    manifest = write_manifest(tmp_path / "m.csv", 5)
+    _run(sim, api_key, manifest, tmp_path / "run")
+    other = write_manifest(tmp_path / "other.csv", 6)
+    with pytest.raises(ManifestChangedError, match="use a new --out directory"):
+        _run(sim, api_key, other, tmp_path / "run")
+
+
+def test_output_manifest_reproduces_the_same_tasks(make_sim, api_key, tmp_path):
+    sim = make_sim()
+    manifest = write_manifest(tmp_path / "m.csv", 12)
+    _run(sim, api_key, manifest, tmp_path / "run1")
+    first = [canonical(t["nodeInfoList"]) for t in sim.audit.tasks()]
+    summary = _run(sim, api_key, tmp_path / "run1" / "results.jsonl", tmp_path / "run2")
+    assert summary.counts[st.SUCCESS] == 12
+    second = [canonical(t["nodeInfoList"]) for t in sim.audit.tasks()][12:]
+    assert sorted(first) == sorted(second)
+    again = read_results(tmp_path / "run2")
+    original = read_results(tmp_path / "run1")
+    assert [r["row_id"] for r in again] == [r["row_id"] for r in original]
+    assert [json.dumps(r["nodeInfoList"]) for r in again] == [
+        json.dumps(r["nodeInfoList"]) for r in original
+    ]
