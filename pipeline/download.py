@@ -1,0 +1,583 @@
+"""Download every output file of a run into ``DIR/files/`` before RunningHub's URLs expire.
+
+RunningHub keeps an output URL for about 24 hours. Downloading is a stage of its own, kept apart
+from generation: a file that cannot be fetched is reported, and its row's task status is never
+touched, so a failed download never makes rhbatch pay for a task again.
+
+Files are named from the row, never from the URL::
+
+    DIR/files/<row_id>_<nodeId>_<n>.<ext>
+
+``row_id`` and ``nodeId`` keep only ``[A-Za-z0-9._-]`` (anything else, ``:`` and ``/`` included,
+becomes ``_``; a leading ``.`` becomes ``_``), ``n`` is the output's index in the row's
+``outputs`` list and ``ext`` is the output's ``fileType`` (else the response's Content-Type, else
+``bin``) reduced to ``[a-z0-9]{1,8}``. The resolved path must sit directly in ``DIR/files/``;
+two rows whose names collide after cleaning get ``-<row index>`` appended.
+
+Each download streams to ``<name>.part`` (opened with ``O_EXCL | O_NOFOLLOW``), is fsynced, then
+renamed over ``<name>``; only then does the ``files`` table say ``DOWNLOADED`` with the file's sha256,
+size and path (relative to ``DIR``). A kill leaves at most a ``.part``, which the next run replaces.
+
+``files.status`` values::
+
+    PENDING     planned, not fetched yet
+    DOWNLOADED  on disk, sha256 recorded (checked again on every run: a changed file is re-fetched)
+    FAILED      transient trouble outlasted the retry policy; the next run tries again
+    EXPIRED     HTTP 403/404/410: the URL is gone; final, never retried, never regenerated
+    REFUSED     not http(s), over the size cap, or an unsafe name; retried on the next run
+                (a larger cap may let it through)
+
+Downloads run oldest URL first (``url_seen_at``, the task's finish time), ``jobs`` at a time. No
+run lock is taken: a download may run beside ``rhbatch run``; SQLite WAL, short transactions and
+the busy timeout let both write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import mimetypes
+import os
+import re
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from pipeline.client import RetryPolicy
+from pipeline.errors import RhbatchError, UsageError
+from pipeline.store import RunStore
+
+FILES_DIR = "files"
+PART_SUFFIX = ".part"
+
+PENDING = "PENDING"
+DOWNLOADED = "DOWNLOADED"
+FAILED = "FAILED"
+EXPIRED = "EXPIRED"
+REFUSED = "REFUSED"
+FILE_STATES = (PENDING, DOWNLOADED, FAILED, EXPIRED, REFUSED)
+
+DOWNLOAD_JOBS = 4
+MAX_FILE_BYTES = 512 * 2**20
+CONNECT_TIMEOUT_S = 15.0
+READ_TIMEOUT_S = 60.0
+WRITE_TIMEOUT_S = 30.0
+POOL_TIMEOUT_S = 60.0
+FILE_DEADLINE_S = 30 * 60.0  # one attempt at one file, however slowly the bytes trickle in
+CHUNK_BYTES = 1 << 16
+HASH_CHUNK_BYTES = 1 << 20
+MAX_REDIRECTS = 5
+MAX_STEM_CHARS = 120
+DOWNLOAD_POLICY = RetryPolicy(max_attempts=5, max_total_s=300.0, initial_wait_s=1.0, max_wait_s=30.0)
+
+EXPIRED_HTTP = frozenset({403, 404, 410})
+ALLOWED_SCHEMES = frozenset({"http", "https"})
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_EXT_CHARS = re.compile(r"[^a-z0-9]")
+
+
+class FileDownloadError(RhbatchError):
+    """One file could not be fetched; ``status`` is what the ``files`` table records."""
+
+    status = FAILED
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TransientDownloadError(FileDownloadError):
+    """Network trouble, 5xx, 429, a short body: retried under the policy."""
+
+    transient = True
+
+
+class ExpiredUrlError(FileDownloadError):
+    status = EXPIRED
+    row_fatal = True
+
+
+class RefusedDownloadError(FileDownloadError):
+    status = REFUSED
+    row_fatal = True
+
+
+@dataclass
+class DownloadSummary:
+    """What one ``download`` pass did; ``errors`` has one line per file that needs attention."""
+
+    downloaded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """Progress for one file (for the CLI's progress bar): ``status`` is the outcome."""
+
+    row_idx: int
+    n: int
+    status: str  # DOWNLOADED, SKIPPED, FAILED, EXPIRED, REFUSED
+    size: int
+    total: int
+
+
+# -- names --------------------------------------------------------------------------------
+
+
+def safe_part(text: str | None, fallback: str) -> str:
+    """A piece of a file name: only ``[A-Za-z0-9._-]``, no leading dot, never empty."""
+    cleaned = _UNSAFE.sub("_", text or "")
+    if cleaned.startswith("."):
+        cleaned = "_" + cleaned[1:]
+    return cleaned or fallback
+
+
+def safe_ext(file_type: str | None, content_type: str | None = None) -> str:
+    """The extension from ``fileType``, else the Content-Type, else ``bin``: ``[a-z0-9]{1,8}``."""
+    candidates: list[str | None] = [file_type]
+    if content_type:
+        mime = content_type.split(";")[0].strip().lower()
+        guessed = mimetypes.guess_extension(mime) if mime else None
+        candidates.append(guessed)
+        candidates.append(mime.split("/")[-1] if "/" in mime else None)
+    for candidate in candidates:
+        if not candidate:
+            continue
+        ext = _EXT_CHARS.sub("", candidate.strip().lower().rsplit(".", 1)[-1])
+        if 1 <= len(ext) <= 8 and ext not in {"octetstream", "plain"}:
+            return {"jpeg": "jpg"}.get(ext, ext)
+    return "bin"
+
+
+def file_name(row_id: str, node_id: str | None, n: int, ext: str) -> str:
+    stem = safe_part(row_id, "row")
+    if len(stem) > MAX_STEM_CHARS:
+        digest = hashlib.sha256(row_id.encode()).hexdigest()[:10]
+        stem = f"{stem[:MAX_STEM_CHARS]}-{digest}"
+    node = safe_part(node_id, "out")[:40]
+    return f"{stem}_{node}_{n}.{ext}"
+
+
+def inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` names an entry directly in ``directory`` (its parent resolved).
+
+    The entry itself is not resolved: a symlink planted at that name is replaced or unlinked,
+    never followed.
+    """
+    return path.name not in ("", ".", "..") and path.parent.resolve() == directory.resolve()
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+def plan_downloads(store: RunStore) -> int:
+    """Create ``files`` rows for every SUCCESS row's outputs not planned yet; returns how many.
+
+    A row whose outputs changed since it was planned (it was retried and succeeded again) has its
+    file rows replaced: the URLs differ, so the old ones are set back to PENDING.
+    """
+    planned = 0
+    last = -1
+    while True:
+        rows = store.conn.execute(
+            "SELECT idx, outputs, finished_at FROM rows WHERE status = 'SUCCESS' AND idx > ? "
+            "AND outputs IS NOT NULL ORDER BY idx LIMIT 2000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return planned
+        last = rows[-1]["idx"]
+        wanted: list[tuple[Any, ...]] = []
+        for row in rows:
+            try:
+                outputs = json.loads(row["outputs"]) or []
+            except ValueError:
+                continue
+            for n, output in enumerate(outputs):
+                if not isinstance(output, dict) or not output.get("fileUrl"):
+                    continue
+                node = output.get("nodeId")
+                wanted.append((row["idx"], n, str(output["fileUrl"]),
+                               None if node is None else str(node), row["finished_at"]))
+        if not wanted:
+            continue
+        with store.transaction() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO files (row_idx, n, url, node_id, url_seen_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(row_idx, n) DO UPDATE SET url = excluded.url, "
+                "node_id = excluded.node_id, url_seen_at = excluded.url_seen_at, "
+                "status = 'PENDING', error = NULL, tries = 0 WHERE files.url != excluded.url",
+                wanted,
+            )
+            planned += conn.total_changes - before
+
+
+# -- downloading --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Item:
+    row_idx: int
+    n: int
+    url: str
+    node_id: str | None
+    path: str | None
+    sha256: str | None
+    status: str
+    tries: int
+    row_id: str
+    number: int
+    file_type: str | None
+
+    @property
+    def label(self) -> str:
+        node = f", node {self.node_id}" if self.node_id is not None else ""
+        return f"row {self.number} ({self.row_id}) output {self.n}{node}"
+
+
+def _sha256_of(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _expired_message(item: _Item, code: int) -> str:
+    return (
+        f"{item.label}: HTTP {code}: the output URL has expired (RunningHub keeps output URLs for "
+        "about 24 h after the task finishes); rhbatch never regenerates a task to recover a file. "
+        "To generate and pay for it again, use `rhbatch retry DIR --status SUCCESS` with a --where "
+        "that selects this row"
+    )
+
+
+class _Downloader:
+    def __init__(self, store: RunStore, client: httpx.AsyncClient, *, max_bytes: int,
+                 policy: RetryPolicy, deadline_s: float, total: int,
+                 on_file: Callable[[FileEvent], None] | None):
+        self.store = store
+        self.client = client
+        self.max_bytes = max_bytes
+        self.policy = policy
+        self.deadline_s = deadline_s
+        self.total = total
+        self.on_file = on_file
+        self.files_dir = store.run_dir / FILES_DIR
+        self.summary = DownloadSummary()
+        self._claimed: set[str] = set()
+
+    # -- database ---------------------------------------------------------------------------
+
+    def load(self, row_idx: int, n: int) -> _Item | None:
+        row = self.store.conn.execute(
+            "SELECT f.row_idx, f.n, f.url, f.node_id, f.path, f.sha256, f.status, f.tries, "
+            "r.row_id, r.number, r.outputs FROM files f JOIN rows r ON r.idx = f.row_idx "
+            "WHERE f.row_idx = ? AND f.n = ? AND r.status = 'SUCCESS'",
+            (row_idx, n),
+        ).fetchone()
+        if row is None:
+            return None
+        file_type = None
+        try:
+            outputs = json.loads(row["outputs"] or "[]")
+            if n < len(outputs) and isinstance(outputs[n], dict):
+                file_type = outputs[n].get("fileType")
+        except ValueError:
+            pass
+        return _Item(row["row_idx"], row["n"], row["url"], row["node_id"], row["path"],
+                     row["sha256"], row["status"], row["tries"], row["row_id"], row["number"],
+                     None if file_type is None else str(file_type))
+
+    def record(self, item: _Item, **values: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self.store.transaction() as conn:
+            conn.execute(
+                f"UPDATE files SET {sets} WHERE row_idx = ? AND n = ? AND url = ?",
+                (*values.values(), item.row_idx, item.n, item.url),
+            )
+
+    def name_taken(self, rel: str, item: _Item) -> bool:
+        if rel in self._claimed:
+            return True
+        row = self.store.conn.execute(
+            "SELECT 1 FROM files WHERE path = ? AND NOT (row_idx = ? AND n = ?) LIMIT 1",
+            (rel, item.row_idx, item.n),
+        ).fetchone()
+        return row is not None
+
+    # -- one file ---------------------------------------------------------------------------
+
+    def _emit(self, item: _Item, status: str, size: int = 0) -> None:
+        if self.on_file is not None:
+            self.on_file(FileEvent(item.row_idx, item.n, status, size, self.total))
+
+    async def handle(self, item: _Item) -> None:
+        if item.status == DOWNLOADED and item.path and item.sha256:
+            target = self.store.run_dir / item.path
+            found = None
+            if inside(target, self.files_dir) and target.is_file() and not target.is_symlink():
+                found = await asyncio.to_thread(_sha256_of, target)
+            if found == item.sha256:
+                self.summary.skipped += 1
+                self._emit(item, "SKIPPED")
+                return
+            problem = "is missing" if found is None else "no longer matches its recorded sha256"
+            self.summary.errors.append(
+                f"{item.label}: {item.path} {problem} (tampered, truncated or deleted); fetching it again"
+            )
+        await self.fetch(item)
+
+    async def fetch(self, item: _Item) -> None:
+        scheme = urlsplit(item.url).scheme.lower()
+        if scheme not in ALLOWED_SCHEMES:
+            shown = f"{scheme}:" if scheme else "a URL without a scheme"
+            self.fail(item, RefusedDownloadError(
+                f"{item.label}: refused to fetch {shown}: only http and https output URLs are "
+                "downloaded"), tries=0)
+            return
+        attempts = 0
+
+        async def once() -> tuple[str, str, int]:
+            nonlocal attempts
+            attempts += 1
+            try:
+                async with asyncio.timeout(self.deadline_s):
+                    return await self._fetch_once(item)
+            except TimeoutError:
+                raise TransientDownloadError(
+                    f"{item.label}: not finished within {self.deadline_s:g} s"
+                ) from None
+
+        rel: str
+        digest: str
+        size: int
+        try:
+            rel, digest, size = await self.policy.retrying(
+                lambda exc: isinstance(exc, TransientDownloadError), f"download of {item.label}"
+            )(once)
+        except FileDownloadError as exc:
+            if isinstance(exc, TransientDownloadError):
+                exc = FileDownloadError(
+                    f"{exc} (gave up after {attempts} attempt{'s' if attempts != 1 else ''}): run "
+                    "`rhbatch download` again while the URL is still valid (about 24 h after the "
+                    "task finished)"
+                )
+            self.fail(item, exc, tries=attempts)
+            return
+        self.record(item, status=DOWNLOADED, path=rel, sha256=digest, size=size, error=None,
+                    tries=item.tries + attempts)
+        self.summary.downloaded += 1
+        self.summary.bytes += size
+        self._emit(item, DOWNLOADED, size)
+
+    def fail(self, item: _Item, exc: FileDownloadError, *, tries: int) -> None:
+        self.record(item, status=exc.status, error=str(exc), tries=item.tries + tries)
+        self.summary.failed += 1
+        self.summary.errors.append(str(exc))
+        self._emit(item, exc.status)
+
+    async def _fetch_once(self, item: _Item) -> tuple[str, str, int]:
+        try:
+            async with self.client.stream("GET", item.url) as response:
+                return await self._save(item, response)
+        except httpx.UnsupportedProtocol as exc:
+            raise RefusedDownloadError(
+                f"{item.label}: refused to follow the download to an unsupported URL ({exc}): only "
+                "http and https are fetched"
+            ) from None
+        except httpx.TooManyRedirects:
+            raise FileDownloadError(
+                f"{item.label}: more than {MAX_REDIRECTS} redirects; the URL does not lead to a file"
+            ) from None
+        except httpx.InvalidURL as exc:
+            raise RefusedDownloadError(f"{item.label}: invalid URL: {exc}") from None
+        except httpx.TransportError as exc:
+            kind = type(exc).__name__
+            raise TransientDownloadError(f"{item.label}: {kind}: {exc or 'connection failed'}") from None
+
+    async def _save(self, item: _Item, response: httpx.Response) -> tuple[str, str, int]:
+        code = response.status_code
+        if code in EXPIRED_HTTP:
+            raise ExpiredUrlError(_expired_message(item, code))
+        if code in (408, 425, 429) or code >= 500:
+            raise TransientDownloadError(f"{item.label}: HTTP {code}",
+                                         retry_after_s=_retry_after(response))
+        if code != 200:
+            raise FileDownloadError(f"{item.label}: HTTP {code} instead of the file")
+        length_text = response.headers.get("content-length")
+        length = int(length_text) if length_text and length_text.isdigit() else None
+        if length is not None and length > self.max_bytes:
+            raise RefusedDownloadError(self._too_big(item, length))
+        encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+        ext = safe_ext(item.file_type, response.headers.get("content-type"))
+        name = file_name(item.row_id, item.node_id, item.n, ext)
+        rel = f"{FILES_DIR}/{name}"
+        if self.name_taken(rel, item):
+            name = f"{name.rsplit('.', 1)[0]}-{item.row_idx}.{ext}"
+            rel = f"{FILES_DIR}/{name}"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        target = self.files_dir / name
+        part = self.files_dir / (name + PART_SUFFIX)
+        if not (inside(target, self.files_dir) and inside(part, self.files_dir)):
+            raise RefusedDownloadError(f"{item.label}: the file name {name!r} leaves {self.files_dir}")
+        self._claimed.add(rel)
+        try:
+            digest, size = await self._stream_to(part, response, item)
+            if length is not None and not encoded and size != length:
+                raise TransientDownloadError(
+                    f"{item.label}: got {size} bytes of the {length} announced"
+                )
+            os.replace(part, target)
+            await asyncio.to_thread(_fsync_dir, self.files_dir)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise
+        finally:
+            self._claimed.discard(rel)
+        return rel, digest, size
+
+    async def _stream_to(self, part: Path, response: httpx.Response, item: _Item) -> tuple[str, int]:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()  # a leftover of a killed run (or a planted symlink): never written through
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        digest = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in response.aiter_bytes(CHUNK_BYTES):
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise RefusedDownloadError(self._too_big(item, None))
+                digest.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            await asyncio.to_thread(os.fsync, fh.fileno())
+        return digest.hexdigest(), size
+
+    def _too_big(self, item: _Item, length: int | None) -> str:
+        cap = f"{self.max_bytes / 2**20:g} MiB"
+        size = f"{length} bytes" if length is not None else "the body"
+        return (f"{item.label}: {size} exceeds the download size cap of {cap}: raise the cap "
+                "(--max-mb) to fetch it")
+
+
+def _candidates(store: RunStore) -> tuple[array[int], array[int]]:
+    """(row_idx, n) of every file to fetch or verify, oldest URL first, packed compactly."""
+    rows: array[int] = array("q")
+    ns: array[int] = array("q")
+    for row_idx, n in store.conn.execute(
+        "SELECT f.row_idx, f.n FROM files f JOIN rows r ON r.idx = f.row_idx "
+        "WHERE r.status = 'SUCCESS' AND f.status != 'EXPIRED' "
+        "ORDER BY COALESCE(f.url_seen_at, 0), f.row_idx, f.n"
+    ):
+        rows.append(row_idx)
+        ns.append(n)
+    return rows, ns
+
+
+async def download_run_async(
+    store: RunStore,
+    *,
+    jobs: int = DOWNLOAD_JOBS,
+    max_bytes: int = MAX_FILE_BYTES,
+    policy: RetryPolicy | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    timeout: httpx.Timeout | None = None,
+    deadline_s: float = FILE_DEADLINE_S,
+    on_file: Callable[[FileEvent], None] | None = None,
+) -> DownloadSummary:
+    """Plan, verify and fetch every output file of ``store``'s SUCCESS rows (one pass)."""
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: use at least 1 concurrent download")
+    plan_downloads(store)
+    rows, ns = _candidates(store)
+    timeout = timeout or httpx.Timeout(
+        connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S, write=WRITE_TIMEOUT_S, pool=POOL_TIMEOUT_S
+    )
+    async with httpx.AsyncClient(
+        transport=transport,
+        timeout=timeout,
+        follow_redirects=True,
+        max_redirects=MAX_REDIRECTS,
+        limits=httpx.Limits(max_connections=jobs, max_keepalive_connections=jobs),
+        headers={"Accept-Encoding": "identity", "User-Agent": "rhbatch-download"},
+        trust_env=False,
+    ) as client:
+        downloader = _Downloader(store, client, max_bytes=max_bytes, policy=policy or DOWNLOAD_POLICY,
+                                 deadline_s=deadline_s, total=len(rows), on_file=on_file)
+        position = 0
+
+        async def worker() -> None:
+            nonlocal position
+            while position < len(rows):
+                i = position
+                position += 1
+                item = downloader.load(rows[i], ns[i])
+                if item is not None:
+                    await downloader.handle(item)
+
+        await asyncio.gather(*(worker() for _ in range(min(jobs, max(1, len(rows))))))
+    return downloader.summary
+
+
+def download_run(
+    run_dir: str | Path,
+    *,
+    jobs: int = DOWNLOAD_JOBS,
+    max_bytes: int = MAX_FILE_BYTES,
+    policy: RetryPolicy | None = None,
+    on_file: Callable[[FileEvent], None] | None = None,
+) -> DownloadSummary:
+    """``rhbatch download DIR``: fetch every output into ``DIR/files/``, then refresh results.*.
+
+    Takes no run lock, so it works while ``rhbatch run`` is still going on the same directory.
+    """
+    from pipeline.export import write_results
+
+    store = RunStore.open(run_dir)
+    try:
+        summary = asyncio.run(
+            download_run_async(store, jobs=jobs, max_bytes=max_bytes, policy=policy, on_file=on_file)
+        )
+        if summary.downloaded or summary.failed or summary.errors:
+            write_results(store)
+        return summary
+    finally:
+        store.close()

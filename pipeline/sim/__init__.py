@@ -1,0 +1,57 @@
+"""A faithful local RunningHub: a real HTTP server on loopback for tests, benchmarks and demos.
+
+Model
+-----
+The simulator implements the v1 task API of ``runninghub-api.md`` (create, ai-app/run, status,
+outputs, cancel, accountStatus, upload, getJsonApiFormat, getWebhookDetail, retryWebhook), the v2
+``query`` and ``queue/status`` calls, and ``GET /files/...`` for the generated outputs.
+
+* **Clock.** Everything runs on a simulated clock, ``time_scale`` simulated seconds per real second;
+  ``Simulator.advance`` jumps it forward. Task state is computed lazily from timestamps
+  (:mod:`pipeline.sim.model`), so idle tasks cost nothing; a 10 ms ticker only delivers webhooks.
+* **Accounts.** Each key has a type (NORMAL/SHARED/EXCLUSIVE), a concurrency limit counted as
+  queued + running, a coin balance billed per simulated GPU second when a task ends, and flags for
+  free (801) and revoked (802) users. Unknown keys answer 412 (``unknown_key_code=806`` makes a
+  well-formed unknown key answer 806 instead). ``open_accounts`` creates any well-formed
+  32-character key on first use from ``default_account``.
+* **Create checks**, in the order of §8: parameters 301 → key 412/806/802/801 → balance
+  414/416/812 → workflow 380 (app 901) → concurrency 421, or 415 / personal queue / 814 for
+  EXCLUSIVE → nodeInfoList 803 → ComfyUI value validation 433 → accepted.
+* **Choices where the docs are silent** (documented so tests can rely on them):
+  STRING inputs accept numbers (ComfyUI applies ``str()``) but not booleans, null, lists or
+  mappings; INT inputs accept integral floats (``7.0``) and integer strings; ``workflow`` together
+  with a non-empty ``nodeInfoList`` answers 803; ``/status`` of a cancelled task reads ``FAILED``
+  and ``/outputs`` answers 805 with ``exception_type`` ``TaskCancelled`` (v2 query says CANCEL);
+  cancelled tasks send no webhook; cancelling a finished task answers ``cancel_finished_code``
+  (0); uploads with an extension outside §3.9 or an empty file answer 301, over 30 MB 809, and a
+  ZIP upload's fileName is the bare sha256; getWebhookDetail for a task without a delivery
+  answers code 1 "webhook event not exists"; each output item carries the task's total
+  ``consumeCoins``; webhook ``eventData`` has a numeric ``taskCostTime`` (a real quirk).
+* **Faults** (:class:`Faults`) are drawn from a seeded RNG and recorded in the audit.
+* **Audit** (:class:`pipeline.sim.audit.Audit`) never holds a key, only ``key_fp``.
+"""
+
+from pipeline.sim.audit import Audit
+from pipeline.sim.config import ROUTES, AccountConfig, Faults, SimConfig
+from pipeline.sim.model import canonical_node_info, key_fingerprint, signature
+from pipeline.sim.server import (
+    DEFAULT_WEBAPP_ID,
+    IMG2IMG_WORKFLOW_ID,
+    TEXT2IMG_WORKFLOW_ID,
+    Simulator,
+)
+
+__all__ = [
+    "AccountConfig",
+    "Audit",
+    "DEFAULT_WEBAPP_ID",
+    "Faults",
+    "IMG2IMG_WORKFLOW_ID",
+    "ROUTES",
+    "SimConfig",
+    "Simulator",
+    "TEXT2IMG_WORKFLOW_ID",
+    "canonical_node_info",
+    "key_fingerprint",
+    "signature",
+]

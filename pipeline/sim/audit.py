@@ -1,0 +1,113 @@
+"""What the simulator saw: every request and every accepted task, for tests and benchmarks.
+
+Records never hold an API key: ``key_fp`` is the first 8 hex digits of sha256(key).
+
+A request record is ``{t, method, path, route, key_fp, status_http, code, task_id, fault}``, where
+``t`` is the simulated time, ``status_http`` is None when the connection was dropped, ``code`` is the
+business code answered (None for a dropped connection, garbage body or HTTP 5xx), and ``fault`` names
+the injected fault(s) joined with ``+`` (None without one).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.sim.model import Service, Task, WebhookRecord
+
+REQUEST_FIELDS = ("t", "method", "path", "route", "key_fp", "status_http", "code", "task_id", "fault")
+
+
+class Audit:
+    """Read-only views over the simulator's records (thread-safe snapshots)."""
+
+    def __init__(self, service: Service, requests: list[tuple[Any, ...]]):
+        self._service = service
+        self._requests = requests
+
+    def requests(self, route: str | None = None) -> list[dict[str, Any]]:
+        """Every request in arrival order, optionally only one route's."""
+        with self._service.lock:
+            rows = list(self._requests)
+        out = [dict(zip(REQUEST_FIELDS, row, strict=True)) for row in rows]
+        return [r for r in out if r["route"] == route] if route else out
+
+    def codes(self, route: str) -> Counter[int | None]:
+        """How often each business code was answered on ``route``."""
+        return Counter(r["code"] for r in self.requests(route))
+
+    def faults(self) -> list[dict[str, Any]]:
+        """The requests that carried an injected fault."""
+        return [r for r in self.requests() if r["fault"]]
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """One record per accepted task, in creation order, with its status now."""
+        service = self._service
+        with service.lock:
+            now = service.clock.now()
+            for account in service.accounts.values():
+                account.settle(now)
+            return [_task_record(t, now) for t in service.task_list]
+
+    def creates_by_signature(self) -> Counter[str]:
+        """Accepted tasks per (workflowId, canonical nodeInfoList): >1 means paid twice."""
+        with self._service.lock:
+            return Counter(t.signature for t in self._service.task_list)
+
+    def duplicate_creates(self) -> dict[str, int]:
+        return {sig: n for sig, n in self.creates_by_signature().items() if n > 1}
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """Every webhook delivery record (as getWebhookDetail shows it, plus attempts)."""
+        with self._service.lock:
+            return [_webhook_record(r) for r in self._service.webhooks.values()]
+
+    def dump_jsonl(self, path: str | Path) -> Path:
+        """Write every request, task and webhook record as JSON lines tagged with ``kind``."""
+        path = Path(path)
+        with path.open("w", encoding="utf-8") as fh:
+            for kind, records in (("request", self.requests()), ("task", self.tasks()),
+                                  ("webhook", self.webhooks())):
+                for record in records:
+                    fh.write(json.dumps({"kind": kind, **record}, ensure_ascii=False) + "\n")
+        return path
+
+
+def _task_record(task: Task, now: float) -> dict[str, Any]:
+    return {
+        "taskId": task.task_id,
+        "clientId": task.client_id,
+        "workflowId": task.workflow_id,
+        "webapp_id": task.webapp_id,
+        "nodeInfoList": task.node_info_list,
+        "signature": task.signature,
+        "key_fp": task.account.key_fp,
+        "created_at": task.created_at,
+        "started_at": task.start_at,
+        "ended_at": task.end_at,
+        "status": task.status(now),
+        "planned_outcome": "FAILED" if task.fail else "SUCCESS",
+        "coins": task.coins,
+        "personal_queue": task.personal_queue,
+        "instanceType": task.instance_type,
+        "webhookUrl": task.webhook_url,
+        "faults": list(task.faults),
+    }
+
+
+def _webhook_record(record: WebhookRecord) -> dict[str, Any]:
+    return {
+        "id": record.webhook_id,
+        "taskId": record.task.task_id,
+        "key_fp": record.task.account.key_fp,
+        "webhookUrl": record.url,
+        "callbackStatus": record.status,
+        "callbackResponse": record.response,
+        "retryCount": record.retry_count,
+        "attempts": record.attempts,
+        "createTime": record.create_time,
+        "updateTime": record.update_time,
+    }

@@ -1,0 +1,1070 @@
+"""The HTTP face of the simulator: aiohttp routes, fault injection, audit, webhook delivery.
+
+:class:`Simulator` runs an aiohttp server on its own asyncio loop in a background thread (or in
+the foreground with :meth:`Simulator.serve_forever`). Each request goes through ``_dispatch``:
+
+1. *pre-faults* (drawn before anything is read): ``drop_connection`` closes the socket,
+   ``garbage_body`` answers a truncated body, ``http_5xx`` an HTML error page; nothing is processed;
+2. the body is parsed and the key taken from ``apiKey`` / ``apikey`` or ``Authorization: Bearer``;
+3. poll routes are rate-limited per key if ``poll_rate_limit_per_s`` is set (code 1003);
+4. the route's logic runs synchronously under the simulator lock (see :mod:`pipeline.sim.model`);
+5. *post-faults*: ``create_813`` / ``lost_create`` on accepted creates, ``slow_answer`` anywhere;
+6. one audit record is appended.
+
+Business errors are HTTP 200 with ``{code, msg, data}``; any path that is not a route answers
+``{"code":412,"msg":"TOKEN_INVALID","data":null}`` like the real service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pipeline.errors import CODES, ConfigError
+from pipeline.sim.audit import Audit
+from pipeline.sim.config import POLL_ROUTES, Faults, SimConfig
+from pipeline.sim.model import (
+    CANCEL,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCESS,
+    WELL_FORMED_KEY,
+    Account,
+    Clock,
+    Service,
+    Task,
+    WebhookRecord,
+    Workflow,
+    key_fingerprint,
+    signature,
+    value_error,
+)
+from pipeline.sim.png import render_png
+
+log = logging.getLogger(__name__)
+
+WORKFLOW_DIR = Path(__file__).resolve().parent / "workflows"
+TEXT2IMG_WORKFLOW_ID = "1904136902449209346"
+IMG2IMG_WORKFLOW_ID = "1904136902449209347"
+DEFAULT_WEBAPP_ID = "1877265245566922753"
+
+TICK_REAL_S = 0.01  # webhook ticker period
+SHUTDOWN_TIMEOUT_S = 2.0
+START_TIMEOUT_S = 10.0
+CLIENT_MAX_BODY_BYTES = 32 * 1024 * 1024
+UPLOAD_EXTENSIONS = frozenset(
+    {"jpg", "jpeg", "png", "webp", "mp3", "wav", "flac", "mp4", "avi", "mov", "mkv", "zip"}
+)
+
+_JSON = "application/json"
+_GARBAGE = b'{"code":0,"msg":"success","data":{"taskId":"19'
+_HTML_5XX = {
+    500: "500 Internal Server Error",
+    502: "502 Bad Gateway",
+    503: "503 Service Temporarily Unavailable",
+}
+_FILE_EXPIRED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Request has expired</Message></Error>"
+)
+
+
+def _msg(code: int) -> str:
+    if code == 0:
+        return "success"
+    known = CODES.get(code)
+    return known.name if known else "error"
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass
+class Reply:
+    """What a route's logic decided: the body to send and what to audit."""
+
+    body: bytes
+    code: int | None = 0
+    task_id: str | None = None
+    key_fp: str | None = None
+    status_http: int = 200
+    content_type: str = _JSON
+    fault: str | None = None
+    created: Task | None = None  # a task this request created (for create_813 / lost_create)
+    deliver: list[WebhookRecord] = field(default_factory=list)
+
+
+def envelope(code: int, data: Any = None, msg: str | None = None, **audit: Any) -> Reply:
+    return Reply(_dumps({"code": code, "msg": msg if msg is not None else _msg(code), "data": data}),
+                 code=code, **audit)
+
+
+def _parse_bool(value: Any, default: bool) -> bool | None:
+    """A boolean flag as clients send it: true/false or "true"/"false"; None if neither."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
+
+
+def _fmt_coins(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+
+
+class Simulator:
+    """A local RunningHub on loopback. Use as a context manager, or ``serve_forever``."""
+
+    def __init__(self, config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0):
+        self.config = config = config if config is not None else SimConfig()
+        config.validate()
+        self.lock = threading.RLock()
+        self.clock = Clock(config.time_scale, time.monotonic)
+        self.service = Service(config, self.clock, self.lock)
+        self._requests: list[tuple[Any, ...]] = []
+        self.audit = Audit(self.service, self._requests)
+        self.host = host
+        self.port = port
+        self._wall0 = time.time()
+        self._rate: dict[str, deque[float]] = {}
+        self._key_fps: dict[str, str] = {}
+        self._faults_state: tuple[Faults, frozenset[str], frozenset[str]] = (Faults(), frozenset(),
+                                                                              frozenset())
+        self.set_faults(config.faults)
+        self.add_workflow(TEXT2IMG_WORKFLOW_ID, _load_json(WORKFLOW_DIR / "text2img.json"))
+        self.add_workflow(IMG2IMG_WORKFLOW_ID, _load_json(WORKFLOW_DIR / "img2img.json"))
+        self.add_webapp(DEFAULT_WEBAPP_ID, TEXT2IMG_WORKFLOW_ID)
+        for workflow_id, spec in config.workflows.items():
+            data = spec if isinstance(spec, dict) else _load_json(Path(spec))
+            self.add_workflow(str(workflow_id), data)
+        for webapp_id, workflow_id in config.webapps.items():
+            self.add_webapp(str(webapp_id), str(workflow_id))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def now(self) -> float:
+        """The simulated clock, in seconds since start."""
+        with self.lock:
+            return self.clock.now()
+
+    def advance(self, seconds: float) -> None:
+        """Jump the simulated clock forward (tasks finish, files and records expire)."""
+        with self.lock:
+            self.clock.advance(seconds)
+
+    def set_faults(self, faults: Faults) -> None:
+        """Switch the injected faults; takes effect for the next request (thread-safe)."""
+        faults.validate()
+        routes = faults.applies_to()
+        pre = routes if (faults.drop_connection or faults.garbage_body or faults.http_5xx) else frozenset()
+        self._faults_state = (faults, routes, pre)
+
+    @property
+    def faults(self) -> Faults:
+        return self._faults_state[0]
+
+    def account(self, key: str) -> Account:
+        """The live account for ``key`` (coins may be assigned to top it up)."""
+        with self.lock:
+            account = self.service.lookup_account(key)
+        if account is None:
+            raise KeyError("no simulator account for that key")
+        return account
+
+    def add_account(self, config: Any) -> Account:
+        with self.lock:
+            return self.service.add_account(config)
+
+    def add_workflow(self, workflow_id: str, api_json: dict[str, Any]) -> None:
+        """Register an API-format workflow under ``workflow_id``."""
+        try:
+            with self.lock:
+                self.service.add_workflow(str(workflow_id), api_json)
+        except ValueError as exc:
+            raise ConfigError(f"simulator workflow {workflow_id}: {exc}") from exc
+
+    def add_webapp(self, webapp_id: str, workflow_id: str) -> None:
+        """Register an AI app that runs ``workflow_id``."""
+        with self.lock:
+            if str(workflow_id) not in self.service.workflows:
+                raise ConfigError(f"simulator webapp {webapp_id}: unknown workflow {workflow_id}")
+            self.service.webapps[str(webapp_id)] = str(workflow_id)
+
+    @property
+    def uploads(self) -> dict[str, int]:
+        """fileName -> size of every accepted upload."""
+        with self.lock:
+            return dict(self.service.uploads)
+
+    def __enter__(self) -> Simulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start serving in a background thread; returns once the port is bound."""
+        if self._thread is not None:
+            raise RuntimeError("simulator already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(ready, failure), name="rh-sim",
+                                        daemon=True)
+        self._thread.start()
+        if not ready.wait(START_TIMEOUT_S):
+            raise RuntimeError("simulator did not start in time")
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+
+    def close(self) -> None:
+        """Stop serving and release the port, the loop and the thread."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        if thread.is_alive():
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:  # loop already closed
+                pass
+            thread.join()
+        self._thread = None
+        self._loop = None
+
+    def serve_forever(self, host: str = "127.0.0.1", port: int = 8765, *,
+                      ready: Callable[[str], None] | None = None) -> None:
+        """Serve until Ctrl-C (KeyboardInterrupt), then shut down cleanly."""
+        self.host, self.port = host, port
+        self.start()
+        if ready is not None:
+            ready(self.base_url)
+        try:
+            while self._thread is not None and self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
+
+    # -- loop lifecycle --------------------------------------------------------------------------
+
+    def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._astart())
+        except BaseException as exc:  # report to start(), e.g. port in use
+            failure.append(exc)
+            loop.run_until_complete(self._astop())
+            loop.close()
+            ready.set()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._astop())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _astart(self) -> None:
+        app = web.Application(client_max_size=CLIENT_MAX_BODY_BYTES)
+        self._add_routes(app)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        self.port = int(runner.addresses[0][1])
+        self._session = aiohttp.ClientSession(trust_env=False)
+        self._spawn(self._ticker())
+
+    async def _astop(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _add_routes(self, app: web.Application) -> None:
+        json_routes: list[tuple[str, str, Callable[..., Reply]]] = [
+            ("/task/openapi/create", "create", self._create),
+            ("/task/openapi/ai-app/run", "ai_app_run", self._ai_app_run),
+            ("/task/openapi/status", "status", self._status),
+            ("/task/openapi/outputs", "outputs", self._outputs),
+            ("/task/openapi/cancel", "cancel", self._cancel),
+            ("/uc/openapi/accountStatus", "account_status", self._account_status),
+            ("/api/openapi/getJsonApiFormat", "get_json_api_format", self._get_json_api_format),
+            ("/task/openapi/getWebhookDetail", "get_webhook_detail", self._get_webhook_detail),
+            ("/task/openapi/retryWebhook", "retry_webhook", self._retry_webhook),
+            ("/openapi/v2/query", "v2_query", self._v2_query),
+        ]
+        for path, route, logic in json_routes:
+            app.router.add_post(path, self._handler(route, logic))
+        app.router.add_post("/task/openapi/upload", self._handler("upload", self._upload, body="multipart"))
+        app.router.add_get("/openapi/v2/queue/status",
+                           self._handler("v2_queue_status", self._v2_queue_status, body="none"))
+        app.router.add_get("/files/{task_id}/{name}", self._handler("files", self._file, body="none"))
+        app.router.add_route("*", "/{tail:.*}", self._handler("unknown", self._unknown, body="none"))
+
+    def _handler(self, route: str, logic: Callable[..., Reply], body: str = "json") -> Any:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._dispatch(route, logic, body, request)
+
+        return handle
+
+    def _fp(self, key: str | None) -> str | None:
+        if not key:
+            return None
+        fp = self._key_fps.get(key)
+        if fp is None:
+            fp = key_fingerprint(key)
+            if key in self.service.accounts:
+                self._key_fps[key] = fp
+        return fp
+
+    def _record(self, request: web.Request, route: str, now: float, key: str | None,
+                status_http: int | None, code: int | None, task_id: str | None, fault: str | None
+                ) -> None:
+        self._requests.append((now, request.method, request.path, route, self._fp(key), status_http,
+                               code, task_id, fault))
+
+    async def _dispatch(self, route: str, logic: Callable[..., Reply], body_kind: str,
+                        request: web.Request) -> web.StreamResponse:
+        faults, fault_routes, pre_routes = self._faults_state
+        if route in pre_routes:
+            pre = self._pre_fault(faults)
+            if pre is not None:
+                with self.lock:
+                    self._record(request, route, self.clock.now(), None, pre[1], None, None, pre[0])
+                return self._pre_fault_response(request, pre)
+
+        body: dict[str, Any] = {}
+        upload: dict[str, Any] | None = None
+        bad_body = False
+        if body_kind == "json":
+            raw = await request.read()
+            if raw:
+                try:
+                    parsed = json.loads(raw)
+                except ValueError:
+                    parsed = None
+                if isinstance(parsed, dict):
+                    body = parsed
+                else:
+                    bad_body = True
+        elif body_kind == "multipart":
+            upload = await self._read_upload(request)
+            body = upload["fields"]
+        key = _key_from(body, request)
+
+        with self.lock:
+            now = self.clock.now()
+            reply: Reply | None = None
+            if (route in POLL_ROUTES and faults.poll_rate_limit_per_s > 0 and key
+                    and key in self.service.accounts and route in fault_routes
+                    and self._rate_limited(key, faults.poll_rate_limit_per_s)):
+                reply = envelope(1003, None, "rate limited", fault="poll_rate_limit")
+                if route == "v2_query":
+                    reply = self._v2_error(str(body.get("taskId") or ""), "1003", "rate limited")
+                    reply.fault = "poll_rate_limit"
+            elif bad_body:
+                reply = envelope(301)
+            if reply is None:
+                try:
+                    reply = logic(body, key, now, request, upload)
+                except Exception:  # a simulator bug: answer like the service's catch-all
+                    log.exception("simulator error on %s", route)
+                    reply = envelope(500, None, "UNKNOWN_ERROR")
+            faults_hit = [reply.fault] if reply.fault else []
+            lost = False
+            if reply.created is not None and route in fault_routes:
+                rng = self.service.rng_faults
+                if faults.create_813 and rng.random() < faults.create_813:
+                    data = json.loads(reply.body)["data"]
+                    reply.body = _dumps({"code": 813, "msg": _msg(813), "data": data})
+                    reply.code = 813
+                    faults_hit.append("create_813")
+                    reply.created.faults.append("create_813")
+                if faults.lost_create and rng.random() < faults.lost_create:
+                    lost = True
+                    faults_hit.append("lost_create")
+                    reply.created.faults.append("lost_create")
+            slow = (faults.slow_answer > 0 and route in fault_routes
+                    and self.service.rng_faults.random() < faults.slow_answer)
+            if slow:
+                faults_hit.append("slow_answer")
+            self._record(request, route, now, key, None if lost else reply.status_http, reply.code,
+                         reply.task_id, "+".join(faults_hit) or None)
+
+        for record in reply.deliver:
+            self._spawn(self._deliver(record, manual=True))
+        if slow:
+            await asyncio.sleep(faults.slow_answer_s)
+        if lost:
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=200)
+        return web.Response(body=reply.body, status=reply.status_http, content_type=reply.content_type)
+
+    def _pre_fault(self, faults: Faults) -> tuple[str, int | None] | None:
+        with self.lock:
+            u = self.service.rng_faults.random()
+            if u < faults.drop_connection:
+                return ("drop_connection", None)
+            u -= faults.drop_connection
+            if u < faults.garbage_body:
+                return ("garbage_body", 200)
+            u -= faults.garbage_body
+            if u < faults.http_5xx:
+                return ("http_5xx", self.service.rng_faults.choice((500, 502, 503)))
+        return None
+
+    @staticmethod
+    def _pre_fault_response(request: web.Request, pre: tuple[str, int | None]) -> web.Response:
+        name, status = pre
+        if name == "drop_connection":
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=200)
+        if name == "garbage_body":
+            return web.Response(body=_GARBAGE, status=200, content_type=_JSON)
+        assert status is not None
+        title = _HTML_5XX[status]
+        html = (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1>"
+                f"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+        return web.Response(text=html, status=status, content_type="text/html")
+
+    def _rate_limited(self, key: str, per_s: float) -> bool:
+        window = self._rate.setdefault(key, deque())
+        real = time.monotonic()
+        while window and window[0] <= real - 1.0:
+            window.popleft()
+        if len(window) >= per_s:
+            return True
+        window.append(real)
+        return False
+
+    # -- shared checks -------------------------------------------------------------------------
+
+    def _auth(self, key: str | None) -> tuple[Account | None, Reply | None]:
+        account = self.service.lookup_account(key)
+        if account is None:
+            code = 412
+            if self.config.unknown_key_code == 806 and key and WELL_FORMED_KEY.match(key):
+                code = 806
+            return None, envelope(code)
+        if account.revoked:
+            return None, envelope(802, key_fp=account.key_fp)
+        if account.free_user:
+            return None, envelope(801, key_fp=account.key_fp)
+        return account, None
+
+    def _find_task(self, body: dict[str, Any], key: str | None, now: float
+                   ) -> tuple[Task | None, Account | None, Reply | None]:
+        task_id = body.get("taskId")
+        if task_id is None or task_id == "" or isinstance(task_id, bool | list | dict):
+            return None, None, envelope(301)
+        task_id = str(task_id)
+        account, error = self._auth(key)
+        if error is not None:
+            error.task_id = task_id
+            return None, None, error
+        assert account is not None
+        account.settle(now)
+        task = self.service.tasks.get(task_id)
+        if task is None or task.account is not account or task.gone(now, self.config.retention_s):
+            return None, account, envelope(807, task_id=task_id)
+        return task, account, None
+
+    # -- create ---------------------------------------------------------------------------------
+
+    def _create(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
+        workflow_id = body.get("workflowId")
+        if isinstance(workflow_id, int) and not isinstance(workflow_id, bool):
+            workflow_id = str(workflow_id)
+        if not isinstance(workflow_id, str) or not workflow_id.strip() or workflow_id.strip() == "0":
+            return envelope(301)
+        return self._create_task(body, key, now, workflow_id.strip(), None)
+
+    def _ai_app_run(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
+        webapp_id = body.get("webappId")
+        if isinstance(webapp_id, int) and not isinstance(webapp_id, bool):
+            webapp_id = str(webapp_id)
+        if not isinstance(webapp_id, str) or not webapp_id.strip() or webapp_id.strip() == "0":
+            return envelope(301)
+        if not isinstance(body.get("nodeInfoList"), list):
+            return envelope(301)
+        return self._create_task(body, key, now, None, webapp_id.strip())
+
+    def _create_task(self, body: dict[str, Any], key: str | None, now: float,
+                     workflow_id: str | None, webapp_id: str | None) -> Reply:
+        service = self.service
+        # 1. parameters
+        node_info = body.get("nodeInfoList")
+        if node_info is None:
+            node_info = []
+        if not isinstance(node_info, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("nodeId"), str | int) and not isinstance(
+                i.get("nodeId"), bool) and isinstance(i.get("fieldName"), str) and "fieldValue" in i
+            for i in node_info
+        ):
+            return envelope(301)
+        personal = _parse_bool(body.get("usePersonalQueue"), False)
+        add_metadata = _parse_bool(body.get("addMetadata"), True)
+        if personal is None or add_metadata is None:
+            return envelope(301)
+        webhook_url = body.get("webhookUrl") or None
+        if webhook_url is not None and (
+            not isinstance(webhook_url, str) or not webhook_url.startswith(("http://", "https://"))
+        ):
+            return envelope(301)
+        instance_type = body.get("instanceType")
+        if instance_type is not None and not isinstance(instance_type, str):
+            return envelope(301)
+        override = body.get("workflow")
+        override_data: Any = None
+        if override not in (None, ""):
+            try:
+                override_data = json.loads(override) if isinstance(override, str) else override
+                if not isinstance(override_data, dict):
+                    raise ValueError
+            except ValueError:
+                return envelope(301)
+        # 2. key
+        account, error = self._auth(key)
+        if error is not None:
+            return error
+        assert account is not None
+        fp = account.key_fp
+        # 3. balance (before any workflow validation, as observed on the real service)
+        account.settle(now)
+        if account.coins <= 0:
+            return envelope(account.wallet_code, key_fp=fp)
+        # 4. workflow / app exists
+        if webapp_id is not None:
+            workflow_id = service.webapps.get(webapp_id)
+            if workflow_id is None:
+                return envelope(901, key_fp=fp)
+        assert workflow_id is not None
+        workflow = service.workflows.get(workflow_id)
+        if workflow is None:
+            return envelope(380, key_fp=fp)
+        # 5. concurrency
+        in_pqueue = False
+        if len(account.active) + len(account.pqueue) >= account.concurrency:
+            if account.api_type != "EXCLUSIVE":
+                return envelope(421, key_fp=fp)
+            if not personal:
+                return envelope(415, key_fp=fp)
+            if len(account.pqueue) >= account.personal_queue_limit:
+                return envelope(814, key_fp=fp)
+            in_pqueue = True
+        # 6. nodeInfoList against the saved workflow
+        if override_data is not None and node_info:
+            return envelope(803, {"reason": "node_not_found_in_workflow",
+                                  "detail": "nodeInfoList is checked against the saved workflow, "
+                                            "not the workflow parameter: bake values into workflow"},
+                            key_fp=fp)
+        for item in node_info:
+            node = workflow.nodes.get(str(item["nodeId"]))
+            if node is None:
+                return envelope(803, {"nodeId": str(item["nodeId"]), "fieldName": item["fieldName"],
+                                      "reason": "node_not_found_in_workflow"}, key_fp=fp)
+            if item["fieldName"] not in node.get("inputs", {}):
+                return envelope(803, {"nodeId": str(item["nodeId"]), "fieldName": item["fieldName"],
+                                      "reason": "field_not_found_in_node"}, key_fp=fp)
+        # 7. prompt validation (ComfyUI's coercions)
+        if override_data is not None:
+            try:
+                workflow = Workflow.from_api_json(workflow_id, override_data)
+            except ValueError as exc:
+                return self._prompt_failed(workflow, {}, str(exc), fp)
+        node_errors: dict[str, Any] = {}
+        for item in node_info:
+            node_id = str(item["nodeId"])
+            node = workflow.nodes[node_id]
+            problem = value_error(node["inputs"][item["fieldName"]], item["fieldValue"], workflow.nodes)
+            if problem is not None:
+                entry = node_errors.setdefault(node_id, {
+                    "errors": [], "dependent_outputs": list(workflow.output_nodes),
+                    "class_type": node["class_type"],
+                })
+                entry["errors"].append({
+                    "type": problem[0], "message": problem[1],
+                    "details": f"{item['fieldName']}, {item['fieldValue']!r}",
+                    "extra_info": {"input_name": item["fieldName"],
+                                   "received_value": item["fieldValue"]},
+                })
+        if node_errors:
+            return self._prompt_failed(workflow, node_errors, "", fp)
+        # 8. accept
+        faults = self._faults_state[0]
+        delay, runtime, fail, fault = service.draw_task(faults.task_failure)
+        sig_source = node_info if override_data is None else [
+            {"nodeId": "workflow", "fieldName": "sha256",
+             "fieldValue": hashlib.sha256(workflow.prompt_text.encode()).hexdigest()}
+        ]
+        task = Task(
+            task_id=service.new_task_id(), client_id=service.new_client_id(), account=account,
+            workflow_id=workflow_id, workflow=workflow, node_info_list=node_info,
+            signature=signature(workflow_id, sig_source), created_at=now, queue_delay=delay,
+            runtime=runtime, fail=fail, webapp_id=webapp_id, webhook_url=webhook_url,
+            add_metadata=bool(add_metadata) and webapp_id is None, instance_type=instance_type,
+            personal_queue=in_pqueue,
+        )
+        if fault:
+            task.faults.append(fault)
+        service.tasks[task.task_id] = task
+        service.task_list.append(task)
+        if in_pqueue:
+            account.pqueue.append(task)
+        else:
+            account.start(task, now)
+        status = task.status(now)
+        data = {
+            "netWssUrl": self._wss(task) if status == RUNNING else None,
+            "taskId": task.task_id,
+            "clientId": task.client_id,
+            "taskStatus": status,
+            "promptTips": json.dumps({"result": True, "error": None,
+                                      "outputs_to_execute": workflow.output_nodes, "node_errors": {}}),
+        }
+        reply = envelope(0, data, task_id=task.task_id, key_fp=fp)
+        reply.created = task
+        return reply
+
+    def _prompt_failed(self, workflow: Workflow, node_errors: dict[str, Any], detail: str,
+                       fp: str) -> Reply:
+        tips = {
+            "result": False,
+            "error": {"type": "prompt_outputs_failed_validation",
+                      "message": "Prompt outputs failed validation", "details": detail,
+                      "extra_info": {}},
+            "outputs_to_execute": [],
+            "node_errors": node_errors,
+        }
+        return envelope(433, {"promptTips": json.dumps(tips, ensure_ascii=False)}, key_fp=fp)
+
+    def _wss(self, task: Task) -> str:
+        return f"wss://{self.host}:{self.port}/ws/c_{task.client_id}"
+
+    # -- task queries -------------------------------------------------------------------------
+
+    def _status(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
+        task, _account, error = self._find_task(body, key, now)
+        if error is not None:
+            return error
+        assert task is not None
+        status = task.status(now)
+        # /status has no CANCEL value: a cancelled task reads FAILED (see outputs for the reason)
+        return envelope(0, FAILED if status == CANCEL else status, task_id=task.task_id,
+                        key_fp=task.account.key_fp)
+
+    def _outputs(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
+        task, _account, error = self._find_task(body, key, now)
+        if error is not None:
+            return error
+        assert task is not None
+        fp = task.account.key_fp
+        status = task.status(now)
+        if status == QUEUED:
+            return envelope(813, None, task_id=task.task_id, key_fp=fp)
+        if status == RUNNING:
+            return envelope(804, {"netWssUrl": self._wss(task)}, task_id=task.task_id, key_fp=fp)
+        if status in (FAILED, CANCEL):
+            return envelope(805, {"failedReason": _failed_reason(task)}, task_id=task.task_id,
+                            key_fp=fp)
+        lag = self._faults_state[0].status_outputs_lag_s
+        assert task.end_at is not None
+        if lag and now < task.end_at + lag:
+            reply = envelope(804, {"netWssUrl": self._wss(task)}, task_id=task.task_id, key_fp=fp)
+            reply.fault = "status_outputs_lag"
+            return reply
+        if task.outputs_cache is None:
+            task.outputs_cache = _dumps({"code": 0, "msg": "success", "data": self._items(task)})
+        return Reply(task.outputs_cache, code=0, task_id=task.task_id, key_fp=fp)
+
+    def _items(self, task: Task, *, numeric_cost: bool = False) -> list[dict[str, Any]]:
+        cost_s = int(round(task.used_s()))
+        return [
+            {
+                "fileUrl": f"{self.base_url}/files/{task.task_id}/{node_id}_0.png",
+                "fileType": "png",
+                "taskCostTime": cost_s if numeric_cost else str(cost_s),
+                "nodeId": node_id,
+                "consumeCoins": None if task.coins is None else str(task.coins),
+                "consumeMoney": None,
+                "thirdPartyConsumeMoney": None,
+            }
+            for node_id in task.workflow.output_nodes
+        ]
+
+    def _cancel(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
+        task, account, error = self._find_task(body, key, now)
+        if error is not None:
+            return error
+        assert task is not None and account is not None
+        if task.status(now) in (QUEUED, RUNNING):
+            account.cancel(task, now)
+            return envelope(0, None, task_id=task.task_id, key_fp=account.key_fp)
+        code = self.config.cancel_finished_code
+        return envelope(code, None, task_id=task.task_id, key_fp=account.key_fp)
+
+    def _account_status(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
+        account, error = self._auth(key)
+        if error is not None:
+            return error
+        assert account is not None
+        account.settle(now)
+        data = {
+            "remainCoins": _fmt_coins(account.coins),
+            "currentTaskCounts": str(len(account.active) + len(account.pqueue)),
+            "remainMoney": None,
+            "currency": None,
+            "apiType": account.api_type,
+        }
+        return envelope(0, data, key_fp=account.key_fp)
+
+    def _get_json_api_format(self, body: dict[str, Any], key: str | None, now: float, *_: Any
+                             ) -> Reply:
+        workflow_id = body.get("workflowId")
+        if isinstance(workflow_id, int) and not isinstance(workflow_id, bool):
+            workflow_id = str(workflow_id)
+        if not isinstance(workflow_id, str) or not workflow_id.strip():
+            return envelope(301)
+        account, error = self._auth(key)
+        if error is not None:
+            return error
+        assert account is not None
+        workflow = self.service.workflows.get(workflow_id.strip())
+        if workflow is None:
+            return envelope(380, key_fp=account.key_fp)
+        return envelope(0, {"prompt": workflow.prompt_text}, "SUCCESS", key_fp=account.key_fp)
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def _time_text(self, sim_t: float) -> str:
+        return datetime.fromtimestamp(self._wall0 + sim_t).strftime("%Y-%m-%d %H:%M:%S")
+
+    def _get_webhook_detail(self, body: dict[str, Any], key: str | None, now: float, *_: Any
+                            ) -> Reply:
+        task, account, error = self._find_task(body, key, now)
+        if error is not None:
+            return error
+        assert task is not None and account is not None
+        record = task.webhook
+        if record is None:
+            return envelope(1, None, "webhook event not exists", task_id=task.task_id,
+                            key_fp=account.key_fp)
+        data = {
+            "id": record.webhook_id,
+            "userApiKey": f"{account.key_fp}************************",
+            "taskId": task.task_id,
+            "webhookUrl": record.url,
+            "eventData": record.event_data,
+            "callbackStatus": record.status,
+            "callbackResponse": record.response,
+            "retryCount": record.retry_count,
+            "createTime": self._time_text(record.create_time),
+            "updateTime": self._time_text(record.update_time),
+        }
+        return envelope(0, data, task_id=task.task_id, key_fp=account.key_fp)
+
+    def _retry_webhook(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
+        webhook_id = body.get("webhookId")
+        url = body.get("webhookUrl")
+        if webhook_id in (None, "") or isinstance(webhook_id, bool | list | dict):
+            return envelope(301)
+        if url not in (None, "") and (not isinstance(url, str)
+                                      or not url.startswith(("http://", "https://"))):
+            return envelope(301)
+        account, error = self._auth(key)
+        if error is not None:
+            return error
+        assert account is not None
+        record = self.service.webhooks.get(str(webhook_id))
+        if record is None or record.task.account is not account:
+            return envelope(807, key_fp=account.key_fp)
+        if url:
+            record.url = url
+        reply = envelope(0, None, task_id=record.task.task_id, key_fp=account.key_fp)
+        if not record.in_flight:
+            record.in_flight = True
+            record.status = "RETRYING"
+            record.retry_count += 1
+            reply.deliver.append(record)
+        return reply
+
+    def _event_data(self, task: Task) -> str:
+        """The outputs answer for an ended task, as the webhook's eventData string."""
+        if task.fail:
+            payload: dict[str, Any] = {"code": 805, "msg": _msg(805),
+                                       "data": {"failedReason": _failed_reason(task)}}
+        else:
+            # quirk of the real service: taskCostTime is a number inside webhook eventData
+            payload = {"code": 0, "msg": "success", "data": self._items(task, numeric_cost=True)}
+        return json.dumps(payload, ensure_ascii=False)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_REAL_S)
+            with self.lock:
+                due = self.service.due_webhooks(self.clock.now(), self._event_data)
+            for record in due:
+                self._spawn(self._deliver(record))
+
+    async def _deliver(self, record: WebhookRecord, *, manual: bool = False) -> None:
+        assert self._session is not None
+        payload = {"event": "TASK_END", "taskId": record.task.task_id, "eventData": record.event_data}
+        try:
+            async with self._session.post(
+                record.url, json=payload,
+                timeout=aiohttp.ClientTimeout(total=self.config.webhook_timeout_s),
+            ) as response:
+                text = await response.text(errors="replace")
+                ok = 200 <= response.status < 300
+                answer = f"HTTP {response.status}: {text[:500]}"
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            ok = False
+            answer = f"{type(exc).__name__}: {exc}"[:500]
+        with self.lock:
+            self.service.webhook_result(record, ok, answer, self.clock.now(), manual=manual)
+
+    # -- v2 -------------------------------------------------------------------------------------
+
+    def _v2_error(self, task_id: str, code: str, message: str, fp: str | None = None) -> Reply:
+        data = {"taskId": task_id, "status": "", "errorCode": code, "errorMessage": message,
+                "failedReason": None, "usage": None, "results": None, "clientId": "", "promptTips": ""}
+        return Reply(_dumps(data), code=int(code), task_id=task_id or None, key_fp=fp)
+
+    def _v2_query(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
+        raw_id = body.get("taskId")
+        task_id = str(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else ""
+        account, error = self._auth(key)
+        if error is not None:
+            return self._v2_error(task_id, "1002", "auth failed")
+        assert account is not None
+        if not task_id.isdigit() or int(task_id) <= 0:
+            return self._v2_error(task_id, "1007", "taskId must be greater than 0", account.key_fp)
+        account.settle(now)
+        task = self.service.tasks.get(task_id)
+        if task is None or task.account is not account or task.gone(now, self.config.retention_s):
+            return self._v2_error(task_id, "1004", "not found or expired", account.key_fp)
+        status = task.status(now)
+        data: dict[str, Any] = {
+            "taskId": task_id, "status": status, "errorCode": "", "errorMessage": "",
+            "failedReason": None, "usage": None, "results": None, "clientId": task.client_id,
+            "promptTips": "",
+        }
+        if status in (SUCCESS, FAILED, CANCEL):
+            data["usage"] = {"consumeMoney": None, "consumeCoins": str(task.coins or 0),
+                             "taskCostTime": str(int(round(task.used_s()))),
+                             "thirdPartyConsumeMoney": None}
+        if status == SUCCESS:
+            data["results"] = [
+                {"url": i["fileUrl"], "nodeId": i["nodeId"], "outputType": "png", "text": None}
+                for i in self._items(task)
+            ]
+        elif status in (FAILED, CANCEL):
+            reason = _failed_reason(task)
+            data["errorCode"] = "1000"
+            data["errorMessage"] = reason["exception_message"].split("\n", 1)[0]
+            data["failedReason"] = reason
+        return Reply(_dumps(data), code=0, task_id=task_id, key_fp=account.key_fp)
+
+    def _v2_queue_status(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
+        account, error = self._auth(key)
+        if error is not None:
+            return error
+        assert account is not None
+        account.settle(now)
+        running = sum(1 for t in account.active.values() if t.status(now) == RUNNING)
+        total = len(account.active) + len(account.pqueue)
+        data = {"apiKeyType": account.api_type, "concurrentLimit": account.concurrency,
+                "runningCount": running, "queuedCount": total - running, "totalCurrentTasks": total}
+        return envelope(0, data, key_fp=account.key_fp)
+
+    # -- upload ---------------------------------------------------------------------------------
+
+    async def _read_upload(self, request: web.Request) -> dict[str, Any]:
+        """Stream a multipart body: text fields, and the file's name, size and sha256."""
+        info: dict[str, Any] = {"fields": {}, "file": None, "bad": False}
+        if not request.content_type.startswith("multipart/"):
+            raw = await request.read()
+            try:  # a JSON body still names the key, so the answer can be 301 rather than 412
+                parsed = json.loads(raw) if raw else {}
+            except ValueError:
+                parsed = {}
+            info["fields"] = parsed if isinstance(parsed, dict) else {}
+            info["bad"] = True
+            return info
+        limit = self.config.max_upload_bytes
+        try:
+            reader = await request.multipart()
+            while True:
+                part = await reader.next()
+                if part is None:
+                    break
+                if not isinstance(part, aiohttp.BodyPartReader):
+                    info["bad"] = True
+                    continue
+                if part.name == "file" or part.filename is not None:
+                    digest = hashlib.sha256()
+                    size = 0
+                    while chunk := await part.read_chunk(256 * 1024):
+                        size += len(chunk)
+                        if size <= limit:
+                            digest.update(chunk)
+                    info["file"] = {"filename": part.filename or "", "size": size,
+                                    "sha256": digest.hexdigest()}
+                elif part.name:
+                    info["fields"][part.name] = (await part.text())[:4096]
+        except (ValueError, aiohttp.ClientError, AssertionError):
+            info["bad"] = True
+        return info
+
+    def _upload(self, body: dict[str, Any], key: str | None, now: float, request: web.Request,
+                upload: dict[str, Any] | None) -> Reply:
+        assert upload is not None
+        account, error = self._auth(key)
+        if error is not None:
+            return error
+        assert account is not None
+        fp = account.key_fp
+        file = upload["file"]
+        if upload["bad"] or file is None or file["size"] == 0:
+            return envelope(301, key_fp=fp)
+        if file["size"] > self.config.max_upload_bytes:
+            return envelope(809, key_fp=fp)
+        ext = Path(file["filename"]).suffix.lower().lstrip(".")
+        if ext not in UPLOAD_EXTENSIONS:
+            return envelope(301, None, "PARAMS_INVALID", key_fp=fp)
+        name = file["sha256"] if ext == "zip" else f"api/{file['sha256']}.{ext}"
+        self.service.uploads[name] = file["size"]
+        file_type = body.get("fileType") or "input"
+        return envelope(0, {"fileName": name, "fileType": file_type}, key_fp=fp)
+
+    # -- files and everything else --------------------------------------------------------------
+
+    def _file(self, body: dict[str, Any], key: str | None, now: float, request: web.Request,
+              *_: Any) -> Reply:
+        task_id = request.match_info.get("task_id", "")
+        name = request.match_info.get("name", "")
+        not_found = Reply(b"Not Found", code=None, status_http=404, content_type="text/plain",
+                          task_id=task_id or None)
+        task = self.service.tasks.get(task_id)
+        if task is None:
+            return not_found
+        task.account.settle(now)
+        if task.status(now) != SUCCESS or task.gone(now, self.config.retention_s):
+            return not_found
+        stem, _, ext = name.partition(".")
+        node_id, _, index = stem.rpartition("_")
+        if ext != "png" or index != "0" or node_id not in task.workflow.output_nodes:
+            return not_found
+        assert task.end_at is not None
+        if now - task.end_at > self.config.file_ttl_s:
+            return Reply(_FILE_EXPIRED, code=None, status_http=403, content_type="application/xml",
+                         task_id=task_id)
+        text = ""
+        if task.add_metadata:
+            text = json.dumps({"workflowId": task.workflow_id, "nodeInfoList": task.signature})
+        png = render_png(f"{task.signature}|{node_id}|{index}", text)
+        return Reply(png, code=None, status_http=200, content_type="image/png", task_id=task_id)
+
+    def _unknown(self, *_: Any) -> Reply:
+        return envelope(412)
+
+
+def _key_from(body: dict[str, Any], request: web.Request) -> str | None:
+    for name in ("apiKey", "apikey"):
+        value = body.get(name)
+        if isinstance(value, str) and value:
+            return value
+    value = request.query.get("apiKey") or request.query.get("apikey") if request.query_string else None
+    if value:
+        return value
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return None
+
+
+def _failed_reason(task: Task) -> dict[str, Any]:
+    if task.cancelled:
+        return {"node_name": "", "node_id": "", "exception_type": "TaskCancelled",
+                "exception_message": "The task was cancelled by the user", "traceback": "[]",
+                "current_inputs": "{}", "current_outputs": "{}"}
+    nodes = task.workflow.nodes
+    node_id = next((n for n, v in nodes.items() if "Sampler" in v["class_type"]), next(iter(nodes)))
+    return {
+        "node_name": nodes[node_id]["class_type"],
+        "node_id": node_id,
+        "exception_type": "torch.OutOfMemoryError",
+        "exception_message": (
+            "Allocation on device 0 would exceed allowed memory. (out of memory)\n"
+            "Currently allocated     : 22.41 GiB\nRequested               : 3.00 GiB\n"
+            "Device limit            : 23.65 GiB"
+        ),
+        "traceback": json.dumps([
+            '  File "/app/ComfyUI/execution.py", line 323, in execute\n'
+            "    output_data, output_ui, has_subgraph = get_output_data(obj, input_data_all)\n",
+            '  File "/app/ComfyUI/comfy/sample.py", line 43, in sample\n'
+            "    samples = sampler.sample(noise, positive, negative, cfg=cfg)\n",
+        ]),
+        "current_inputs": "{}",
+        "current_outputs": "{}",
+    }
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load workflow {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"workflow {path}: expected an API-format JSON object")
+    return data
