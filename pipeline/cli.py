@@ -263,7 +263,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--status", "statuses", multiple=True,
               type=click.Choice(["FAILED", "CANCELLED", "SUCCESS"]),
-              help="Rows in this state (repeatable; default FAILED).")
+              help="Rows in this state (repeatable; default FAILED, or none with --unknown).")
 @click.option("--code", "codes", multiple=True, type=int, help="Rows that failed with this code.")
 @click.option("--class", "classes", multiple=True,
               help="Failure class: task_failed, row_fatal, task_gone, oom, cancelled.")
@@ -292,7 +292,7 @@ def retry(run_dir: Path, statuses: tuple[str, ...], codes: tuple[int, ...], clas
             "records, then add --accept-double-pay to resubmit them"
         )
     selection = runs.Selection(
-        statuses=statuses or ("FAILED",), codes=codes, classes=classes, where=where,
+        statuses=statuses or (() if unknown else ("FAILED",)), codes=codes, classes=classes, where=where,
         unknown=unknown,
     )
     settings = resolve_settings(

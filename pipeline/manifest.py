@@ -1013,3 +1013,19 @@ def _explicit_list(cell: Any, number: int, problems: _Collector) -> tuple[dict[s
         items.append({"nodeId": str(item["nodeId"]), "fieldName": str(item["fieldName"]),
                       "fieldValue": item["fieldValue"]})
     return tuple(items)
+
+
+def make_row(
+    index: int,
+    number: int,
+    row_id: str,
+    workflow_id: str,
+    node_info_list: Sequence[dict[str, Any]],
+    inputs: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Row:
+    """A Row with an explicit nodeInfoList (for callers that build rows without a file)."""
+    inputs = inputs or {}
+    layout = _Layout(tuple(inputs), (), ())
+    return Row(index, number, row_id, workflow_id, tuple(inputs.values()), layout,
+               tuple(dict(item) for item in node_info_list), dict(options or {}))

@@ -99,7 +99,8 @@ def run_with_kills(
             env=env, capture_output=True, text=True, timeout=deadline_s,
         )
         result.exit_codes.append(retry.returncode)
-    records = [json.loads(line) for line in (run_dir / "results.jsonl").open(encoding="utf-8")]
+    with (run_dir / "results.jsonl").open(encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh]
     result.rows = len(records)
     result.final_counts = dict(Counter(r["status"] for r in records))
     created = Counter(_canonical(t["nodeInfoList"]) for t in sim.audit.tasks())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 from pipeline.client import RetryPolicy, RunningHubClient
 from pipeline.config import resolve_settings
 from pipeline.errors import InputError, Problem, RowFatalError
+from pipeline.manifest import make_row as Row
 from pipeline.preflight import (
     Field,
     WorkflowCache,
@@ -27,21 +27,6 @@ from pipeline.preflight import (
     node_sort_key,
     workflow_hash,
 )
-
-try:
-    from pipeline.manifest import Row
-except ImportError:  # the manifest module is not there yet: a stand-in with the same fields
-
-    @dataclass(frozen=True)
-    class Row:  # type: ignore[no-redef]
-        index: int
-        number: int
-        row_id: str
-        workflow_id: str
-        node_info_list: tuple[dict[str, Any], ...]
-        inputs: dict[str, Any] = field(default_factory=dict)
-        options: dict[str, Any] = field(default_factory=dict)
-
 
 DATA = Path(__file__).parent / "data" / "workflows"
 T2I = "1904136902449209346"

@@ -199,3 +199,19 @@ def test_fault_draws_are_reproducible_under_a_seed(key):
     assert first != _fault_trace(key, seed=5)
     kinds = {f for f, _ in first}
     assert {"http_5xx", "garbage_body", None} <= kinds
+
+
+def test_a_client_that_vanishes_mid_body_is_not_a_server_error(start, key, caplog):
+    import logging
+    import socket
+
+    sim, api = start(Faults())
+    host, port = sim.base_url.removeprefix("http://").split(":")
+    with caplog.at_level(logging.ERROR), socket.create_connection((host, int(port))) as raw:
+        raw.sendall(b"POST /task/openapi/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 500\r\n\r\n{\"apiKey\": ")
+        time.sleep(0.05)
+    time.sleep(0.1)
+    assert api.create()["code"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(sim.audit.tasks()) == 1

@@ -45,11 +45,15 @@ def receiver() -> Iterator[WebhookReceiver]:
         yield hook
 
 
-def _wait_status(api: SimClient, task_id: str, status: str, timeout_s: float = 5.0) -> dict[str, Any]:
+def _wait_status(api: SimClient, task_id: str, status: str, retry_count: int | None = None,
+                 timeout_s: float = 5.0) -> dict[str, Any]:
+    """Poll getWebhookDetail until the delivery reached ``status`` (and ``retry_count``)."""
     deadline = time.monotonic() + timeout_s
     while True:
         detail = api.post("/task/openapi/getWebhookDetail", {"taskId": task_id})
-        if (detail["code"] == 0 and detail["data"]["callbackStatus"] == status) or time.monotonic() > deadline:
+        done = detail["code"] == 0 and detail["data"]["callbackStatus"] == status and (
+            retry_count is None or detail["data"]["retryCount"] == retry_count)
+        if done or time.monotonic() > deadline:
             return detail
         time.sleep(0.01)
 
@@ -99,6 +103,7 @@ def test_a_failing_receiver_gets_retries_then_the_record_says_failed(start):
         assert detail["callbackStatus"] == "RETRYING" and detail["retryCount"] == 0
         sim.advance(61)
         hook.wait_for(2)
+        assert _wait_status(api, task_id, "RETRYING", retry_count=1)["data"]["retryCount"] == 1
         sim.advance(61)
         deliveries = hook.wait_for(3)
         detail = _wait_status(api, task_id, "FAILED")["data"]
@@ -120,6 +125,7 @@ def test_a_slow_receiver_times_out_and_is_retried(start):
         detail = _wait_status(api, task_id, "RETRYING")["data"]
         assert "Timeout" in detail["callbackResponse"]
         hook.delay_s = 0.0
+        hook.wait_for(1)
         sim.advance(11)
         detail = _wait_status(api, task_id, "SUCCESS")["data"]
         assert detail["retryCount"] == 1

@@ -8,7 +8,6 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from aiohttp import web
 from pipeline.client import RetryPolicy, RunningHubClient
 from pipeline.config import resolve_settings
 from pipeline.errors import RowFatalError
+from pipeline.manifest import make_row as Row
 from pipeline.preflight import load_workflow_file
 from pipeline.uploads import (
     UPLOAD_MAX_BYTES,
@@ -26,21 +26,6 @@ from pipeline.uploads import (
     substitute,
     upload_all,
 )
-
-try:
-    from pipeline.manifest import Row
-except ImportError:  # the manifest module is not there yet: a stand-in with the same fields
-
-    @dataclass(frozen=True)
-    class Row:  # type: ignore[no-redef]
-        index: int
-        number: int
-        row_id: str
-        workflow_id: str
-        node_info_list: tuple[dict[str, Any], ...]
-        inputs: dict[str, Any] = field(default_factory=dict)
-        options: dict[str, Any] = field(default_factory=dict)
-
 
 DATA = Path(__file__).parent / "data" / "workflows"
 I2I = "1904136902449209347"

@@ -381,6 +381,14 @@ class Simulator:
                     self._record(request, route, self.clock.now(), None, pre[1], None, None, pre[0])
                 return self._pre_fault_response(request, pre)
 
+        try:
+            return await self._answer(route, logic, body_kind, request, faults, fault_routes)
+        except ConnectionResetError:  # the client went away mid-request: nobody to answer
+            return web.Response(status=400)
+
+    async def _answer(self, route: str, logic: Callable[..., Reply], body_kind: str,
+                      request: web.Request, faults: Faults, fault_routes: frozenset[str]
+                      ) -> web.StreamResponse:
         body: dict[str, Any] = {}
         upload: dict[str, Any] | None = None
         bad_body = False
@@ -1001,8 +1009,8 @@ class Simulator:
         task.account.settle(now)
         if task.status(now) != SUCCESS or task.gone(now, self.config.retention_s):
             return not_found
-        stem, _, ext = name.partition(".")
-        node_id, _, index = stem.rpartition("_")
+        stem, _dot, ext = name.partition(".")
+        node_id, _sep, index = stem.rpartition("_")
         if ext != "png" or index != "0" or node_id not in task.workflow.output_nodes:
             return not_found
         assert task.end_at is not None

@@ -1,0 +1,68 @@
+"""``rhbatch sim`` / ``python -m pipeline.sim``: serves until Ctrl-C, reports bad configs."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from pipeline.sim.cli import sim_command
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_sim_command_serves_open_accounts_until_ctrl_c():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.sim", "--port", "0", "--seed", "1", "--time-scale", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"RunningHub simulator listening on (http://127\.0\.0\.1:\d+)\n", line)
+        assert match, line
+        key = secrets.token_hex(16)
+        with httpx.Client(base_url=match.group(1), timeout=5.0) as http:
+            status = http.post("/uc/openapi/accountStatus", json={"apikey": key}).json()
+            assert status["code"] == 0 and status["data"]["apiType"] == "NORMAL"
+            created = http.post("/task/openapi/create",
+                                json={"apiKey": key, "workflowId": "1904136902449209346"}).json()
+            assert created["code"] == 0
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+        assert key not in out + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_sim_command_reports_a_bad_config(tmp_path):
+    config = tmp_path / "sim.yaml"
+    config.write_text("time_scale: 1\nspeed: 3\n", encoding="utf-8")
+    result = CliRunner().invoke(sim_command, ["--config", str(config), "--port", "0"])
+    assert result.exit_code == 1
+    assert "unknown key(s) 'speed'" in result.output
+
+
+def test_sim_command_rejects_a_bad_time_scale():
+    result = CliRunner().invoke(sim_command, ["--time-scale", "0", "--port", "0"])
+    assert result.exit_code == 1
+    assert "time_scale must be > 0" in result.output
