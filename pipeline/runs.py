@@ -127,6 +127,7 @@ class _ResultsFlusher:
         self.run_dir = run_dir
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -136,8 +137,13 @@ class _ResultsFlusher:
         while True:
             await asyncio.sleep(delay)
             started = time.monotonic()
+            # Shielded: a refresh in its thread always completes before stop() returns, so an
+            # older snapshot can never be renamed over the final results written after the run.
+            self._flushing = asyncio.ensure_future(asyncio.to_thread(self.flush))
             try:
-                await asyncio.to_thread(self.flush)
+                await asyncio.shield(self._flushing)
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # a failed refresh is retried; the database stays the truth
                 log.warning("could not refresh results: %s", exc)
             delay = max(self.interval_s, 5 * (time.monotonic() - started))
@@ -153,6 +159,8 @@ class _ResultsFlusher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
 
 
 async def _drive(
