@@ -45,7 +45,19 @@ def handle_errors(func: F) -> F:
 
 
 def manifest_options(func: F) -> F:
-    """--bind / --workflow-id / --schema / --allow-duplicates, shared by validate and run."""
+    """--bind / --workflow-id / --schema / --allow-duplicates / preflight, for validate and run."""
+    func = click.option(
+        "--no-preflight",
+        is_flag=True,
+        help="Do not check rows against the workflow's API JSON before sending.",
+    )(func)
+    func = click.option(
+        "--workflow-json",
+        "workflow_files",
+        multiple=True,
+        metavar="[ID=]FILE",
+        help="The workflow in API format, for preflight without fetching it (repeatable).",
+    )(func)
     func = click.option(
         "--allow-duplicates",
         is_flag=True,
@@ -78,10 +90,12 @@ def connection_options(func: F) -> F:
 
 
 def _manifest_args(manifest: Path, binds: tuple[str, ...], workflow_id: str | None,
-                   schema: Path | None, allow_duplicates: bool) -> Any:
+                   schema: Path | None, allow_duplicates: bool,
+                   workflow_files: tuple[str, ...] = (), no_preflight: bool = False) -> Any:
     from pipeline.runs import ManifestArgs
 
-    return ManifestArgs(Path(manifest), tuple(binds), workflow_id, schema, allow_duplicates)
+    return ManifestArgs(Path(manifest), tuple(binds), workflow_id, schema, allow_duplicates,
+                        tuple(workflow_files), not no_preflight)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,12 +111,26 @@ def cli() -> None:
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @manifest_options
 @handle_errors
+@connection_options
 def validate(manifest: Path, binds: tuple[str, ...], workflow_id: str | None,
-             schema: Path | None, allow_duplicates: bool) -> None:
-    """Check MANIFEST without sending anything; list every problem at once."""
+             schema: Path | None, allow_duplicates: bool, workflow_files: tuple[str, ...],
+             no_preflight: bool, api_key: str | None, base_url: str | None) -> None:
+    """Check MANIFEST; with the workflow's API JSON (--workflow-json, or fetched with a key), also
+    check every node id, field and value type. Nothing is submitted."""
+    from pipeline.prepare import prepare_rows
+
     loaded = _manifest_args(manifest, binds, workflow_id, schema, allow_duplicates).load()
+    settings = resolve_settings(api_key=api_key, base_url=base_url)
+    prepared = prepare_rows(loaded, settings=settings, workflow_files=workflow_files,
+                            preflight=not no_preflight, upload=False)
     workflows = sorted({r.workflow_id for r in loaded.rows})
     click.echo(f"{manifest}: {len(loaded.rows)} rows OK, workflow {', '.join(workflows)}")
+    if prepared.checked:
+        click.echo("  preflight: every node id, field and value type matches the workflow")
+    elif prepared.skipped:
+        click.echo(f"  preflight skipped: {prepared.skipped}")
+    for warning in prepared.warnings:
+        click.echo(f"  warning: {warning}")
     for column, target in loaded.bound.items():
         click.echo(f"  {column} -> {target}")
     if loaded.unbound:
@@ -177,29 +205,40 @@ def print_summary(run_dir: Path, summary: Any) -> None:
 @click.option("--account-poll-interval", type=float,
               help="Seconds between reads of the account's live task count.")
 @click.option("--max-coins", type=float, help="Stop submitting before spending more coins.")
+@click.option("--expected-coins", type=float,
+              help="Expected coins per task for --max-coins until the run has measured its own.")
+@click.option("--webapp-id", help="Run this AI app (ai-app/run) instead of a workflow.")
 @click.option("--instance-type", type=click.Choice(["default", "plus", "ultra"]))
 @click.option("--use-personal-queue", is_flag=True, default=None)
 @click.option("--webhook-url", help="Passed to RunningHub as webhookUrl.")
 @click.option("--dry-run", is_flag=True, help="Print the exact request bodies; send nothing.")
+@click.option("--download", is_flag=True, help="Download output files as tasks finish.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", is_flag=True, help="Log details to stderr (key redacted).")
 @handle_errors
 def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str | None,
-        schema: Path | None, allow_duplicates: bool, api_key: str | None, base_url: str | None,
+        schema: Path | None, allow_duplicates: bool, workflow_files: tuple[str, ...],
+        no_preflight: bool, api_key: str | None, base_url: str | None,
         concurrency: int | None, poll_interval: float | None,
         account_poll_interval: float | None, max_coins: float | None,
-        instance_type: str | None, use_personal_queue: bool | None, webhook_url: str | None,
-        dry_run: bool, quiet: bool, verbose: bool) -> None:
+        expected_coins: float | None, webapp_id: str | None, instance_type: str | None,
+        use_personal_queue: bool | None, webhook_url: str | None,
+        dry_run: bool, download: bool, quiet: bool, verbose: bool) -> None:
     """Submit every row of MANIFEST, collect results into OUT; resume if OUT holds this run."""
     from pipeline import runs
 
-    args = _manifest_args(manifest, binds, workflow_id, schema, allow_duplicates)
+    if webapp_id:  # AI apps have no workflow JSON to preflight against
+        workflow_id = workflow_id or webapp_id
+        no_preflight = True
+    args = _manifest_args(manifest, binds, workflow_id, schema, allow_duplicates, workflow_files,
+                          no_preflight)
     task_options = {
         k: v
         for k, v in {
             "instanceType": instance_type,
             "usePersonalQueue": use_personal_queue,
             "webhookUrl": webhook_url,
+            "webappId": webapp_id,
         }.items()
         if v is not None
     }
@@ -250,7 +289,8 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
     try:
         summary = runs.run_batch(
             args, out_dir, settings, on_event=on_event, on_account=on_account, on_open=on_open,
-            max_coins=max_coins, verbose=verbose,
+            on_warning=lambda w: echo_err(f"Warning: {w}"), max_coins=max_coins,
+            expected_task_coins=expected_coins, verbose=verbose, download=download,
         )
     finally:
         if progress:
@@ -363,6 +403,101 @@ def export_cmd(run_dir: Path, fmt: str, output: Path | None) -> None:
     finally:
         store.close()
     echo_err(f"Wrote {count} rows to {target}")
+
+
+# -- account, inspect, download, report ----------------------------------------------------
+
+
+@cli.command()
+@connection_options
+@handle_errors
+def account(api_key: str | None, base_url: str | None) -> None:
+    """Show the account's balance and live task count."""
+    import asyncio
+
+    from pipeline.client import RunningHubClient
+
+    settings = resolve_settings(api_key=api_key, base_url=base_url)
+
+    async def read() -> Any:
+        async with RunningHubClient(settings) as client:
+            return await client.account_status()
+
+    status = asyncio.run(read())
+    click.echo(f"type:          {status.api_type or 'unknown'}")
+    click.echo(f"coins:         {'unknown' if status.remain_coins is None else f'{status.remain_coins:g}'}")
+    if status.remain_money is not None:
+        click.echo(f"money:         {status.remain_money:g} {status.currency or ''}".rstrip())
+    click.echo(f"running/queued: {status.current_task_counts}")
+
+
+@cli.command()
+@click.argument("workflow_id", required=False)
+@click.option("--workflow-json", "workflow_file", type=click.Path(exists=True, dir_okay=False),
+              help="Read the API-format JSON from a file instead of RunningHub.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@connection_options
+@handle_errors
+def inspect(workflow_id: str | None, workflow_file: str | None, as_json: bool,
+            api_key: str | None, base_url: str | None) -> None:
+    """List what a workflow lets you bind: node id, class, title, field, value, kind."""
+    import asyncio
+
+    from pipeline import preflight
+    from pipeline.errors import UsageError
+
+    if workflow_file:
+        api_json = preflight.load_workflow_file(workflow_file)
+    elif workflow_id:
+        settings = resolve_settings(api_key=api_key, base_url=base_url)
+        from pipeline.client import RunningHubClient
+
+        async def fetch() -> Any:
+            async with RunningHubClient(settings) as client:
+                return await client.workflow_json(workflow_id)
+
+        api_json = asyncio.run(fetch())
+    else:
+        raise UsageError("Name a WORKFLOW_ID, or pass --workflow-json FILE")
+    fields = preflight.describe_workflow(api_json)
+    if as_json:
+        click.echo(json.dumps(preflight.fields_to_json(fields), ensure_ascii=False))
+    else:
+        click.echo(f"workflow sha256 {preflight.workflow_hash(api_json)}")
+        click.echo(preflight.format_fields(fields))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--jobs", type=int, default=4, show_default=True, help="Downloads at once.")
+@click.option("--max-mb", type=float, default=512, show_default=True, help="Largest file accepted.")
+@handle_errors
+def download(run_dir: Path, jobs: int, max_mb: float) -> None:
+    """Download every output file of RUN_DIR into RUN_DIR/files, verified by sha256."""
+    from pipeline.download import download_run
+
+    summary = download_run(run_dir, jobs=jobs, max_bytes=int(max_mb * 2**20))
+    for error in summary.errors:
+        echo_err(error)
+    click.echo(
+        f"{summary.downloaded} downloaded, {summary.skipped} already verified, "
+        f"{summary.failed} failed, {summary.bytes} bytes"
+    )
+    sys.exit(1 if summary.failed else 0)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--x", "x", help="Input column laid out across the contact sheet.")
+@click.option("--y", "y", help="Input column laid out down the contact sheet.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="HTML file (default RUN_DIR/report.html).")
+@handle_errors
+def report(run_dir: Path, x: str | None, y: str | None, output: Path | None) -> None:
+    """Write a self-contained HTML report: summary, contact sheet, failure triage."""
+    from pipeline.report import build_report
+
+    click.echo(str(build_report(run_dir, x=x, y=y, out=output)))
 
 
 # -- sweep -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import resolve_settings
+from pipeline.report import build_report
 from pipeline.runs import ManifestArgs, run_batch
 
 DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "demo_sweep.csv"
@@ -56,14 +57,16 @@ def run_demo(
             results_flush_interval_s=1.0,
         )
         summary = run_batch(
-            ManifestArgs(manifest), out_dir, settings, handle_signals=True,
+            ManifestArgs(manifest), out_dir, settings, handle_signals=True, download=True,
             on_account=lambda a: echo(
                 f"Account: {a.api_type}, {a.remain_coins:g} coins, {a.current_task_counts} live"
             ),
         )
+        report = build_report(out_dir)
     counts = ", ".join(f"{n} {s}" for s, n in summary.counts.items() if n)
     echo(f"Demo finished: {summary.total} rows ({counts}) in {summary.elapsed_s:.1f}s, "
          f"{summary.coins:g} simulated coins, {summary.requests} API requests")
     echo(f"Output manifest: {out_dir / 'results.jsonl'} (and results.csv)")
+    echo(f"Images: {out_dir / 'files'}   Report: {report}")
     echo(f"Next: rhbatch status {out_dir}   |   rhbatch export {out_dir} --format parquet")
     return summary.exit_code

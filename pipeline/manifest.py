@@ -183,6 +183,21 @@ def _short(value: Any, limit: int = 60) -> str:
     return repr(text) if isinstance(value, str) else text
 
 
+def _json_kind(value: Any) -> str:
+    """How JSON calls the type of ``value``: 'a string', 'a number', 'an array', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
 def _decode(data: bytes, source: str) -> str:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -291,7 +306,7 @@ def _read_json(path: Path, source: str) -> _Raw:
         data = data["rows"]
     if not isinstance(data, list):
         raise ManifestError(source, [Problem(None, None,
-            f"the JSON is a {type(data).__name__}; expected an array of row objects or an object "
+            f"the JSON is {_json_kind(data)}; expected an array of row objects or an object "
             'with "rows"')])
     raw.rows = data
     return raw
@@ -402,7 +417,7 @@ class _RowValidator:
 
     def _errors(self, key: str, value: Any, schema: Any, instance: Any = None) -> list[str]:
         if isinstance(value, tuple):
-            cache_key: tuple[Any, ...] = (key, tuple, *((type(v), v) for v in value))
+            cache_key: tuple[Any, ...] = (key, tuple, *(_vkey(v) for v in value))
             value = instance
         elif value is None or isinstance(value, str | int | float | bool):
             cache_key = (key, type(value), value)
@@ -664,6 +679,10 @@ def load_manifest(
     for text in binds:
         column, node, name = parse_binding(text)
         bind_map[column] = (node, name)
+    for column in bind_map:
+        if column in SPECIAL:
+            problems.add(None, column, f"is a reserved column ({', '.join(sorted(SPECIAL))}) and "
+                         "cannot be bound to a node input: rename the column in the file")
 
     # Normalise records into a table of columns.
     if raw.kind == "records":
@@ -672,8 +691,8 @@ def load_manifest(
         records: list[dict[str, Any]] = []
         for number, record in enumerate(raw.rows, start=1):
             if not isinstance(record, dict):
-                problems.add(number, None, f"is a {type(record).__name__}, not an object of "
-                             "column values")
+                problems.add(number, None, f"is {_json_kind(record)} ({_short(record)}), not an "
+                             "object of column values: write each row as {\"column\": value, ...}")
                 records.append({})
                 continue
             records.append(record)
@@ -783,33 +802,6 @@ def load_manifest(
     workflow_intern: dict[str, str] = {}
     wf_checked: dict[str, list[str]] = {}
     column_nli_checked = False
-    column_bad: list[tuple[int, dict[Any, list[str]]]] = []
-    if decomposable:
-        # Each distinct value of each column is validated once, as a column value and, for a
-        # bound column, as the nodeInfoList item it becomes.
-        target_of = {pos: (node, name) for pos, node, name in targets}
-        for pos, column in enumerate(input_columns):
-            bad: dict[Any, list[str]] = {}
-            column_values = input_values[pos]
-            try:
-                distinct = {(v.__class__, v): v for v in column_values}.items()
-            except TypeError:  # unhashable values (JSON objects): one by one
-                distinct = {_vkey(v): v for v in column_values}.items()
-            for _, value in distinct:
-                key = _vkey(value)
-                messages = validator.errors_of_value(column, value)
-                if pos in target_of:
-                    node, name = target_of[pos]
-                    messages = messages + [m for _, m in validator.nli_errors(
-                        [{"nodeId": node, "fieldName": name, "fieldValue": value}])]
-                if messages:
-                    bad[key] = messages
-            column_bad.append((pos, bad))
-    get = values_by_column.get
-    row_ids, workflow_ids = get("row_id"), get("workflowId")
-    explicit_lists, option_cells = get("nodeInfoList"), get("options")
-    option_columns = [(c, values_by_column[c]) for c in OPTION_FIELDS if c in values_by_column]
-
     # Empty, NaN and nested values in bound columns, column by column.
     for pos in sorted(target_positions):
         column = input_columns[pos]
@@ -826,6 +818,49 @@ def load_manifest(
             elif isinstance(value, dict | list):
                 problems.add(i + 1, column, f"{_short(value)} is not a single value: node inputs "
                              "take text, numbers or true/false")
+    if raw.kind == "table":
+        # A spreadsheet saved without evaluating a formula leaves "=..." text behind: sending it as
+        # a prompt would pay for a task that renders the formula. JSON manifests are typed on
+        # purpose, so a literal "=" there is taken as meant.
+        for pos in sorted(target_positions):
+            col = input_values[pos]
+            if not any(v.__class__ is str and v[:1] == "=" for v in set(col)):
+                continue
+            for i, value in enumerate(col):
+                if value.__class__ is str and value[:1] == "=":
+                    problems.add(i + 1, input_columns[pos], f"{_short(value)} starts with \"=\" like "
+                                 "a spreadsheet formula saved without its value: in the "
+                                 "spreadsheet paste values only and save again, or write literal "
+                                 "text starting with \"=\" in a JSON or JSONL manifest")
+    column_bad: list[tuple[int, dict[Any, list[str]]]] = []
+    if decomposable:
+        # Each distinct value of each column is validated once, as a column value and, for a
+        # bound column, as the nodeInfoList item it becomes.
+        target_of = {pos: (node, name) for pos, node, name in targets}
+        for pos, column in enumerate(input_columns):
+            bad: dict[Any, list[str]] = {}
+            column_values = input_values[pos]
+            try:
+                distinct = {(v.__class__, v): v for v in column_values}.items()
+            except TypeError:  # unhashable values (JSON objects): one by one
+                distinct = {_vkey(v): v for v in column_values}.items()
+            for _, value in distinct:
+                key = _vkey(value)
+                if pos in target_of and (value is None or isinstance(value, dict | list)):
+                    continue  # reported above as empty or not a single value
+                messages = validator.errors_of_value(column, value)
+                if pos in target_of:
+                    node, name = target_of[pos]
+                    messages = messages + [m for _, m in validator.nli_errors(
+                        [{"nodeId": node, "fieldName": name, "fieldValue": value}])]
+                if messages:
+                    bad[key] = messages
+            column_bad.append((pos, bad))
+    get = values_by_column.get
+    row_ids, workflow_ids = get("row_id"), get("workflowId")
+    explicit_lists, option_cells = get("nodeInfoList"), get("options")
+    option_columns = [(c, values_by_column[c]) for c in OPTION_FIELDS if c in values_by_column]
+
     bound_pairs = {(node, name) for _, node, name in targets}
     order = sorted(
         [(node, name, pos, None) for pos, node, name in targets]
@@ -876,7 +911,8 @@ def load_manifest(
                 if column_values[i] not in (None, ""):
                     options[column] = column_values[i]
         explicit = None
-        if explicit_lists is not None and explicit_lists[i] not in (None, ""):
+        has_explicit = explicit_lists is not None and explicit_lists[i] not in (None, "")
+        if has_explicit:
             explicit = _explicit_list(explicit_lists[i], number, problems)
             if explicit is not None:
                 clash = {(str(e["nodeId"]), str(e["fieldName"])) for e in explicit} & bound_pairs
@@ -891,7 +927,7 @@ def load_manifest(
         else:
             canon = None
             sent = pick_bound(values) if pick_bound else ()
-            if not order and not options.get("webappId"):
+            if not order and not options.get("webappId") and not has_explicit:
                 problems.add(number, None, "sends no node inputs: add NODE.FIELD columns, --bind, "
                              "or a nodeInfoList")
         dup_key = (wf, sent, options_key)

@@ -27,8 +27,9 @@ from pipeline import export
 from pipeline import store as st
 from pipeline.client import AccountStatus, RetryPolicy, RunningHubClient, build_payload
 from pipeline.config import RedactingFilter, Settings
-from pipeline.errors import ManifestChangedError, RunFatalError, StateError
+from pipeline.errors import ManifestChangedError, RunFatalError, StateError, StorageError
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.prepare import prepare_rows
 from pipeline.runner import Event, Runner, RunSummary
 
 log = logging.getLogger("rhbatch")
@@ -42,6 +43,8 @@ class ManifestArgs:
     workflow_id: str | None = None
     schema: Path | None = None
     allow_duplicates: bool = False
+    workflow_files: tuple[str, ...] = ()
+    preflight: bool = True
 
     def load(self) -> Manifest:
         return load_manifest(
@@ -87,8 +90,16 @@ def attach_log(run_dir: Path, verbose: bool = False) -> logging.Handler:
     return handler
 
 
-def open_run(args: ManifestArgs, run_dir: Path) -> tuple[st.RunStore, bool]:
-    """Open (resume) or create the run in ``run_dir`` for this manifest. Caller holds the lock."""
+def open_run(
+    args: ManifestArgs,
+    run_dir: Path,
+    settings: Settings | None = None,
+    warnings: list[str] | None = None,
+) -> tuple[st.RunStore, bool]:
+    """Open (resume) or create the run in ``run_dir`` for this manifest. Caller holds the lock.
+
+    A new run is preflighted and its input files uploaded before any row is stored.
+    """
     identity = args.identity()
     if st.RunStore.exists(run_dir):
         store = st.RunStore.open(run_dir)
@@ -107,9 +118,21 @@ def open_run(args: ManifestArgs, run_dir: Path) -> tuple[st.RunStore, bool]:
         store.set_meta(manifest_identity=identity)
         return store, False
     manifest = args.load()
+    prepared = prepare_rows(
+        manifest, settings=settings, workflow_files=args.workflow_files, run_dir=run_dir,
+        preflight=args.preflight,
+    )
+    for warning in prepared.warnings:
+        log.warning("%s", warning)
+    if warnings is not None:
+        warnings.extend(prepared.warnings)
+        if prepared.skipped:
+            warnings.append(f"preflight skipped: {prepared.skipped}")
     store = st.RunStore.open(run_dir, create=True)
-    store.insert_rows(manifest.rows)
+    store.insert_rows(prepared.rows)
     store.set_meta(
+        workflow_hashes=prepared.hashes,
+        preflight_checked=prepared.checked,
         manifest_fingerprint=manifest.fingerprint,
         manifest_identity=identity,
         manifest_source=str(args.path),
@@ -163,6 +186,31 @@ class _ResultsFlusher:
             await asyncio.gather(self._flushing, return_exceptions=True)
 
 
+DOWNLOAD_PASS_INTERVAL_S = 5.0
+
+
+async def _download_pass(run_dir: Path) -> None:
+    """One download pass on its own connection; a failure is logged, never fatal to the run."""
+    from pipeline.download import download_run_async
+
+    dl_store = st.RunStore.open(run_dir)
+    try:
+        result = await download_run_async(dl_store)
+        for error in result.errors:
+            log.warning("download: %s", error)
+    except Exception as exc:  # downloads are retried by the next pass or `rhbatch download`
+        log.warning("download pass failed: %s", exc)
+    finally:
+        dl_store.close()
+
+
+async def _download_loop(run_dir: Path) -> None:
+    """``run --download``: fetch output files as tasks finish, while their URLs are fresh."""
+    while True:
+        await asyncio.sleep(DOWNLOAD_PASS_INTERVAL_S)
+        await _download_pass(run_dir)
+
+
 async def _drive(
     store: st.RunStore,
     settings: Settings,
@@ -173,6 +221,7 @@ async def _drive(
     max_coins: float | None,
     expected_task_coins: float | None,
     handle_signals: bool,
+    download: bool = False,
 ) -> RunSummary:
     async with RunningHubClient(settings, policy=policy) as client:
         runner = Runner(
@@ -206,10 +255,20 @@ async def _drive(
                     pass
         flusher = _ResultsFlusher(store.run_dir, settings.results_flush_interval_s)
         flusher.start()
+        downloader = asyncio.create_task(_download_loop(store.run_dir)) if download else None
         try:
-            return await runner.run()
+            summary = await runner.run()
+            if download and summary.stopped != "interrupted":
+                if downloader is not None:
+                    downloader.cancel()
+                    await asyncio.gather(downloader, return_exceptions=True)
+                await _download_pass(store.run_dir)
+            return summary
         finally:
             await flusher.stop()
+            if downloader is not None:
+                downloader.cancel()
+                await asyncio.gather(downloader, return_exceptions=True)
             for sig in installed:
                 loop.remove_signal_handler(sig)
 
@@ -227,6 +286,7 @@ def _execute(
     expected_task_coins: float | None,
     verbose: bool,
     handle_signals: bool,
+    download: bool = False,
 ) -> RunSummary:
     handler = attach_log(store.run_dir, verbose)
     try:
@@ -250,6 +310,7 @@ def _execute(
                 max_coins=max_coins,
                 expected_task_coins=expected_task_coins,
                 handle_signals=handle_signals,
+                download=download,
             )
         )
         export.write_results(store)
@@ -268,24 +329,33 @@ def run_batch(
     on_event: Callable[[Event], None] | None = None,
     on_account: Callable[[AccountStatus], None] | None = None,
     on_open: Callable[[st.RunStore, bool], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
     policy: RetryPolicy | None = None,
     max_coins: float | None = None,
     expected_task_coins: float | None = None,
     verbose: bool = False,
     handle_signals: bool = True,
+    download: bool = False,
 ) -> RunSummary:
     """Start or resume the run of ``args`` in ``run_dir``; returns when it ends or stops."""
     run_dir = Path(run_dir)
     settings.require_key()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"Cannot create run directory {run_dir}: {exc.strerror}") from None
     with st.RunLock(run_dir):
-        store, created = open_run(args, run_dir)
+        warnings: list[str] = []
+        store, created = open_run(args, run_dir, settings, warnings)
+        for warning in warnings:
+            if on_warning:
+                on_warning(warning)
         try:
             return _execute(
                 store, settings, created=created, on_event=on_event, on_account=on_account,
                 on_open=on_open, policy=policy, max_coins=max_coins,
                 expected_task_coins=expected_task_coins, verbose=verbose,
-                handle_signals=handle_signals,
+                handle_signals=handle_signals, download=download,
             )
         finally:
             store.close()

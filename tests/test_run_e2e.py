@@ -13,9 +13,9 @@ from pipeline.errors import ManifestChangedError
 from pipeline.runs import ManifestArgs, run_batch
 
 
-def _run(sim, key, manifest, out, **overrides):
-    return run_batch(ManifestArgs(manifest), out, fast_settings(sim, key, **overrides),
-                     handle_signals=False)
+def _run(sim, key, manifest, out, preflight=True, **overrides):
+    return run_batch(ManifestArgs(manifest, preflight=preflight), out,
+                     fast_settings(sim, key, **overrides), handle_signals=False)
 
 
 def test_500_rows_at_concurrency_20_all_succeed_and_match_the_audit(make_sim, api_key, tmp_path):
@@ -81,9 +81,15 @@ def test_bad_key_stops_before_any_create(make_sim, api_key, tmp_path):
 
     sim = make_sim()
     manifest = write_manifest(tmp_path / "m.csv", 5)
-    summary = _run(sim, secrets.token_hex(16), manifest, tmp_path / "run")
-    assert summary.exit_code == 3
-    assert "RUNNINGHUB_API_KEY" in summary.stopped
+    from pipeline.errors import RunFatalError
+
+    # the preflight's workflow fetch is the first call, and it stops the run
+    with pytest.raises(RunFatalError, match="412 TOKEN_INVALID: check RUNNINGHUB_API_KEY") as info:
+        _run(sim, secrets.token_hex(16), manifest, tmp_path / "run")
+    assert info.value.exit_code == 3
+    # without preflight, the account check before the first create stops it the same way
+    summary = _run(sim, secrets.token_hex(16), manifest, tmp_path / "run2", preflight=False)
+    assert summary.exit_code == 3 and "RUNNINGHUB_API_KEY" in summary.stopped
     assert not [r for r in sim.audit.requests() if r["route"] == "create"]
 
 
@@ -98,7 +104,8 @@ def test_row_fatal_codes_fail_the_row_and_the_rest_go_on(make_sim, api_key, tmp_
         'd,1904136902449209346,"[{""nodeId"":""3"",""fieldName"":""seed"",""fieldValue"":2}]"\n',
         encoding="utf-8",
     )
-    summary = _run(sim, api_key, manifest, tmp_path / "run")
+    # preflight would refuse these rows before sending; switched off, the service's answers count
+    summary = _run(sim, api_key, manifest, tmp_path / "run", preflight=False)
     by_id = {r["row_id"]: r for r in read_results(tmp_path / "run")}
     assert summary.exit_code == 1
     assert by_id["a"]["status"] == by_id["d"]["status"] == "SUCCESS"
@@ -162,3 +169,26 @@ def test_output_manifest_reproduces_the_same_tasks(make_sim, api_key, tmp_path):
     assert [json.dumps(r["nodeInfoList"]) for r in again] == [
         json.dumps(r["nodeInfoList"]) for r in original
     ]
+
+
+def test_preflight_refuses_wrong_rows_before_any_create(make_sim, api_key, tmp_path):
+    from pipeline.errors import ManifestError
+
+    sim = make_sim()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "workflowId,6.txt,3.seed,6.clip\n1904136902449209346,a cat,1,x\n"
+        "1904136902449209346,a dog,seed,y\n",
+        encoding="utf-8",
+    )
+    manifest.write_text(
+        "workflowId,6.txt,3.seed\n1904136902449209346,a cat,1\n1904136902449209346,a dog,2.5\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ManifestError) as info:
+        _run(sim, api_key, manifest, tmp_path / "run")
+    text = str(info.value)
+    assert 'column "6.txt"' in text and "text" in text
+    assert 'row 2, column "3.seed"' in text
+    assert [r for r in sim.audit.requests() if r["route"] == "create"] == []
+    assert not (tmp_path / "run" / "state.db").exists()

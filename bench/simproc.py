@@ -1,0 +1,83 @@
+"""The simulator in its own process, driven over stdin/stdout, so a benchmark's figures are its own.
+
+    python bench/simproc.py CONFIG.json
+
+Prints one JSON line ``{"base_url", "t0_mono", "time_scale"}`` once it listens on loopback, then
+answers one JSON line per command read from stdin:
+
+- ``summary``: request counts by route, accepted tasks, the simulated times of the first create
+  and the last task end, and each finished task's ``{taskId: ended_at}`` (simulated seconds) when
+  asked with ``summary tasks``;
+- ``first_create``: the simulated time of the first create or ai-app/run request (null if none);
+- ``quit``: stop serving and exit.
+
+Simulated time ``t`` maps to this machine's ``time.monotonic()`` as ``t0_mono + t / time_scale``
+(the simulator's clock is ``monotonic()`` scaled, and CLOCK_MONOTONIC is shared by every process),
+so a benchmark can compare the simulator's timestamps with its own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CREATE_ROUTES = ("create", "ai_app_run")
+
+
+def _summary(sim, with_tasks: bool) -> dict:
+    requests = sim.audit.requests()
+    routes = Counter(r["route"] for r in requests)
+    creates = [r["t"] for r in requests if r["route"] in CREATE_ROUTES]
+    tasks = sim.audit.tasks()
+    ends = [t["ended_at"] for t in tasks if t["status"] in ("SUCCESS", "FAILED")]
+    out = {
+        "requests": len(requests),
+        "by_route": dict(routes),
+        "tasks": len(tasks),
+        "finished": len(ends),
+        "create_codes": {str(k): v for k, v in Counter(
+            r["code"] for r in requests if r["route"] in CREATE_ROUTES).items()},
+        "first_create_t": min(creates) if creates else None,
+        "last_end_t": max(ends) if ends else None,
+        "now": sim.now(),
+    }
+    if with_tasks:
+        out["ended_at"] = {t["taskId"]: t["ended_at"] for t in tasks}
+        out["created_at"] = {t["taskId"]: t["created_at"] for t in tasks}
+    return out
+
+
+def main() -> int:
+    from pipeline.sim import SimConfig, Simulator
+
+    config = SimConfig.from_file(sys.argv[1])
+    sim = Simulator(config)
+    sim.start()
+    print(json.dumps({"base_url": sim.base_url, "t0_mono": sim.clock._t0,
+                      "time_scale": config.time_scale}), flush=True)
+    try:
+        for line in sys.stdin:
+            command = line.split()
+            if not command or command[0] == "quit":
+                break
+            if command[0] == "summary":
+                answer = _summary(sim, "tasks" in command[1:])
+            elif command[0] == "first_create":
+                with sim.lock:
+                    first = next((row for row in sim._requests if row[3] in CREATE_ROUTES), None)
+                answer = {"t": None if first is None else first[0]}
+            else:
+                answer = {"error": f"unknown command {command[0]!r}"}
+            print(json.dumps(answer), flush=True)
+    finally:
+        sim.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
