@@ -210,7 +210,11 @@ def print_summary(run_dir: Path, summary: Any) -> None:
 @click.option("--webapp-id", help="Run this AI app (ai-app/run) instead of a workflow.")
 @click.option("--instance-type", type=click.Choice(["default", "plus", "ultra"]))
 @click.option("--use-personal-queue", is_flag=True, default=None)
-@click.option("--webhook-url", help="Passed to RunningHub as webhookUrl.")
+@click.option("--webhook-url", help="Passed to RunningHub as webhookUrl (with --webhook-listen: "
+              "the public base URL that forwards to the listener).")
+@click.option("--webhook-listen", metavar="HOST:PORT",
+              help="Receive TASK_END webhooks here to learn of finished tasks early (polling stays "
+              "the authority).")
 @click.option("--dry-run", is_flag=True, help="Print the exact request bodies; send nothing.")
 @click.option("--download", is_flag=True, help="Download output files as tasks finish.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -222,7 +226,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         concurrency: int | None, poll_interval: float | None,
         account_poll_interval: float | None, max_coins: float | None,
         expected_coins: float | None, webapp_id: str | None, instance_type: str | None,
-        use_personal_queue: bool | None, webhook_url: str | None,
+        use_personal_queue: bool | None, webhook_url: str | None, webhook_listen: str | None,
         dry_run: bool, download: bool, quiet: bool, verbose: bool) -> None:
     """Submit every row of MANIFEST, collect results into OUT; resume if OUT holds this run."""
     from pipeline import runs
@@ -291,6 +295,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
             args, out_dir, settings, on_event=on_event, on_account=on_account, on_open=on_open,
             on_warning=lambda w: echo_err(f"Warning: {w}"), max_coins=max_coins,
             expected_task_coins=expected_coins, verbose=verbose, download=download,
+            webhook_listen=webhook_listen,
         )
     finally:
         if progress:

@@ -945,7 +945,11 @@ def load_manifest(
             if canon is None:
                 canon = [[n, f, values[pos] if pos >= 0 else const] for n, f, pos, const in order]
             row_id = "r" + _content_key(wf, canon, options)[:16]
-        earlier = first_by_content.get(dup_key)
+        try:
+            earlier = first_by_content.get(dup_key)
+        except TypeError:  # a nested value (reported as a problem) cannot be a key as it is
+            dup_key = json.dumps(dup_key, sort_keys=True, default=str)
+            earlier = first_by_content.get(dup_key)
         if earlier is not None:
             if not allow_duplicates:
                 problems.add(number, None, f"sends the same workflow and node inputs as row "

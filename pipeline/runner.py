@@ -129,6 +129,18 @@ class Runner:
 
     # -- public -----------------------------------------------------------------------------
 
+    def hint_finished(self, task_id: str) -> bool:
+        """A webhook said ``task_id`` ended: poll it now. Unknown or repeated hints change nothing;
+        the outputs answer, not the webhook, decides the row's state."""
+        for live in self.live.values():
+            if live.task_id == task_id:
+                if not live.suspected:
+                    live.suspected = True
+                    self._schedule(live, 0.0)
+                    self._wake.set()
+                return True
+        return False
+
     def stop(self, reason: str = "interrupted", *, interrupt: bool = True) -> None:
         """Stop submitting (Ctrl-C): creates already sent are awaited, state is kept.
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import signal
@@ -222,6 +223,46 @@ async def _drive(
     expected_task_coins: float | None,
     handle_signals: bool,
     download: bool = False,
+    webhook_listen: str | None = None,
+) -> RunSummary:
+    receiver = None
+    if webhook_listen:
+        from pipeline.webhooks import WebhookReceiver, parse_listen
+
+        host, port = parse_listen(webhook_listen)
+        hints: list[Runner] = []
+        receiver = WebhookReceiver(host, port, lambda task_id: hints[0].hint_finished(task_id)
+                                   if hints else False)
+        await receiver.start()
+        public = settings.task_options.get("webhookUrl")
+        settings = dataclasses.replace(
+            settings, task_options={**settings.task_options, "webhookUrl": receiver.url(public)}
+        )
+        log.info("webhook receiver listening on %s:%d", receiver.host, receiver.port)
+    try:
+        return await _drive_with(
+            store, settings, on_event=on_event, on_account=on_account, policy=policy,
+            max_coins=max_coins, expected_task_coins=expected_task_coins,
+            handle_signals=handle_signals, download=download,
+            register=(hints.append if receiver else None),
+        )
+    finally:
+        if receiver is not None:
+            await receiver.stop()
+
+
+async def _drive_with(
+    store: st.RunStore,
+    settings: Settings,
+    *,
+    on_event: Callable[[Event], None],
+    on_account: Callable[[AccountStatus], None],
+    policy: RetryPolicy | None,
+    max_coins: float | None,
+    expected_task_coins: float | None,
+    handle_signals: bool,
+    download: bool,
+    register: Callable[[Runner], None] | None,
 ) -> RunSummary:
     async with RunningHubClient(settings, policy=policy) as client:
         runner = Runner(
@@ -232,6 +273,8 @@ async def _drive(
             max_coins=max_coins,
             expected_task_coins=expected_task_coins,
         )
+        if register is not None:
+            register(runner)
         try:
             account = await client.account_status()
         except RunFatalError as exc:
@@ -287,6 +330,7 @@ def _execute(
     verbose: bool,
     handle_signals: bool,
     download: bool = False,
+    webhook_listen: str | None = None,
 ) -> RunSummary:
     handler = attach_log(store.run_dir, verbose)
     try:
@@ -311,6 +355,7 @@ def _execute(
                 expected_task_coins=expected_task_coins,
                 handle_signals=handle_signals,
                 download=download,
+                webhook_listen=webhook_listen,
             )
         )
         export.write_results(store)
@@ -336,6 +381,7 @@ def run_batch(
     verbose: bool = False,
     handle_signals: bool = True,
     download: bool = False,
+    webhook_listen: str | None = None,
 ) -> RunSummary:
     """Start or resume the run of ``args`` in ``run_dir``; returns when it ends or stops."""
     run_dir = Path(run_dir)
@@ -356,6 +402,7 @@ def run_batch(
                 on_open=on_open, policy=policy, max_coins=max_coins,
                 expected_task_coins=expected_task_coins, verbose=verbose,
                 handle_signals=handle_signals, download=download,
+                webhook_listen=webhook_listen,
             )
         finally:
             store.close()
