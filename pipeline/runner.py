@@ -126,6 +126,7 @@ class Runner:
         self._poll_slots = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
         self._poll_tasks: set[asyncio.Task[None]] = set()
         self._spent = 0.0
+        self._priced = 0
 
     # -- public -----------------------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class Runner:
         started = time.monotonic()
         now_mono = time.monotonic()
         self._spent = self.store.spent_coins()
+        self._priced = self.store.priced_rows()
         for known in self.store.active():
             live = _Live(known.idx, known.task_id, known.status, known.submitted_at, now_mono)
             self.live[known.idx] = live
@@ -218,10 +220,15 @@ class Runner:
             if self._in_flight() >= self.window:
                 await self._sleep_or_wake(None)
                 continue
-            if self._over_budget():
+            budget = self._budget()
+            if budget == "wait":  # tasks in flight will tell what the next one may cost
+                await self._sleep_or_wake(None)
+                continue
+            if budget == "stop":
                 self.stop(
-                    f"budget reached: {self._spent:.0f} coins spent of --max-coins "
-                    f"{self.max_coins:g}; raise --max-coins and run the same command to resume",
+                    f"budget reached: {self._spent:g} coins spent of --max-coins "
+                    f"{self.max_coins:g}, and the next task would pass it; raise --max-coins and "
+                    "run the same command to resume",
                     interrupt=False,
                 )
                 break
@@ -231,12 +238,19 @@ class Runner:
             await self._submit(row)
         self._poll_wake.set()
 
-    def _over_budget(self) -> bool:
+    def _budget(self) -> str:
+        """"ok" to submit, "wait" for tasks in flight, or "stop": spent coins plus the expected
+        cost of every task in flight and the next one must stay within --max-coins."""
         if self.max_coins is None:
-            return False
-        expected = self.expected_task_coins or 0.0
-        committed = self._spent + expected * (len(self.live) + 1)
-        return committed > self.max_coins
+            return "ok"
+        expected = self._spent / self._priced if self._priced else self.expected_task_coins
+        if expected is None:  # no price known yet: one task at a time until one is measured
+            if self.live:
+                return "wait"
+            return "ok" if self._spent < self.max_coins else "stop"
+        if self._spent + expected * (len(self.live) + 1) <= self.max_coins:
+            return "ok"
+        return "wait" if self.live else "stop"
 
     async def _sleep_or_wake(self, timeout: float | None) -> None:
         self._wake.clear()
@@ -418,7 +432,9 @@ class Runner:
         if result.state == "SUCCESS":
             self.store.mark_success(live.idx, result.outputs, now)
             coins = [o["consumeCoins"] for o in result.outputs if o.get("consumeCoins") is not None]
-            self._spent += max(coins) if coins else 0.0
+            if coins:
+                self._spent += max(coins)
+                self._priced += 1
             self.on_event(Event("success", live.idx))
         else:
             reason = result.failed_reason

@@ -469,6 +469,10 @@ class RunStore:
             "SELECT * FROM files WHERE row_idx = ? ORDER BY n", (idx,)
         ).fetchall()
 
+    def priced_rows(self) -> int:
+        """Rows whose cost is known (for the expected cost of the next task)."""
+        return int(self.conn.execute("SELECT COUNT(*) FROM rows WHERE coins IS NOT NULL").fetchone()[0])
+
     def spent_coins(self) -> float:
         value = self.conn.execute("SELECT SUM(coins) FROM rows").fetchone()[0]
         return float(value or 0.0)

@@ -192,3 +192,20 @@ def test_preflight_refuses_wrong_rows_before_any_create(make_sim, api_key, tmp_p
     assert 'row 2, column "3.seed"' in text
     assert [r for r in sim.audit.requests() if r["route"] == "create"] == []
     assert not (tmp_path / "run" / "state.db").exists()
+
+
+def test_budget_stops_before_passing_max_coins_and_resumes(make_sim, api_key, tmp_path):
+    sim = make_sim(task_duration_s=20.0, queue_delay_s=0.0, coins_per_second=0.2)
+    manifest = write_manifest(tmp_path / "m.csv", 20)
+    settings = fast_settings(sim, api_key, concurrency=5)
+    summary = run_batch(ManifestArgs(manifest), tmp_path / "run", settings, handle_signals=False,
+                        max_coins=30)
+    assert summary.exit_code == 3 and "--max-coins 30" in summary.stopped
+    billed = sim.account(api_key).billed_coins
+    assert billed <= 30 and summary.coins == billed
+    assert summary.counts[st.SUCCESS] == 7  # 4 coins each: an eighth would make 32
+    assert summary.counts[st.PENDING] == 13
+    summary = run_batch(ManifestArgs(manifest), tmp_path / "run", settings, handle_signals=False,
+                        max_coins=1000)
+    assert summary.exit_code == 0 and summary.counts[st.SUCCESS] == 20
+    assert len(sim.audit.tasks()) == 20
