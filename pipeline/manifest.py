@@ -56,6 +56,7 @@ RESULT_FIELDS = {
     "error", "failedReason", "attempts", "submitted_at", "finished_at", "files", "inputs",
 }
 MAX_CELL_BYTES = 1 << 20
+CSV_FIELD_LIMIT_CHARS = 4 * MAX_CELL_BYTES
 MAX_PROBLEMS = 1000
 ROW_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 INT_RE = re.compile(r"[+-]?(0|[1-9][0-9]*)")
@@ -163,6 +164,7 @@ class _Collector:
         self.source = source
         self.problems: list[Problem] = []
         self.count = 0
+        self.lines: list[int] | None = None
 
     def add(self, row: int | None, column: str | None, message: str) -> None:
         self.count += 1
@@ -172,6 +174,14 @@ class _Collector:
     def raise_if_any(self) -> None:
         if self.count:
             problems = list(self.problems)
+            lines = self.lines
+            if lines is not None:  # CSV: the physical line too, as an editor shows it
+                problems = [
+                    Problem(p.row, p.column, f"(line {lines[p.row - 1]}) {p.message}")
+                    if p.row is not None and p.row <= len(lines)
+                    and not p.message.startswith("(line") else p
+                    for p in problems
+                ]
             if self.count > len(problems):
                 problems.append(Problem(None, None, f"... {self.count - len(problems)} more problems"))
             raise ManifestError(self.source, problems)
@@ -220,6 +230,10 @@ def _read_csv(path: Path, source: str, delimiter: str | None) -> _Raw:
         first = head.split("\n", 1)[0]
         counts = {d: first.count(d) for d in (",", ";", "\t", "|")}
         delimiter = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
+    # The csv module refuses fields over 128 KiB by default; cells up to MAX_CELL_BYTES are valid
+    # (and larger ones are reported as such, with row and column, further on).
+    if csv.field_size_limit() < CSV_FIELD_LIMIT_CHARS:
+        csv.field_size_limit(CSV_FIELD_LIMIT_CHARS)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
@@ -251,7 +265,11 @@ def _read_csv(path: Path, source: str, delimiter: str | None) -> _Raw:
             lines.append(start)
             start = reader.line_num + 1
     except csv.Error as exc:
-        problems.add(len(rows) + 1, None, f"(line {reader.line_num}) {exc}: check the quotes")
+        detail = str(exc)
+        if "field larger than field limit" in detail:
+            detail = (f"a cell is over {CSV_FIELD_LIMIT_CHARS} characters, far past the 1 MiB "
+                      "limit (often a quote that is never closed)")
+        problems.add(len(rows) + 1, None, f"(line {reader.line_num}) {detail}: check the quotes")
     problems.raise_if_any()
     if not rows:
         raise ManifestError(source, [Problem(None, None, "the file has a header but no rows: add "
@@ -668,6 +686,8 @@ def load_manifest(
     declared = _schema_types(schema)
     raw = _read(path, source)
     problems = _Collector(source)
+    if raw.kind == "table":
+        problems.lines = raw.lines
 
     bind_map: dict[str, tuple[str, str]] = {}
     for column, target in raw.bindings.items():
@@ -725,7 +745,7 @@ def load_manifest(
             pos = position[column]
             cells = [r[pos] if pos < len(r) else "" for r in raw.rows]
             for number, cell in enumerate(cells, start=1):
-                if len(cell) > MAX_CELL_BYTES and len(cell.encode("utf-8")) > MAX_CELL_BYTES:
+                if len(cell) * 4 > MAX_CELL_BYTES and len(cell.encode("utf-8")) > MAX_CELL_BYTES:
                     problems.add(number, column, f"the cell holds {len(cell.encode('utf-8'))} bytes; "
                                  f"the limit is {MAX_CELL_BYTES} (1 MiB): shorten it")
             if column in ("nodeInfoList", "options"):
@@ -744,7 +764,7 @@ def load_manifest(
         for column in columns:
             values_by_column[column] = [r.get(column) for r in records]
             for number, value in enumerate(values_by_column[column], start=1):
-                if isinstance(value, str) and len(value) > MAX_CELL_BYTES and \
+                if isinstance(value, str) and len(value) * 4 > MAX_CELL_BYTES and \
                         len(value.encode("utf-8")) > MAX_CELL_BYTES:
                     problems.add(number, column, f"the value holds {len(value.encode('utf-8'))} "
                                  f"bytes; the limit is {MAX_CELL_BYTES} (1 MiB): shorten it")
@@ -996,13 +1016,6 @@ def load_manifest(
         row = Row(i, number, row_id, workflow_intern.setdefault(wf, wf), values, layout, explicit,
                   options)
         rows.append(row)
-    if raw.lines is not None and raw.kind == "table":
-        problems.problems = [
-            Problem(p.row, p.column, f"(line {raw.lines[p.row - 1]}) {p.message}")
-            if p.row is not None and p.row <= len(raw.lines) and not p.message.startswith("(line")
-            else p
-            for p in problems.problems
-        ]
     problems.raise_if_any()
     return Manifest(
         source=source,

@@ -209,3 +209,32 @@ def test_budget_stops_before_passing_max_coins_and_resumes(make_sim, api_key, tm
                         max_coins=1000)
     assert summary.exit_code == 0 and summary.counts[st.SUCCESS] == 20
     assert len(sim.audit.tasks()) == 20
+
+
+def test_reproducing_warns_when_the_workflow_changed_since(make_sim, api_key, tmp_path):
+    import copy
+
+    from pipeline.preflight import load_workflow_file
+    from pipeline.sim import TEXT2IMG_WORKFLOW_ID
+
+    sim = make_sim()
+    manifest = write_manifest(tmp_path / "m.csv", 4)
+    _run(sim, api_key, manifest, tmp_path / "run1")
+    warnings: list[str] = []
+    settings = fast_settings(sim, api_key)
+    source = tmp_path / "run1" / "results.jsonl"
+    run_batch(ManifestArgs(source), tmp_path / "same", settings, handle_signals=False,
+              on_warning=warnings.append)
+    assert warnings == []
+    original = load_workflow_file(
+        __import__("pathlib").Path(__file__).parents[1] / "pipeline" / "sim" / "workflows"
+        / "text2img.json"
+    )
+    changed = copy.deepcopy(original)
+    changed["5"]["inputs"]["width"] = 768
+    sim.add_workflow(TEXT2IMG_WORKFLOW_ID, changed)
+    run_batch(ManifestArgs(source), tmp_path / "drift", settings, handle_signals=False,
+              on_warning=warnings.append)
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"workflow {TEXT2IMG_WORKFLOW_ID} changed since ")
+    assert "the reproduction may not match the original outputs" in warnings[0]
