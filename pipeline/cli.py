@@ -175,13 +175,25 @@ class Progress:
 
 
 def print_summary(run_dir: Path, summary: Any) -> None:
+    from pipeline.runs import top_failures
+
     counts = {k: v for k, v in summary.counts.items() if v}
     parts = ", ".join(f"{v} {k}" for k, v in counts.items())
     echo_err(
         f"{summary.total} rows: {parts}. {summary.coins:g} coins, {summary.elapsed_s:.1f}s, "
         f"{summary.requests} requests."
     )
+    failures = top_failures(run_dir)
+    if failures:
+        echo_err("Top failure causes:")
+        for count, cause in failures:
+            echo_err(f"  {count} x {cause}")
     echo_err(f"Results: {run_dir / 'results.jsonl'} and {run_dir / 'results.csv'}")
+    files = run_dir / "files"
+    if files.is_dir():
+        echo_err(f"Files: {files}")
+    report = run_dir / "report.html"
+    echo_err(f"Report: {report}" if report.exists() else f"Report: rhbatch report {run_dir}")
     if summary.counts.get("SUBMIT_UNKNOWN"):
         echo_err(
             f"{summary.counts['SUBMIT_UNKNOWN']} row(s) are SUBMIT_UNKNOWN: their create was sent "
@@ -191,7 +203,10 @@ def print_summary(run_dir: Path, summary: Any) -> None:
         )
     if summary.stopped:
         echo_err(f"Stopped: {summary.stopped}")
-        echo_err(f"Resume with the same command: rhbatch run ... --out {run_dir}")
+        import shlex
+
+        again = " ".join(shlex.quote(a) for a in ["rhbatch", *sys.argv[1:]])
+        echo_err(f"Resume with the same command: {again}")
 
 
 @cli.command()

@@ -55,6 +55,11 @@ WORKFLOW_JSON_PATH = "/api/openapi/getJsonApiFormat"
 
 # HTTP statuses that prove the request was not acted on: safe to resend even a create.
 NOT_PROCESSED_HTTP = frozenset({429, 503})
+# Connections kept to RunningHub, whatever --concurrency is. Requests are short, so a few keep-alive
+# connections carry thousands of live tasks; a pool sized to the concurrency made every request pay
+# httpcore's per-request scan of all connections (quadratic in the pool size, a syscall per idle
+# connection): 60 connections cost ~0.6 ms of CPU per request, 1,000 would cost tens of ms.
+HTTP_MAX_CONNECTIONS = 16
 TASK_OPTION_FIELDS = ("addMetadata", "instanceType", "usePersonalQueue", "retainSeconds", "webhookUrl")
 
 
@@ -197,7 +202,7 @@ class RunningHubClient:
         self._key = settings.require_key()
         self.base_url = settings.base_url
         self.policy = policy or RetryPolicy()
-        limit = max_connections or max(10, settings.concurrency + 10)
+        limit = max_connections or HTTP_MAX_CONNECTIONS
         self._http = httpx.AsyncClient(
             base_url=settings.base_url,
             timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),

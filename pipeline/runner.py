@@ -47,7 +47,9 @@ from pipeline.errors import (
 log = logging.getLogger("rhbatch.runner")
 
 PENDING_BATCH = 500
-MAX_CONCURRENT_POLLS = 32
+# Below the client's connection pool (HTTP_MAX_CONNECTIONS), so a create and the account read
+# never queue behind polls for a connection.
+MAX_CONCURRENT_POLLS = 12
 DURATION_EWMA_WEIGHT = 0.2
 
 

@@ -527,6 +527,22 @@ def retry_rows(
             store.close()
 
 
+def top_failures(run_dir: str | Path, limit: int = 3) -> list[tuple[int, str]]:
+    """The most common failure causes of a run: (count, "code: error"), most frequent first."""
+    store = st.RunStore.open(run_dir, readonly=True)
+    try:
+        rows = store.conn.execute(
+            "SELECT COUNT(*) AS n, error_code, error FROM rows WHERE status IN "
+            "('FAILED', 'CANCELLED', 'SUBMIT_UNKNOWN') GROUP BY error_code, error "
+            "ORDER BY n DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+    finally:
+        store.close()
+    return [(r["n"], f"{r['error_code'] if r['error_code'] is not None else '-'}: "
+             f"{(r['error'] or 'no message')[:160]}") for r in rows]
+
+
 @dataclass
 class RunStatus:
     run_dir: Path

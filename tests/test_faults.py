@@ -1,0 +1,124 @@
+"""The fault matrix: every simulator fault alone at 5 % and 20 %, then all together, over a 40-row
+run. Each run must end (exit 0 or 1) and every row's final state must agree with the simulator's
+audit: no row created twice, SUBMIT_UNKNOWN only where a create's answer was really lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import pytest
+from conftest import canonical, fast_settings, read_results, write_manifest
+
+from pipeline.client import RetryPolicy
+from pipeline.runs import ManifestArgs, run_batch
+from pipeline.sim import Faults
+
+ROWS = 40
+# A create whose answer never arrived intact: the client cannot know whether the task exists.
+UNKNOWN_FAULTS = ("drop_connection", "garbage_body", "lost_create")
+# Rate faults take a probability; the others take their own unit.
+RATE_FAULTS = ("http_5xx", "drop_connection", "garbage_body", "slow_answer", "task_failure",
+               "lost_create", "create_813")
+
+
+def _faults(name: str, level: float) -> Faults:
+    if name in RATE_FAULTS:
+        return Faults(**{name: level}, slow_answer_s=0.02)
+    if name == "poll_rate_limit_per_s":
+        return Faults(poll_rate_limit_per_s=40 if level < 0.1 else 10)  # calls per real second
+    if name == "status_outputs_lag_s":
+        return Faults(status_outputs_lag_s=100 * level)  # simulated seconds
+    raise AssertionError(name)
+
+
+FAULT_NAMES = {name: name for name in RATE_FAULTS} | {
+    "poll_rate_limit_per_s": "poll_rate_limit", "status_outputs_lag_s": "status_outputs_lag"}
+
+ALL_TOGETHER = Faults(http_5xx=0.05, drop_connection=0.05, garbage_body=0.05, slow_answer=0.05,
+                      slow_answer_s=0.02, task_failure=0.05, lost_create=0.05, create_813=0.05,
+                      poll_rate_limit_per_s=20, status_outputs_lag_s=5)
+
+CASES = [pytest.param(_faults(f.name, level), id=f"{f.name}-{int(level * 100)}%")
+         for f in dataclasses.fields(Faults)
+         if f.name not in ("routes", "slow_answer_s")
+         for level in (0.05, 0.20)]
+CASES.append(pytest.param(ALL_TOGETHER, id="all-together"))
+
+
+def fast_policy() -> RetryPolicy:
+    """The production policy's shape, with waits short enough for a test."""
+    return RetryPolicy(max_attempts=6, max_total_s=20.0, initial_wait_s=0.01, max_wait_s=0.05,
+                       retry_after_cap_s=0.05)
+
+
+def _unknown_create(request: dict[str, Any]) -> bool:
+    fault = request["fault"] or ""
+    if any(name in fault for name in UNKNOWN_FAULTS):
+        return True
+    # 503 proves the request was not processed (resent); 500/502/504 may have been
+    return "http_5xx" in fault and request["status_http"] != 503
+
+
+def check_against_audit(sim: Any, records: list[dict[str, Any]]) -> Counter[str]:
+    """Assert every row's final state agrees with what the simulator saw; return the counts."""
+    tasks = sim.audit.tasks()
+    by_id = {t["taskId"]: t for t in tasks}
+    assert sim.audit.duplicate_creates() == {}, "a row was created twice"
+    counts = Counter(r["status"] for r in records)
+    assert set(counts) <= {"SUCCESS", "FAILED", "SUBMIT_UNKNOWN"}, counts
+    claimed: set[str] = set()
+    unknown_signatures = set()
+    for record in records:
+        status, task_id = record["status"], record["taskId"]
+        if status == "SUBMIT_UNKNOWN":
+            assert task_id is None, record
+            unknown_signatures.add(canonical(record["nodeInfoList"]))
+            continue
+        assert task_id in by_id, f"{record['row_id']}: {status} with task {task_id} unknown to sim"
+        task = by_id[task_id]
+        claimed.add(task_id)
+        assert canonical(task["nodeInfoList"]) == canonical(record["nodeInfoList"])
+        assert task["status"] == status, (record, task)
+        if status == "SUCCESS":
+            assert record["fileUrls"] and record["outputs"]
+        else:
+            assert record["error_code"] == 805, record
+            assert task["planned_outcome"] == "FAILED"
+            assert record["failedReason"]
+    # every task the simulator accepted belongs to a row that knows it, or to a row left
+    # SUBMIT_UNKNOWN because the create's answer was lost
+    for task in tasks:
+        if task["taskId"] not in claimed:
+            assert "lost_create" in task["faults"], task
+            assert canonical(task["nodeInfoList"]) in unknown_signatures, task
+    creates = sim.audit.requests("create")
+    lost_answers = [r for r in creates if _unknown_create(r)]
+    assert counts["SUBMIT_UNKNOWN"] == len(lost_answers), (counts, lost_answers)
+    return counts
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("faults", CASES)
+def test_fault_matrix(faults, make_sim, api_key, tmp_path):
+    sim = make_sim(concurrency=10, seed=7, faults=faults, task_duration_s=(5.0, 20.0))
+    manifest = write_manifest(tmp_path / "m.csv", ROWS)
+    summary = run_batch(ManifestArgs(manifest, preflight=False), tmp_path / "run",
+                        fast_settings(sim, api_key, concurrency=10), policy=fast_policy(),
+                        handle_signals=False)
+    assert summary.exit_code in (0, 1), summary
+    records = read_results(tmp_path / "run")
+    assert [r["row"] for r in records] == list(range(1, ROWS + 1))
+    counts = check_against_audit(sim, records)
+    assert summary.exit_code == (0 if counts == Counter(SUCCESS=ROWS) else 1)
+    if not faults.task_failure:
+        assert counts["FAILED"] == 0, counts
+    injected = Counter(name for r in sim.audit.faults() for name in r["fault"].split("+"))
+    injected.update(name for t in sim.audit.tasks() for name in t["faults"])
+    for name, audit_name in FAULT_NAMES.items():
+        if getattr(faults, name):
+            assert injected[audit_name] > 0, f"{name} was never injected: {injected}"
+    if not any(getattr(faults, name) for name in ("http_5xx", *UNKNOWN_FAULTS)):
+        assert counts["SUBMIT_UNKNOWN"] == 0, counts
