@@ -212,66 +212,60 @@ async def _download_loop(run_dir: Path) -> None:
         await _download_pass(run_dir)
 
 
-async def _drive(
-    store: st.RunStore,
-    settings: Settings,
-    *,
-    on_event: Callable[[Event], None],
-    on_account: Callable[[AccountStatus], None],
-    policy: RetryPolicy | None,
-    max_coins: float | None,
-    expected_task_coins: float | None,
-    handle_signals: bool,
-    download: bool = False,
-    webhook_listen: str | None = None,
-) -> RunSummary:
-    receiver = None
-    if webhook_listen:
-        from pipeline.webhooks import WebhookReceiver, parse_listen
+@dataclass(frozen=True)
+class RunOptions:
+    """How one invocation drives a run: callbacks for the CLI, budget, extras."""
 
-        host, port = parse_listen(webhook_listen)
-        hints: list[Runner] = []
-        receiver = WebhookReceiver(host, port, lambda task_id: hints[0].hint_finished(task_id)
-                                   if hints else False)
-        await receiver.start()
-        public = settings.task_options.get("webhookUrl")
-        settings = dataclasses.replace(
-            settings, task_options={**settings.task_options, "webhookUrl": receiver.url(public)}
-        )
-        log.info("webhook receiver listening on %s:%d", receiver.host, receiver.port)
+    on_event: Callable[[Event], None] = lambda event: None
+    on_account: Callable[[AccountStatus], None] = lambda account: None
+    on_open: Callable[[st.RunStore, bool], None] = lambda store, created: None
+    on_warning: Callable[[str], None] = lambda warning: None
+    policy: RetryPolicy | None = None
+    max_coins: float | None = None
+    expected_task_coins: float | None = None
+    verbose: bool = False
+    handle_signals: bool = True
+    download: bool = False
+    webhook_listen: str | None = None
+
+
+async def _drive(store: st.RunStore, settings: Settings, options: RunOptions) -> RunSummary:
+    """Run the loop, with the webhook receiver around it when asked for."""
+    if not options.webhook_listen:
+        return await _drive_loop(store, settings, options, None)
+    from pipeline.webhooks import WebhookReceiver, parse_listen
+
+    runners: list[Runner] = []
+    host, port = parse_listen(options.webhook_listen)
+    receiver = WebhookReceiver(
+        host, port, lambda task_id: runners[0].hint_finished(task_id) if runners else False
+    )
+    await receiver.start()
+    public = settings.task_options.get("webhookUrl")
+    settings = dataclasses.replace(
+        settings, task_options={**settings.task_options, "webhookUrl": receiver.url(public)}
+    )
+    log.info("webhook receiver listening on %s:%d", receiver.host, receiver.port)
     try:
-        return await _drive_with(
-            store, settings, on_event=on_event, on_account=on_account, policy=policy,
-            max_coins=max_coins, expected_task_coins=expected_task_coins,
-            handle_signals=handle_signals, download=download,
-            register=(hints.append if receiver else None),
-        )
+        return await _drive_loop(store, settings, options, runners.append)
     finally:
-        if receiver is not None:
-            await receiver.stop()
+        await receiver.stop()
 
 
-async def _drive_with(
+async def _drive_loop(
     store: st.RunStore,
     settings: Settings,
-    *,
-    on_event: Callable[[Event], None],
-    on_account: Callable[[AccountStatus], None],
-    policy: RetryPolicy | None,
-    max_coins: float | None,
-    expected_task_coins: float | None,
-    handle_signals: bool,
-    download: bool,
+    options: RunOptions,
     register: Callable[[Runner], None] | None,
 ) -> RunSummary:
-    async with RunningHubClient(settings, policy=policy) as client:
+    async with RunningHubClient(settings, policy=options.policy) as client:
         runner = Runner(
             store,
             client,
             settings,
-            on_event=on_event,
-            max_coins=max_coins,
-            expected_task_coins=expected_task_coins,
+            on_event=options.on_event,
+            max_coins=options.max_coins,
+            expected_task_coins=options.expected_task_coins,
         )
         if register is not None:
             register(runner)
@@ -286,10 +280,10 @@ async def _drive_with(
         except Exception as exc:  # the pre-check is informative; the run decides by itself
             log.warning("could not read the account before the run: %s", exc)
         else:
-            on_account(account)
+            options.on_account(account)
         loop = asyncio.get_running_loop()
         installed = []
-        if handle_signals:
+        if options.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
                     loop.add_signal_handler(sig, runner.stop)
@@ -298,13 +292,12 @@ async def _drive_with(
                     pass
         flusher = _ResultsFlusher(store.run_dir, settings.results_flush_interval_s)
         flusher.start()
-        downloader = asyncio.create_task(_download_loop(store.run_dir)) if download else None
+        downloader = asyncio.create_task(_download_loop(store.run_dir)) if options.download else None
         try:
             summary = await runner.run()
-            if download and summary.stopped != "interrupted":
-                if downloader is not None:
-                    downloader.cancel()
-                    await asyncio.gather(downloader, return_exceptions=True)
+            if downloader is not None and summary.stopped != "interrupted":
+                downloader.cancel()
+                await asyncio.gather(downloader, return_exceptions=True)
                 await _download_pass(store.run_dir)
             return summary
         finally:
@@ -316,23 +309,10 @@ async def _drive_with(
                 loop.remove_signal_handler(sig)
 
 
-def _execute(
-    store: st.RunStore,
-    settings: Settings,
-    *,
-    created: bool,
-    on_event: Callable[[Event], None] | None,
-    on_account: Callable[[AccountStatus], None] | None,
-    on_open: Callable[[st.RunStore, bool], None] | None,
-    policy: RetryPolicy | None,
-    max_coins: float | None,
-    expected_task_coins: float | None,
-    verbose: bool,
-    handle_signals: bool,
-    download: bool = False,
-    webhook_listen: str | None = None,
-) -> RunSummary:
-    handler = attach_log(store.run_dir, verbose)
+def _execute(store: st.RunStore, settings: Settings, created: bool, options: RunOptions
+             ) -> RunSummary:
+    """Recover, drive and write the results of an open run (caller holds the lock)."""
+    handler = attach_log(store.run_dir, options.verbose)
     try:
         recovered = store.recover()
         if recovered:
@@ -342,22 +322,8 @@ def _execute(
             )
         log.info("%s run in %s: %s", "new" if created else "resuming", store.run_dir,
                  store.counts())
-        if on_open:
-            on_open(store, created)
-        summary = asyncio.run(
-            _drive(
-                store,
-                settings,
-                on_event=on_event or (lambda e: None),
-                on_account=on_account or (lambda a: None),
-                policy=policy,
-                max_coins=max_coins,
-                expected_task_coins=expected_task_coins,
-                handle_signals=handle_signals,
-                download=download,
-                webhook_listen=webhook_listen,
-            )
-        )
+        options.on_open(store, created)
+        summary = asyncio.run(_drive(store, settings, options))
         export.write_results(store)
         log.info("run ended: %s exit %d", summary.counts, summary.exit_code)
         return summary
@@ -370,20 +336,14 @@ def run_batch(
     args: ManifestArgs,
     run_dir: str | Path,
     settings: Settings,
-    *,
-    on_event: Callable[[Event], None] | None = None,
-    on_account: Callable[[AccountStatus], None] | None = None,
-    on_open: Callable[[st.RunStore, bool], None] | None = None,
-    on_warning: Callable[[str], None] | None = None,
-    policy: RetryPolicy | None = None,
-    max_coins: float | None = None,
-    expected_task_coins: float | None = None,
-    verbose: bool = False,
-    handle_signals: bool = True,
-    download: bool = False,
-    webhook_listen: str | None = None,
+    options: RunOptions | None = None,
+    **option_values: Any,
 ) -> RunSummary:
-    """Start or resume the run of ``args`` in ``run_dir``; returns when it ends or stops."""
+    """Start or resume the run of ``args`` in ``run_dir``; returns when it ends or stops.
+
+    ``option_values`` are :class:`RunOptions` fields, for callers that set only a few.
+    """
+    options = dataclasses.replace(options or RunOptions(), **option_values)
     run_dir = Path(run_dir)
     settings.require_key()
     try:
@@ -394,16 +354,9 @@ def run_batch(
         warnings: list[str] = []
         store, created = open_run(args, run_dir, settings, warnings)
         for warning in warnings:
-            if on_warning:
-                on_warning(warning)
+            options.on_warning(warning)
         try:
-            return _execute(
-                store, settings, created=created, on_event=on_event, on_account=on_account,
-                on_open=on_open, policy=policy, max_coins=max_coins,
-                expected_task_coins=expected_task_coins, verbose=verbose,
-                handle_signals=handle_signals, download=download,
-                webhook_listen=webhook_listen,
-            )
+            return _execute(store, settings, created, options)
         finally:
             store.close()
 
@@ -499,9 +452,11 @@ def retry_rows(
     selection: Selection,
     *,
     dry_run: bool = False,
-    **kwargs: Any,
+    options: RunOptions | None = None,
+    **option_values: Any,
 ) -> tuple[int, RunSummary | None]:
     """Start the selected rows again inside the same run (history kept), then drive the run."""
+    options = dataclasses.replace(options or RunOptions(), **option_values)
     run_dir = Path(run_dir)
     if not dry_run:
         settings.require_key()
@@ -514,15 +469,7 @@ def retry_rows(
                 return len(chosen), None
             store.requeue(chosen)
             log.info("retry: %d row(s) requeued", len(chosen))
-            summary = _execute(
-                store, settings, created=False,
-                on_event=kwargs.get("on_event"), on_account=kwargs.get("on_account"),
-                on_open=kwargs.get("on_open"), policy=kwargs.get("policy"),
-                max_coins=kwargs.get("max_coins"), expected_task_coins=None,
-                verbose=kwargs.get("verbose", False),
-                handle_signals=kwargs.get("handle_signals", True),
-            )
-            return len(chosen), summary
+            return len(chosen), _execute(store, settings, False, options)
         finally:
             store.close()
 

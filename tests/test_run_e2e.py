@@ -178,18 +178,14 @@ def test_preflight_refuses_wrong_rows_before_any_create(make_sim, api_key, tmp_p
     manifest = tmp_path / "m.csv"
     manifest.write_text(
         "workflowId,6.txt,3.seed,6.clip\n1904136902449209346,a cat,1,x\n"
-        "1904136902449209346,a dog,seed,y\n",
-        encoding="utf-8",
-    )
-    manifest.write_text(
-        "workflowId,6.txt,3.seed\n1904136902449209346,a cat,1\n1904136902449209346,a dog,2.5\n",
+        "1904136902449209346,a dog,2,y\n",
         encoding="utf-8",
     )
     with pytest.raises(ManifestError) as info:
         _run(sim, api_key, manifest, tmp_path / "run")
     text = str(info.value)
-    assert 'column "6.txt"' in text and "text" in text
-    assert 'row 2, column "3.seed"' in text
+    assert 'row 1, column "6.txt"' in text and "did you mean" in text and "text" in text
+    assert 'column "6.clip"' in text and "link" in text
     assert [r for r in sim.audit.requests() if r["route"] == "create"] == []
     assert not (tmp_path / "run" / "state.db").exists()
 
