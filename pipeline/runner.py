@@ -51,6 +51,8 @@ PENDING_BATCH = 500
 # never queue behind polls for a connection.
 MAX_CONCURRENT_POLLS = 12
 DURATION_EWMA_WEIGHT = 0.2
+UNKNOWN_STREAK_PAUSE = 2  # creates in doubt in a row before submissions slow down
+UNKNOWN_STREAK_STOP = 10  # ... and before the run stops (exit 3) to let the user look
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Runner:
         self._exit_code = 0
         self._backoff_until = 0.0
         self._capacity_strikes = 0
+        self._unknown_streak = 0
         self._account_ok = True
         self._duration_s: float | None = None
         self._pending_exhausted = False
@@ -129,6 +132,7 @@ class Runner:
         self._poll_tasks: set[asyncio.Task[None]] = set()
         self._spent = 0.0
         self._priced = 0
+        self._unsynced = False  # task ids committed without fsync since the last store.sync()
 
     # -- public -----------------------------------------------------------------------------
 
@@ -220,6 +224,7 @@ class Runner:
                 await self._sleep_or_wake(wait)
                 continue
             if self._in_flight() >= self.window:
+                await self._sync()  # idle: make the task ids just recorded durable, off the path
                 await self._sleep_or_wake(None)
                 continue
             budget = self._budget()
@@ -239,6 +244,12 @@ class Runner:
                 break
             await self._submit(row)
         self._poll_wake.set()
+        await self._sync()
+
+    async def _sync(self) -> None:
+        if self._unsynced:
+            self._unsynced = False
+            await asyncio.to_thread(self.store.sync)
 
     def _budget(self) -> str:
         """"ok" to submit, "wait" for tasks in flight, or "stop": spent coins plus the expected
@@ -285,6 +296,7 @@ class Runner:
             self.store.mark_unknown(idx, redact(exc))
             self.on_event(Event("unknown", idx, redact(exc)))
             log.warning("row %s: %s", row["row_id"], redact(exc))
+            self._on_unknown()
             return
         except TransientApiError as exc:
             # Proven not created (no connection, 429, 503) but retries ran out: the service is
@@ -300,6 +312,7 @@ class Runner:
             return
         now = time.time()
         self._capacity_strikes = 0
+        self._unknown_streak = 0
         if self.window < self.settings.concurrency and self._in_flight() + 1 >= self.window:
             self.window += 1  # additive increase after a capacity shrink
         if answer.status == "FAILED":
@@ -315,10 +328,27 @@ class Runner:
             return
         status = st.RUNNING if answer.status == "RUNNING" else st.QUEUED
         self.store.mark_submitted(idx, answer.task_id, status, now)
+        self._unsynced = True
         live = _Live(idx, answer.task_id, status, now, time.monotonic())
         self.live[idx] = live
         self._schedule(live, self._first_poll_delay())
         self.on_event(Event("submitted", idx))
+
+    def _on_unknown(self) -> None:
+        """Creates that end in doubt in a row mean the service is failing: each one may have been
+        billed and needs the user's decision, so slow down, then stop rather than pile them up."""
+        self._unknown_streak += 1
+        if self._unknown_streak >= UNKNOWN_STREAK_STOP:
+            self._run_fatal(
+                SubmitUnknownError(
+                    f"{self._unknown_streak} creates in a row got no usable answer from RunningHub"
+                ),
+                prefix="RunningHub is failing",
+            )
+        elif self._unknown_streak >= UNKNOWN_STREAK_PAUSE:
+            wait = min(self.settings.max_capacity_backoff_s,
+                       self.settings.capacity_backoff_s * 2 ** (self._unknown_streak - 2))
+            self._backoff_until = time.monotonic() + wait * random.uniform(0.5, 1.0)
 
     def _on_capacity(self, exc: CapacityError) -> None:
         self._capacity_strikes += 1
@@ -499,9 +529,21 @@ class Runner:
         gap = len(ours) - count - sum(1 for t in ours if t.suspected)
         if gap <= 0:
             return
+        # A task seen running after we asked cannot be one that had ended; of the rest, the one
+        # expected to end first is the likeliest. A task that was still running when its typical
+        # duration had passed is a straggler: expect it one typical duration after that answer.
+        # (Ordering by last negative answer first, as before, put a task polled just before its
+        # end behind every younger task, and its end waited up to max_poll_interval_s.)
+        typical = self._duration_s or 0.0
+
+        def expected_end(t: _Live) -> float:
+            if t.last_negative - t.seen_at < typical:
+                return t.seen_at + typical
+            return t.last_negative + typical
+
         candidates = sorted(
-            (t for t in ours if not t.suspected),
-            key=lambda t: (t.last_negative, t.seen_at),
+            (t for t in ours if not t.suspected and t.last_negative < asked_at),
+            key=expected_end,
         )
         for live in candidates[:gap]:
             live.suspected = True

@@ -234,3 +234,19 @@ def test_reproducing_warns_when_the_workflow_changed_since(make_sim, api_key, tm
     assert len(warnings) == 1
     assert warnings[0].startswith(f"workflow {TEXT2IMG_WORKFLOW_ID} changed since ")
     assert "the reproduction may not match the original outputs" in warnings[0]
+
+
+def test_a_failing_service_stops_the_run_instead_of_piling_up_unknown_rows(
+    make_sim, api_key, tmp_path
+):
+    from pipeline.runner import UNKNOWN_STREAK_STOP
+    from pipeline.sim import Faults
+
+    sim = make_sim(faults=Faults(drop_connection=1.0, routes=("create",)))
+    manifest = write_manifest(tmp_path / "m.csv", 40)
+    summary = _run(sim, api_key, manifest, tmp_path / "run", preflight=False)
+    assert summary.exit_code == 3
+    assert summary.stopped.startswith("RunningHub is failing: ")
+    assert summary.counts[st.SUBMIT_UNKNOWN] == UNKNOWN_STREAK_STOP
+    assert summary.counts[st.PENDING] == 40 - UNKNOWN_STREAK_STOP
+    assert sim.audit.tasks() == []  # the dropped creates never reached the service
