@@ -169,6 +169,194 @@ def calls_rows(slots: dict[str, Any], *, tasks: int) -> list[Row]:
     return rows
 
 
+# -- 3: client cost --------------------------------------------------------------------------------
+
+
+def rhbatch_cli(sim: SimProcess, manifest: Path, run_dir: Path, *, concurrency: int,
+                account_poll_s: float, poll_s: float, timeout_s: float = RUN_TIMEOUT_S
+                ) -> dict[str, Any]:
+    """``rhbatch run`` in a child process: its own CPU and peak RSS (wait4)."""
+    env = dict(os.environ, RUNNINGHUB_API_KEY=api_key(), RUNNINGHUB_BASE_URL=sim.base_url)
+    argv = [sys.executable, "-m", "pipeline", "run", str(manifest), "--out", str(run_dir),
+            "--concurrency", str(concurrency), "--account-poll-interval", str(account_poll_s),
+            "--poll-interval", str(poll_s), "-q"]
+    return run_child(argv, env=env, timeout_s=timeout_s)
+
+
+def bench_client(workdir: Path, *, tasks: int, concurrency: int) -> list[Row]:
+    """Instant tasks, so the run is bounded by rhbatch's own work, not by task time."""
+    config = sim_config(concurrency=concurrency, duration_s=0.0, time_scale=1.0)
+    small = max(1, tasks // 10)
+    out: dict[int, dict[str, Any]] = {}
+    for n in (small, tasks):
+        manifest = write_manifest(workdir / f"client-{n}.csv", n)
+        with SimProcess(workdir, config) as sim:
+            res = rhbatch_cli(sim, manifest, workdir / f"client-{n}", concurrency=concurrency,
+                              account_poll_s=0.02, poll_s=0.05)
+            audit = sim.ask("summary")
+        res["audit"] = audit
+        out[n] = res
+        if res["exit"] != 0:
+            print(f"rhbatch run exited {res['exit']}: {res['stderr']}", file=sys.stderr)
+    big, little = out[tasks], out[small]
+    done = big["audit"]["finished"]
+    per_task_ms = big["cpu_s"] / max(1, tasks) * 1000
+    # marginal CPU per task: the difference between the two runs removes start-up and imports
+    marginal_ms = (big["cpu_s"] - little["cpu_s"]) / max(1, tasks - small) * 1000
+    csv_mb = (workdir / f"client-{tasks}.csv").stat().st_size / 1e6
+    results_mb = (workdir / f"client-{tasks}" / "results.jsonl").stat().st_size / 1e6 \
+        if (workdir / f"client-{tasks}" / "results.jsonl").exists() else float("nan")
+    return [
+        Row("client", f"{tasks:,} instant tasks, C={concurrency}, rhbatch run in a child: "
+            "succeeded", f"{done:,}/{tasks:,} (exit {big['exit']})", f"{tasks:,}",
+            done == tasks and big["exit"] == 0),
+        Row("client", "CPU (user+sys) per task, whole process, ms", _fmt(per_task_ms),
+            "< 1.0", per_task_ms < 1.0),
+        Row("client", f"CPU per task, marginal ({small:,} -> {tasks:,} tasks), ms",
+            _fmt(marginal_ms), "< 1.0", marginal_ms < 1.0),
+        Row("client", "wall time, s / tasks per s", f"{big['wall_s']:.1f} / "
+            f"{tasks / big['wall_s']:,.0f}"),
+        Row("client", f"peak RSS, MB: {small:,} tasks -> {tasks:,} tasks",
+            f"{little['peak_rss_mb']:.0f} -> {big['peak_rss_mb']:.0f}"),
+        Row("client", "peak RSS growth per 1,000 tasks, MB (results.jsonl is "
+            f"{results_mb:.0f} MB, manifest {csv_mb:.0f} MB)",
+            f"{(big['peak_rss_mb'] - little['peak_rss_mb']) / ((tasks - small) / 1000):.2f}"),
+        Row("client", "API requests / task", _fmt(big["audit"]["requests"] / max(1, done), 2)),
+    ]
+
+
+# -- 4: manifest scale ------------------------------------------------------------------------------
+
+
+def bench_manifest(workdir: Path, *, rows: int) -> tuple[list[Row], Path]:
+    manifest = write_manifest(workdir / f"manifest-{rows}.csv", rows)
+    res = run_child([sys.executable, "-m", "pipeline", "validate", str(manifest)],
+                    timeout_s=RUN_TIMEOUT_S)
+    seconds = res["wall_s"]
+    return [
+        Row("manifest", f"rhbatch validate, {rows:,}-row CSV "
+            f"({manifest.stat().st_size / 1e6:.0f} MB): exit", str(res["exit"]), "0",
+            res["exit"] == 0),
+        Row("manifest", "wall time, s (CPU s)", f"{seconds:.1f} ({res['cpu_s']:.1f})",
+            f"< {20 * rows / 1e6:g}", seconds < 20 * rows / 1e6),
+        Row("manifest", "rows / s", f"{rows / seconds:,.0f}"),
+        Row("manifest", "peak RSS, MB", f"{res['peak_rss_mb']:.0f}",
+            f"< {1500 * max(rows / 1e6, 0.1):.0f}",
+            res["peak_rss_mb"] < 1500 * max(rows / 1e6, 0.1)),
+    ], manifest
+
+
+# -- 5: resume scale --------------------------------------------------------------------------------
+
+
+def build_half_done(manifest: Path, run_dir: Path) -> float:
+    """The run of ``manifest`` created with open_run, half its rows marked SUCCESS by SQL."""
+    from pipeline import store as st
+    from pipeline.runs import ManifestArgs, open_run
+
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with st.RunLock(run_dir):
+        store, _created = open_run(ManifestArgs(manifest), run_dir)
+        try:
+            with store.transaction() as conn:
+                conn.execute(
+                    "UPDATE rows SET status = 'SUCCESS', task_id = 'done-' || idx, "
+                    "outputs = '[]', submitted_at = ?, finished_at = ? WHERE idx % 2 = 0",
+                    (time.time(), time.time()),
+                )
+        finally:
+            store.close()
+    return time.perf_counter() - started
+
+
+def bench_resume(workdir: Path, manifest: Path, *, rows: int) -> list[Row]:
+    run_dir = workdir / "resume"
+    build_s = build_half_done(manifest, run_dir)
+    config = sim_config(concurrency=50, duration_s=3600.0, time_scale=1.0)
+    with SimProcess(workdir, config) as sim:
+        env = dict(os.environ, RUNNINGHUB_API_KEY=api_key(), RUNNINGHUB_BASE_URL=sim.base_url)
+        argv = [sys.executable, "-m", "pipeline", "run", str(manifest), "--out", str(run_dir),
+                "--concurrency", "50", "-q"]
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        first = None
+        deadline = started + 120.0
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                t = sim.ask("first_create")["t"]
+                if t is not None:
+                    first = sim.mono(t) - started
+                    break
+                time.sleep(0.05)
+        finally:
+            proc.terminate()  # SIGTERM: rhbatch stops cleanly (the state stays resumable)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    ok = first is not None and first < 10.0
+    return [
+        Row("resume", f"{rows:,}-row run, half SUCCESS (built in {build_s:.0f}s): "
+            "`rhbatch run` start -> first new create, s",
+            "none in 120 s" if first is None else f"{first:.2f}", "< 10", ok),
+    ]
+
+
+# -- 6: side by side --------------------------------------------------------------------------------
+
+
+def bench_compare(workdir: Path, *, tasks: int, concurrency: int, duration_s: float,
+                  time_scale: float) -> list[Row]:
+    """Each client gets a fresh simulator with the same account and workload."""
+    ideal = math.ceil(tasks / concurrency) * duration_s
+    rows: list[Row] = [Row("compare", f"{tasks} tasks, C={concurrency}, D={duration_s:g}s, "
+                           f"time scale {time_scale:g}: ideal ceil(N/C)xD, sim s", f"{ideal:,.0f}")]
+    config = sim_config(concurrency=concurrency, duration_s=duration_s, time_scale=time_scale)
+    baseline = ROOT / "bench" / "baseline_loop.py"
+    rhcli = ROOT / "bench" / "rhcli_wrapper.py"
+    clients: list[tuple[str, list[str] | None]] = [
+        ("official example loop (sequential, poll 5 s)",
+         [sys.executable, str(baseline), "--workers", "1"]),
+        (f"official loop x {concurrency} threads", [sys.executable, str(baseline),
+                                                  "--workers", str(concurrency)]),
+        (f"runninghub-cli 0.1.0 `rh app batch --concurrency {concurrency}`",
+         [sys.executable, str(rhcli), "--concurrency", str(concurrency)]),
+        ("rhbatch", None),
+    ]
+    for label, argv in clients:
+        with SimProcess(workdir, config) as sim:
+            if argv is None:
+                result = rhbatch_in_process(sim, workdir, tasks, concurrency, "compare")
+                audit = result["audit"]
+                note = ""
+            else:
+                key = api_key()
+                full = [*argv, "--base-url", sim.base_url, "--tasks", str(tasks),
+                        "--time-scale", str(time_scale), "--workdir", str(workdir)]
+                env = dict(os.environ, RUNNINGHUB_API_KEY=key)
+                res = run_child(full, env=env, timeout_s=RUN_TIMEOUT_S)
+                audit = sim.ask("summary")
+                note = ""
+                if res["exit"] == 75:  # the wrapper could not get runninghub-cli
+                    rows.append(Row("compare", label, "skipped: " + res["stderr"].strip()[-120:]))
+                    continue
+                if res["exit"] != 0:
+                    note = f" (exit {res['exit']})"
+        done = audit["finished"]
+        if not done or audit["first_create_t"] is None:
+            rows.append(Row("compare", label, f"no task finished{note}"))
+            continue
+        makespan = audit["last_end_t"] - audit["first_create_t"]
+        rows.append(Row(
+            "compare", label,
+            f"makespan/ideal {makespan / ideal:.2f}, {audit['requests'] / done:.2f} calls/task, "
+            f"{done}/{tasks} done{note}"))
+    return rows
+
+
 # -- table -----------------------------------------------------------------------------------------
 
 
@@ -221,6 +409,24 @@ def main(argv: list[str] | None = None) -> int:
                 rows += slot_rows
             if "calls" in only:
                 rows += calls_rows(slots, tasks=slot_tasks)
+        if "client" in only:
+            client_tasks = args.tasks or (2000 if smoke else 100_000)
+            rows += bench_client(workdir, tasks=client_tasks,
+                                 concurrency=100 if smoke else 1000)
+        manifest_rows = args.manifest_rows or (20_000 if smoke else 1_000_000)
+        manifest = None
+        if "manifest" in only:
+            manifest_table, manifest = bench_manifest(workdir, rows=manifest_rows)
+            rows += manifest_table
+        if "resume" in only:
+            if manifest is None:
+                manifest = write_manifest(workdir / f"manifest-{manifest_rows}.csv", manifest_rows)
+            rows += bench_resume(workdir, manifest, rows=manifest_rows)
+        if "compare" in only:
+            rows += bench_compare(
+                workdir, tasks=args.compare_tasks or (20 if smoke else 200),
+                concurrency=5 if smoke else 20, duration_s=30.0,
+                time_scale=1000.0 if smoke else 200.0)
     header = (f"rhbatch bench{' (smoke)' if smoke else ''}: {os.cpu_count()} cores (nproc), "
               f"Python {sys.version.split()[0]}, {time.monotonic() - started:.0f}s")
     print_table(rows, header)

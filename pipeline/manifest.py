@@ -1,31 +1,59 @@
-"""Load and validate a manifest into rows ready to submit. No network I/O happens here.
+"""Load and validate a manifest into rows ready to submit. Nothing is sent from here: no network I/O.
 
-Formats (chosen by extension): ``.csv`` / ``.tsv`` (delimiter sniffed among ``, ; TAB |``, UTF-8 with
-or without BOM), ``.json`` (an array of row objects, or ``{"workflowId", "bindings", "defaults",
-"rows"}``), ``.jsonl`` / ``.ndjson`` (one object per line) and ``.parquet``. An output manifest written
-by rhbatch (``results.jsonl`` / ``.csv`` / ``.parquet``) loads back as a manifest that reproduces the
-recorded ``workflowId``, ``nodeInfoList`` and ``options`` exactly; its result fields are ignored.
+Formats, chosen by extension:
 
-Where a row's node inputs come from:
+- ``.csv`` / ``.tsv``: UTF-8 with or without BOM; the delimiter is sniffed among ``, ; TAB |`` from
+  the header line (``.tsv`` is always TAB). Quoted cells may hold newlines. Blank lines are skipped
+  and are not rows. Row numbers count data rows (the header is not a row; the first data row is row
+  1); when a row does not start on line ``number + 1`` the message also gives its CSV line.
+- ``.json``: an array of row objects, or ``{"workflowId", "bindings": {COLUMN: "NODE.FIELD"},
+  "defaults": {COLUMN or NODE.FIELD: value}, "rows": [...]}``.
+- ``.jsonl`` / ``.ndjson``: one row object per line.
+- ``.parquet``: read with pyarrow.
 
-- a column named ``NODE.FIELD`` (split at the first ``.``; node ids such as ``57:35`` are valid);
-- ``--bind COLUMN=NODE.FIELD`` or the JSON object's ``bindings``;
-- an explicit ``nodeInfoList`` (a list, or JSON text in a CSV cell).
+An output manifest written by rhbatch (``results.jsonl`` / ``.csv`` / ``.parquet``: it has a
+``nodeInfoList`` and a ``status`` or ``taskId`` column) loads back as a manifest: each row sends
+exactly the recorded ``workflowId``, ``nodeInfoList`` and ``options`` under the recorded ``row_id``;
+``inputs`` / ``inputs.*`` come back as metadata and every result field is ignored.
 
-Other columns are metadata: kept in the output manifest, never sent, and listed in
-:attr:`Manifest.unbound` so that an override that would do nothing is visible.
+Where node inputs come from: a column named ``NODE.FIELD`` whose node id is digits, optionally
+``:``-separated (``3.seed``, ``57:35.text``; split at the first dot); ``--bind COLUMN=NODE.FIELD``
+or the JSON ``bindings`` (any node id); an explicit ``nodeInfoList`` (a list, or JSON text in a CSV
+cell). Any other column is metadata: kept in :attr:`Row.inputs`, never sent, and listed in
+:attr:`Manifest.unbound`. ``nodeInfoList`` is sent in this order: explicit items, bound columns in
+file order, then constant ``defaults`` given as ``NODE.FIELD``. An explicit item and a bound column
+for the same node input in one row is an error.
 
-Types: JSON and Parquet values keep their types. A CSV column is typed by the schema when the schema
-declares a type for it, otherwise inferred over the whole column: all whole numbers (no leading
-zeros) -> int, all numbers -> float, all ``true``/``false`` -> bool, else text.
+Types: JSON, JSONL and Parquet values keep their types. A CSV column is read as the type its schema
+property declares (``properties`` or ``patternProperties``; for a ``--bind`` column, the one
+declared for its ``NODE.FIELD``): ``string`` keeps the text as is (``"42"`` stays text),
+``integer`` accepts whole numbers and also ``7.0`` (read as 7, as JSON Schema counts 7.0 as an
+integer; ``12.5`` is an error), ``number`` reads a float, ``boolean`` reads true/false (any case).
+Undeclared columns are inferred over the whole column: every non-empty cell an integer literal (no
+leading zeros, except ``0``) -> int; every cell a number -> float; every cell true/false -> bool;
+else text, byte for byte (no stripping; a leading ``=`` is just text). An integer-declared JSON
+float with no fraction is sent as an int. An empty cell (CSV) or a null/missing key (JSON) is
+``None``; in a bound column that is an error unless ``defaults`` gives the value. Cells are limited
+to 1 MiB of UTF-8.
 
-Validation: every row, as the object ``{row_id, workflowId, nodeInfoList, <options>, <input
-columns>}``, must satisfy ``schemas/manifest.schema.json`` or the user's ``--schema``. When the schema
-is a plain object schema (properties, required, additionalProperties), each distinct value of each
-column is validated once, which keeps a million-row manifest within seconds; other schemas are
-applied row by row. Every problem in the file is reported together, with the row number as the user
-counts it (the first data row is row 1; for CSV the physical line is given too), the column, the
-value and the fix.
+Validation: every row, as the object ``{row_id, workflowId, nodeInfoList, <options the row sets>,
+<input columns>}``, must satisfy ``schemas/manifest.schema.json`` or the ``--schema`` that replaces
+it. rhbatch also enforces, whatever the schema: ``workflowId`` is digits and not 0, ``row_id`` is
+unique and matches ``[A-Za-z0-9._:-]{1,128}``, every nodeInfoList item has nodeId, fieldName and a
+scalar fieldValue, and no two rows send the same request (``allow_duplicates`` keeps them, with
+derived ids suffixed ``-2``, ``-3``...). When the schema is a plain object schema (``properties``,
+``patternProperties``, ``additionalProperties``, ``required``), each distinct value of each column,
+each distinct nodeInfoList item and each option value is validated once, which keeps a
+million-row manifest within seconds; any other schema is applied to each row object in turn.
+Every problem is reported together in one :class:`ManifestError`.
+
+Row ids: a ``row_id`` column, or ``"r" + sha256(canonical JSON of [workflowId, nodeInfoList sorted
+by (nodeId, fieldName) as [nodeId, fieldName, fieldValue] triples, options])[:16 hex]``, which is
+stable across runs and column order. :attr:`Manifest.fingerprint` hashes every row's id and
+canonical content in order: it identifies "the same run".
+
+Rows share what they can: the item dicts of ``node_info_list`` are shared between rows with the same
+value, and an empty ``options`` is one shared dict. Treat them as read-only.
 """
 
 from __future__ import annotations
@@ -34,10 +62,13 @@ import csv
 import hashlib
 import io
 import json
-import operator
+import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -49,1023 +80,67 @@ from pipeline.errors import InputError, ManifestError, Problem, SchemaError
 SCHEMA_FILE = "manifest.schema.json"
 OPTION_FIELDS = ("instanceType", "usePersonalQueue", "addMetadata", "retainSeconds", "webhookUrl",
                  "webappId")
-SPECIAL = {"row_id", "workflowId", "nodeInfoList", "options", *OPTION_FIELDS}
-# Fields of an rhbatch output manifest that are results, not inputs.
-RESULT_FIELDS = {
+OPTION_TYPES = {"usePersonalQueue": "boolean", "addMetadata": "boolean", "retainSeconds": "integer"}
+SPECIAL_COLUMNS = frozenset({"row_id", "workflowId", "nodeInfoList", "options", *OPTION_FIELDS})
+# Fields of an rhbatch output manifest that are results, never inputs.
+RESULT_FIELDS = frozenset({
     "row", "status", "taskId", "fileUrls", "outputs", "coins", "taskCostTime", "error_code",
     "error", "failedReason", "attempts", "submitted_at", "finished_at", "files", "inputs",
-}
-MAX_CELL_BYTES = 1 << 20
-CSV_FIELD_LIMIT_CHARS = 4 * MAX_CELL_BYTES
-MAX_PROBLEMS = 1000
-ROW_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-INT_RE = re.compile(r"[+-]?(0|[1-9][0-9]*)")
-FLOAT_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-NODE_FIELD_RE = re.compile(r"([^.\s]+)\.(\S.*)")
-DECOMPOSABLE_KEYS = {
-    "$schema", "$id", "$defs", "definitions", "$comment", "title", "description", "type",
-    "properties", "required", "additionalProperties", "examples", "default",
-}
+})
+JSON_TOP_KEYS = ("workflowId", "bindings", "defaults", "rows", "description")
+MAX_CELL_BYTES = 1 << 20  # one cell or value, UTF-8
+MAX_JSON_DEPTH = 32  # nesting a manifest value may have (nodeInfoList needs 3)
+MAX_PROBLEMS_KEPT = 1000
+SHOWN_VALUE_CHARS = 60
+CSV_FIELD_LIMIT_CHARS = 64 << 20  # larger than MAX_CELL_BYTES so oversized cells get our message
+CSV_CHUNK_ROWS = 65536
+EXAMPLE_WORKFLOW_ID = "1904136902449209346"
 
+ROW_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+WORKFLOW_ID_RE = re.compile(r"[1-9][0-9]*")
+INT_RE = re.compile(r"[+-]?(?:0|[1-9][0-9]*)")
+NUMBER_RE = re.compile(r"[+-]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+COLUMN_TARGET_RE = re.compile(r"([0-9]+(?::[0-9]+)*)\.(\S(?:.*\S)?)", re.S)  # auto-bound columns
+TARGET_RE = re.compile(r"([^\s.=]+)\.(\S(?:.*\S)?)", re.S)  # --bind, bindings, defaults
+BOOL_TEXT = {"true": True, "false": False}
+# Root keywords that still let a row schema be checked one column at a time.
+DECOMPOSABLE_ROOT_KEYS = frozenset({
+    "$schema", "$id", "$defs", "definitions", "$comment", "title", "description", "examples",
+    "default", "deprecated", "readOnly", "writeOnly", "type", "properties", "patternProperties",
+    "additionalProperties", "required",
+})
+ANNOTATION_KEYS = frozenset({"title", "description", "$comment", "examples", "default", "format",
+                             "deprecated", "readOnly", "writeOnly"})
 
-def default_schema_path() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "schemas" / SCHEMA_FILE, here.parent / "schemas" / SCHEMA_FILE):
-        if candidate.is_file():
-            return candidate
-    raise SchemaError(f"The default schema {SCHEMA_FILE} is missing from the installation")
-
-
-def parse_binding(text: str) -> tuple[str, str, str]:
-    """``"seed=3.seed"`` -> ``("seed", "3", "seed")``."""
-    column, sep, target = text.partition("=")
-    match = NODE_FIELD_RE.fullmatch(target.strip())
-    if not sep or not column.strip() or not match:
-        raise InputError(
-            f"--bind {text!r} is not COLUMN=NODE.FIELD: write e.g. --bind seed=3.seed "
-            "(node id, a dot, then the input name from the workflow's API JSON)"
-        )
-    return column.strip(), match.group(1), match.group(2)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """What a row's columns mean; shared by every row of a manifest."""
-
-    columns: tuple[str, ...]  # input columns, in file order
-    targets: tuple[tuple[int, str, str], ...]  # (position in columns, nodeId, fieldName)
-    defaults: tuple[tuple[str, str, Any], ...]  # (nodeId, fieldName, value) sent when not bound
-
-    @property
-    def bound_pairs(self) -> frozenset[tuple[str, str]]:
-        return frozenset((node, name) for _, node, name in self.targets)
+_BAD: Any = type("_Bad", (), {"__repr__": lambda self: "<bad value>"})()  # a cell already reported
+_EMPTY_OPTIONS: dict[str, Any] = {}
+_ENC_NAN = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_ENC = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True,
+                        allow_nan=False).encode
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    index: int
-    number: int
+    """One row, ready to submit. ``node_info_list`` items may be shared between rows: read-only."""
+
+    index: int  # 0-based position in the input
+    number: int  # 1-based data row, as the user counts (the CSV header is not a row)
     row_id: str
     workflow_id: str
-    values: tuple[Any, ...]
-    layout: _Layout
-    explicit: tuple[dict[str, Any], ...] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def inputs(self) -> dict[str, Any]:
-        return dict(zip(self.layout.columns, self.values, strict=True))
-
-    @property
-    def node_info_list(self) -> tuple[dict[str, Any], ...]:
-        if self.explicit is not None:
-            return self.explicit
-        items = [
-            {"nodeId": node, "fieldName": name, "fieldValue": self.values[pos]}
-            for pos, node, name in self.layout.targets
-        ]
-        items.extend(
-            {"nodeId": node, "fieldName": name, "fieldValue": value}
-            for node, name, value in self.layout.defaults
-            if (node, name) not in self.layout.bound_pairs
-        )
-        return tuple(items)
+    node_info_list: tuple[dict[str, Any], ...]
+    inputs: dict[str, Any]  # input columns (not row_id/workflowId/nodeInfoList/options), typed
+    options: dict[str, Any]  # per-row task options: instanceType, usePersonalQueue, ...
 
 
 @dataclass(frozen=True)
 class Manifest:
-    source: str
+    source: str  # file name as given
     rows: list[Row]
-    columns: list[str]
-    bound: dict[str, str]
-    unbound: list[str]
-    fingerprint: str
-    duplicates: list[tuple[int, int]] = field(default_factory=list)
-
-
-# -- reading -------------------------------------------------------------------------------
-
-
-@dataclass
-class _Raw:
-    """Rows as read: a header and value lists (CSV), or dicts (JSON, JSONL, Parquet)."""
-
-    kind: str  # "table" (values are text) or "records" (typed)
-    columns: list[str]
-    rows: list[Any]
-    lines: list[int] | None = None  # CSV physical line of each row's start
-    workflow_id: str | None = None
-    bindings: dict[str, str] = field(default_factory=dict)
-    defaults: dict[str, Any] = field(default_factory=dict)
-
-
-class _Collector:
-    def __init__(self, source: str):
-        self.source = source
-        self.problems: list[Problem] = []
-        self.count = 0
-        self.lines: list[int] | None = None
-
-    def add(self, row: int | None, column: str | None, message: str) -> None:
-        self.count += 1
-        if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(Problem(row, column, message))
-
-    def raise_if_any(self) -> None:
-        if self.count:
-            problems = list(self.problems)
-            lines = self.lines
-            if lines is not None:  # CSV: the physical line too, as an editor shows it
-                problems = [
-                    Problem(p.row, p.column, f"(line {lines[p.row - 1]}) {p.message}")
-                    if p.row is not None and p.row <= len(lines)
-                    and not p.message.startswith("(line") else p
-                    for p in problems
-                ]
-            if self.count > len(problems):
-                problems.append(Problem(None, None, f"... {self.count - len(problems)} more problems"))
-            raise ManifestError(self.source, problems)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return repr(text) if isinstance(value, str) else text
-
-
-def _json_kind(value: Any) -> str:
-    """How JSON calls the type of ``value``: 'a string', 'a number', 'an array', ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _decode(data: bytes, source: str) -> str:
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ManifestError(source, [Problem(None, None,
-            f"line {line}: byte 0x{data[exc.start]:02x} is not UTF-8; re-save the file as UTF-8 "
-            "(in a spreadsheet: Save As, CSV UTF-8)")]) from None
-
-
-def _read_csv(path: Path, source: str, delimiter: str | None) -> _Raw:
-    text = _decode(path.read_bytes(), source)
-    if not text.strip():
-        raise ManifestError(source, [Problem(None, None, "the file is empty: add a header line "
-                                             "and at least one row")])
-    if delimiter is None:
-        head = text[:65536]
-        first = head.split("\n", 1)[0]
-        counts = {d: first.count(d) for d in (",", ";", "\t", "|")}
-        delimiter = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
-    # The csv module refuses fields over 128 KiB by default; cells up to MAX_CELL_BYTES are valid
-    # (and larger ones are reported as such, with row and column, further on).
-    if csv.field_size_limit() < CSV_FIELD_LIMIT_CHARS:
-        csv.field_size_limit(CSV_FIELD_LIMIT_CHARS)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    try:
-        header = next(reader)
-    except csv.Error as exc:
-        raise ManifestError(source, [Problem(None, None, f"line 1: {exc}")]) from None
-    header = [h.strip() for h in header]
-    problems = _Collector(source)
-    seen: set[str] = set()
-    for name in header:
-        if not name:
-            problems.add(None, None, "the header has an empty column name: name every column")
-        elif name in seen:
-            problems.add(None, name, "the column appears twice in the header: rename one")
-        seen.add(name)
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    width = len(header)
-    start = reader.line_num + 1
-    try:
-        for values in reader:
-            number = len(rows) + 1
-            if not values or (len(values) == 1 and values[0] == "" and width > 1):
-                start = reader.line_num + 1
-                continue  # blank line
-            if len(values) != width:
-                problems.add(number, None, f"(line {start}) has {len(values)} cells but the header "
-                             f"has {width}: fix the row or quote cells that contain {delimiter!r}")
-            rows.append(values)
-            lines.append(start)
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        detail = str(exc)
-        if "field larger than field limit" in detail:
-            detail = (f"a cell is over {CSV_FIELD_LIMIT_CHARS} characters, far past the 1 MiB "
-                      "limit (often a quote that is never closed)")
-        problems.add(len(rows) + 1, None, f"(line {reader.line_num}) {detail}: check the quotes")
-    problems.raise_if_any()
-    if not rows:
-        raise ManifestError(source, [Problem(None, None, "the file has a header but no rows: add "
-                                             "at least one row")])
-    return _Raw("table", header, rows, lines)
-
-
-def _check_depth(value: Any, limit: int = 64) -> None:
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            raise RecursionError
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-
-
-def _read_json(path: Path, source: str) -> _Raw:
-    text = _decode(path.read_bytes(), source)
-    try:
-        data = json.loads(text)
-        _check_depth(data)
-    except RecursionError:
-        raise ManifestError(source, [Problem(None, None, "the JSON is nested too deeply: a row "
-                                             "is a flat object of column values")]) from None
-    except ValueError as exc:
-        raise ManifestError(source, [Problem(None, None, f"not valid JSON: {exc}")]) from None
-    raw = _Raw("records", [], [])
-    if isinstance(data, dict):
-        unknown = set(data) - {"workflowId", "bindings", "defaults", "rows", "description"}
-        if "rows" not in data or not isinstance(data["rows"], list):
-            raise ManifestError(source, [Problem(None, None,
-                'a JSON manifest object needs "rows": a list of row objects '
-                '(optionally with "workflowId", "bindings" and "defaults")')])
-        if unknown:
-            raise ManifestError(source, [Problem(None, None,
-                f"unknown top-level key(s) {', '.join(sorted(unknown))}: allowed are workflowId, "
-                "bindings, defaults, rows")])
-        if data.get("workflowId") is not None:
-            raw.workflow_id = str(data["workflowId"])
-        bindings = data.get("bindings") or {}
-        defaults = data.get("defaults") or {}
-        if not isinstance(bindings, dict) or not all(isinstance(v, str) for v in bindings.values()):
-            raise ManifestError(source, [Problem(None, None,
-                '"bindings" must map column names to "NODE.FIELD" strings')])
-        if not isinstance(defaults, dict):
-            raise ManifestError(source, [Problem(None, None,
-                '"defaults" must map columns or NODE.FIELD names to values')])
-        raw.bindings, raw.defaults = dict(bindings), dict(defaults)
-        data = data["rows"]
-    if not isinstance(data, list):
-        raise ManifestError(source, [Problem(None, None,
-            f"the JSON is {_json_kind(data)}; expected an array of row objects or an object "
-            'with "rows"')])
-    raw.rows = data
-    return raw
-
-
-def _read_jsonl(path: Path, source: str) -> _Raw:
-    text = _decode(path.read_bytes(), source)
-    problems = _Collector(source)
-    rows: list[Any] = []
-    lines: list[int] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-            _check_depth(value)
-        except RecursionError:
-            problems.add(len(rows) + 1, None, f"(line {line_no}) the JSON is nested too deeply")
-            continue
-        except ValueError as exc:
-            problems.add(len(rows) + 1, None, f"(line {line_no}) not valid JSON: {exc}")
-            continue
-        rows.append(value)
-        lines.append(line_no)
-    problems.raise_if_any()
-    if not rows:
-        raise ManifestError(source, [Problem(None, None, "the file has no rows: write one JSON "
-                                             "object per line")])
-    return _Raw("records", [], rows, lines)
-
-
-def _read_parquet(path: Path, source: str) -> _Raw:
-    try:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-        raise ManifestError(source, [Problem(None, None, f"not a readable Parquet file: {exc}")]) \
-            from None
-    return _Raw("records", list(table.column_names), table.to_pylist())
-
-
-def _read(path: Path, source: str) -> _Raw:
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(path, source, None)
-    if suffix == ".tsv":
-        return _read_csv(path, source, "\t")
-    if suffix == ".json":
-        return _read_json(path, source)
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path, source)
-    if suffix in (".parquet", ".pq"):
-        return _read_parquet(path, source)
-    raise InputError(f"{source}: unknown manifest format {suffix or '(no extension)'!r}: use .csv, "
-                     ".tsv, .json, .jsonl or .parquet")
-
-
-# -- schema ------------------------------------------------------------------------------
-
-
-def load_schema(path: str | Path | None) -> dict[str, Any]:
-    schema_path = Path(path) if path else default_schema_path()
-    try:
-        schema = json.loads(schema_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SchemaError(f"Cannot read schema {schema_path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise SchemaError(f"Schema {schema_path} is not valid JSON: {exc}") from None
-    try:
-        Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path) or "(root)"
-        raise SchemaError(f"Schema {schema_path} is not a valid JSON Schema at {where}: "
-                          f"{exc.message}") from None
-    return schema
-
-
-class _RowValidator:
-    """Validates row objects; per distinct (column, value) when the schema allows it."""
-
-    def __init__(self, schema: dict[str, Any]):
-        self.schema = schema
-        self.validator = Draft202012Validator(schema)
-        self.properties: dict[str, Any] = schema.get("properties", {}) if isinstance(
-            schema.get("properties"), dict) else {}
-        self.required = list(schema.get("required", []))
-        self.additional = schema.get("additionalProperties", True)
-        self.decomposable = (
-            isinstance(schema, dict)
-            and set(schema) <= DECOMPOSABLE_KEYS
-            and schema.get("type", "object") == "object"
-        )
-        nli = self.properties.get("nodeInfoList")
-        self.nli_items = None
-        if isinstance(nli, dict) and set(nli) <= {"type", "items", "description", "title",
-                                                  "minItems"} and nli.get("minItems", 0) <= 1:
-            self.nli_items = nli.get("items")
-        self._cache: dict[tuple[Any, ...], list[str]] = {}
-        default_props = _default_properties()
-        # Our own code enforces these exactly; skip per-row schema work for them when unchanged.
-        self.skip = {k for k in ("row_id",) if self.properties.get(k) == default_props.get(k)}
-
-    def _subschema(self, key: str) -> Any:
-        if key in self.properties:
-            return self.properties[key]
-        return self.additional
-
-    def _errors(self, key: str, value: Any, schema: Any, instance: Any = None) -> list[str]:
-        if isinstance(value, tuple):
-            cache_key: tuple[Any, ...] = (key, tuple, *(_vkey(v) for v in value))
-            value = instance
-        elif value is None or isinstance(value, str | int | float | bool):
-            cache_key = (key, type(value), value)
-        else:
-            try:
-                cache_key = (key, dict, json.dumps(value, sort_keys=True, default=str))
-            except (TypeError, ValueError):
-                cache_key = (key, object, repr(value))
-        known = self._cache.get(cache_key)
-        if known is None:
-            if schema is False:
-                known = ["is not an allowed column"]
-            elif schema is True:
-                known = []
-            else:
-                known = [_message(e) for e in self.validator.descend(value, schema, path=key)]
-            if len(self._cache) < 2_000_000:
-                self._cache[cache_key] = known
-        return known
-
-    def errors_of_value(self, key: str, value: Any) -> list[str]:
-        if key in self.skip:
-            return []
-        return self._errors(key, value, self._subschema(key))
-
-    def nli_errors(self, nli: Sequence[dict[str, Any]]) -> list[tuple[str | None, str]]:
-        if self.nli_items is None:
-            return [("nodeInfoList", m) for m in self._errors(
-                "nodeInfoList", [dict(x) for x in nli], self._subschema("nodeInfoList"))]
-        out: list[tuple[str | None, str]] = []
-        for item in nli:
-            key = (item["nodeId"], item["fieldName"], item["fieldValue"])
-            out.extend(("nodeInfoList", m) for m in self._errors(
-                "nodeInfoList[]", key, self.nli_items, item))
-        return out
-
-    def missing_required(self, options: dict[str, Any], columns: Sequence[str]
-                         ) -> list[tuple[str | None, str]]:
-        present = {"row_id", "workflowId", "nodeInfoList", *options, *columns}
-        return [(key, "is missing: add this column (the schema requires it)")
-                for key in self.required if key not in present]
-
-    def errors_of(
-        self,
-        row_id: str,
-        workflow_id: str,
-        nli: Sequence[dict[str, Any]],
-        options: dict[str, Any],
-        columns: Sequence[str],
-        values: Sequence[Any],
-    ) -> list[tuple[str | None, str]]:
-        """:meth:`errors` for the row object, without building it (decomposable schemas only)."""
-        out: list[tuple[str | None, str]] = []
-        present = {"row_id", "workflowId", "nodeInfoList", *options, *columns}
-        for key in self.required:
-            if key not in present:
-                out.append((key, "is missing: add this column (the schema requires it)"))
-        if "row_id" not in self.skip:
-            out.extend(("row_id", m) for m in self._errors("row_id", row_id, self._subschema("row_id")))
-        out.extend(("workflowId", m) for m in self._errors("workflowId", workflow_id,
-                                                            self._subschema("workflowId")))
-        if self.nli_items is not None:
-            for item in nli:
-                key = (item["nodeId"], item["fieldName"], item["fieldValue"])
-                out.extend(("nodeInfoList", m) for m in self._errors(
-                    "nodeInfoList[]", key, self.nli_items, item))
-        else:
-            out.extend(("nodeInfoList", m) for m in self._errors(
-                "nodeInfoList", [dict(x) for x in nli], self._subschema("nodeInfoList")))
-        for key, value in options.items():
-            out.extend((key, m) for m in self._errors(key, value, self._subschema(key)))
-        for key, value in zip(columns, values, strict=True):
-            out.extend((key, m) for m in self._errors(key, value, self._subschema(key)))
-        return out
-
-    def errors(self, obj: dict[str, Any]) -> Iterator[tuple[str | None, str]]:
-        if not self.decomposable:
-            for error in self.validator.iter_errors(obj):
-                column = str(error.path[0]) if error.path else None
-                yield column, _message(error)
-            return
-        for key in self.required:
-            if key not in obj:
-                yield key, "is missing: add this column (the schema requires it)"
-        for key, value in obj.items():
-            if key in self.skip:
-                continue
-            schema = self._subschema(key)
-            if key == "nodeInfoList" and self.nli_items is not None and isinstance(value, list):
-                for item in value:
-                    for message in self._errors(
-                        "nodeInfoList[]", (item["nodeId"], item["fieldName"], item["fieldValue"]),
-                        self.nli_items, item,
-                    ):
-                        yield key, message
-                continue
-            for message in self._errors(key, value, schema):
-                yield key, message
-
-
-_DEFAULTS: dict[str, Any] | None = None
-
-
-def _default_properties() -> dict[str, Any]:
-    global _DEFAULTS
-    if _DEFAULTS is None:
-        try:
-            _DEFAULTS = json.loads(default_schema_path().read_text(encoding="utf-8")).get(
-                "properties", {})
-        except (SchemaError, OSError, ValueError):
-            _DEFAULTS = {}
-    return _DEFAULTS
-
-
-def _message(error: jsonschema.ValidationError) -> str:
-    value = _short(error.instance)
-    validator = error.validator
-    schema = error.schema if isinstance(error.schema, dict) else {}
-    if validator == "type":
-        return f"{value} is not of type {schema.get('type')}"
-    if validator == "enum":
-        choices = ", ".join(json.dumps(c) for c in schema.get("enum", []))
-        return f"{value} is not one of {choices}"
-    if validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        return f"{value} breaks {validator} {schema.get(validator)}"
-    if validator in ("maxLength", "minLength"):
-        return f"{value} breaks {validator} {schema.get(validator)}"
-    if validator == "pattern":
-        return f"{value} does not match {schema.get('pattern')!r}"
-    if validator == "required":
-        return error.message
-    text = error.message
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-# -- building rows -------------------------------------------------------------------------
-
-
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-
-
-def _canonical_nli(items: Iterable[dict[str, Any]]) -> list[list[Any]]:
-    return sorted(([str(i["nodeId"]), str(i["fieldName"]), i["fieldValue"]] for i in items),
-                  key=lambda t: (t[0], t[1]))
-
-
-def _content_key(workflow_id: str, nli: list[list[Any]], options: dict[str, Any]) -> str:
-    """sha256 hex of the canonical (workflowId, sorted nodeInfoList, options) of a row."""
-    # repr of str/int/float/bool is exact and stable, and several times cheaper than json here
-    text = repr((workflow_id, [tuple(item) for item in nli], sorted(options.items())))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _schema_types(schema: dict[str, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    props = schema.get("properties")
-    if isinstance(props, dict):
-        for name, sub in props.items():
-            if isinstance(sub, dict) and isinstance(sub.get("type"), str):
-                out[name] = sub["type"]
-    return out
-
-
-def _to_int(text: str) -> int | None:
-    if INT_RE.fullmatch(text):
-        return int(text)
-    if FLOAT_RE.fullmatch(text):
-        number = float(text)
-        if number.is_integer():
-            return int(number)
-    return None
-
-
-def _type_column(name: str, cells: list[str], declared: str | None, problems: _Collector,
-                 bound: bool) -> list[Any]:
-    """Typed values for one CSV column; empty cells become None."""
-    stripped = [c.strip() for c in cells]
-    non_empty = [c for c in stripped if c != ""]
-    kind = declared
-    inferred = False
-    if kind is None:
-        inferred = True
-        if non_empty and all(INT_RE.fullmatch(c) for c in non_empty) and not any(
-            len(c.lstrip("+-")) > 1 and c.lstrip("+-").startswith("0") for c in non_empty
-        ):
-            kind = "integer"
-        elif non_empty and all(FLOAT_RE.fullmatch(c) for c in non_empty):
-            kind = "number"
-        elif non_empty and all(c.lower() in ("true", "false") for c in non_empty):
-            kind = "boolean"
-        else:
-            kind = "string"
-    if inferred and kind == "integer":
-        return [int(t) if t else None for t in stripped]
-    if inferred and kind == "number":
-        floats: dict[str, float] = {}
-        return [(floats.get(t) or floats.setdefault(t, float(t))) if t else None for t in stripped]
-    if kind == "string":
-        interned: dict[str, str] = {}
-        return [interned.setdefault(c, c) if c != "" else None for c in cells]
-    out: list[Any] = []
-    intern: dict[str, str] = {}
-    for number, (raw, text) in enumerate(zip(cells, stripped, strict=True), start=1):
-        if text == "" and kind != "string":
-            out.append(None)
-            continue
-        if kind == "integer":
-            value = _to_int(text)
-            if value is None:
-                problems.add(number, name, f"{_short(raw)} is not a whole number: write digits "
-                             "only, e.g. 42")
-            out.append(value)
-        elif kind == "number":
-            if FLOAT_RE.fullmatch(text):
-                out.append(float(text))
-            else:
-                problems.add(number, name, f"{_short(raw)} is not a number: write e.g. 7.5")
-                out.append(None)
-        elif kind == "boolean":
-            if text.lower() in ("true", "false"):
-                out.append(text.lower() == "true")
-            else:
-                problems.add(number, name, f"{_short(raw)} is not true or false")
-                out.append(None)
-        else:
-            if raw == "":
-                out.append(None)
-            else:
-                out.append(intern.setdefault(raw, raw))
-    return out
-
-
-def load_manifest(
-    path: str | Path,
-    *,
-    binds: Sequence[str] = (),
-    workflow_id: str | None = None,
-    schema_path: str | Path | None = None,
-    allow_duplicates: bool = False,
-) -> Manifest:
-    """Read, type, bind and validate every row of ``path``; raise ManifestError listing every problem."""
-    path = Path(path)
-    source = str(path)
-    if not path.is_file():
-        raise InputError(f"{source}: no such file")
-    schema = load_schema(schema_path)
-    validator = _RowValidator(schema)
-    declared = _schema_types(schema)
-    raw = _read(path, source)
-    problems = _Collector(source)
-    if raw.kind == "table":
-        problems.lines = raw.lines
-
-    bind_map: dict[str, tuple[str, str]] = {}
-    for column, target in raw.bindings.items():
-        match = NODE_FIELD_RE.fullmatch(target)
-        if not match:
-            problems.add(None, column, f'binding {target!r} is not "NODE.FIELD": write e.g. "6.text"')
-            continue
-        bind_map[column] = (match.group(1), match.group(2))
-    for text in binds:
-        column, node, name = parse_binding(text)
-        bind_map[column] = (node, name)
-    for column in bind_map:
-        if column in SPECIAL:
-            problems.add(None, column, f"is a reserved column ({', '.join(sorted(SPECIAL))}) and "
-                         "cannot be bound to a node input: rename the column in the file")
-
-    # Normalise records into a table of columns.
-    if raw.kind == "records":
-        columns: list[str] = list(raw.columns)
-        seen = set(columns)
-        records: list[dict[str, Any]] = []
-        for number, record in enumerate(raw.rows, start=1):
-            if not isinstance(record, dict):
-                problems.add(number, None, f"is {_json_kind(record)} ({_short(record)}), not an "
-                             "object of column values: write each row as {\"column\": value, ...}")
-                records.append({})
-                continue
-            records.append(record)
-            for key in record:
-                if key not in seen:
-                    seen.add(key)
-                    columns.append(key)
-        problems.raise_if_any()
-    else:
-        columns = list(raw.columns)
-        records = []
-
-    is_output = "nodeInfoList" in columns and bool(RESULT_FIELDS & set(columns))
-    input_columns = [
-        c for c in columns
-        if c not in SPECIAL and not (is_output and (c in RESULT_FIELDS or c.startswith("inputs.")))
-    ]
-    for column in bind_map:
-        if column not in columns:
-            problems.add(None, column, f"--bind names a column that does not exist; columns are: "
-                         f"{', '.join(columns)}")
-    problems.raise_if_any()
-
-    # Column values, typed.
-    n_rows = len(raw.rows)
-    values_by_column: dict[str, list[Any]] = {}
-    if raw.kind == "table":
-        position = {c: i for i, c in enumerate(columns)}
-        for column in columns:
-            pos = position[column]
-            cells = [r[pos] if pos < len(r) else "" for r in raw.rows]
-            for number, cell in enumerate(cells, start=1):
-                if len(cell) * 4 > MAX_CELL_BYTES and len(cell.encode("utf-8")) > MAX_CELL_BYTES:
-                    problems.add(number, column, f"the cell holds {len(cell.encode('utf-8'))} bytes; "
-                                 f"the limit is {MAX_CELL_BYTES} (1 MiB): shorten it")
-            if column in ("nodeInfoList", "options"):
-                values_by_column[column] = cells
-            elif column in ("row_id", "workflowId", "instanceType", "webhookUrl", "webappId"):
-                values_by_column[column] = [c.strip() or None for c in cells]
-            else:
-                kind = declared.get(column)
-                if column in ("usePersonalQueue", "addMetadata"):
-                    kind = kind or "boolean"
-                if column == "retainSeconds":
-                    kind = kind or "integer"
-                values_by_column[column] = _type_column(column, cells, kind, problems,
-                                                        column in bind_map)
-    else:
-        for column in columns:
-            values_by_column[column] = [r.get(column) for r in records]
-            for number, value in enumerate(values_by_column[column], start=1):
-                if isinstance(value, str) and len(value) * 4 > MAX_CELL_BYTES and \
-                        len(value.encode("utf-8")) > MAX_CELL_BYTES:
-                    problems.add(number, column, f"the value holds {len(value.encode('utf-8'))} "
-                                 f"bytes; the limit is {MAX_CELL_BYTES} (1 MiB): shorten it")
-
-    # Which columns feed which node input.
-    targets: list[tuple[int, str, str]] = []
-    bound: dict[str, str] = {}
-    unbound: list[str] = []
-    for pos, column in enumerate(input_columns):
-        if column in bind_map:
-            node, name = bind_map[column]
-        else:
-            match = NODE_FIELD_RE.fullmatch(column)
-            if not match:
-                unbound.append(column)
-                continue
-            node, name = match.group(1), match.group(2)
-        targets.append((pos, node, name))
-        bound[column] = f"{node}.{name}"
-    seen_targets: dict[tuple[str, str], str] = {}
-    for pos, node, name in targets:
-        column = input_columns[pos]
-        if (node, name) in seen_targets:
-            problems.add(None, column, f"feeds {node}.{name}, which column "
-                         f"{seen_targets[(node, name)]!r} already feeds: bind each input once")
-        seen_targets[(node, name)] = column
-    defaults: list[tuple[str, str, Any]] = []
-    default_by_column: dict[str, Any] = {}
-    for key, value in raw.defaults.items():
-        if key in bind_map or key in input_columns:
-            default_by_column[key] = value
-            if key not in bind_map and key not in bound:
-                continue
-            if key in bind_map and key not in input_columns:
-                node, name = bind_map[key]
-                defaults.append((node, name, value))
-            continue
-        match = NODE_FIELD_RE.fullmatch(key)
-        if match:
-            defaults.append((match.group(1), match.group(2), value))
-        else:
-            problems.add(None, key, 'a default must name a bound column or a "NODE.FIELD"')
-    layout = _Layout(tuple(input_columns), tuple(targets), tuple(defaults))
-    problems.raise_if_any()
-
-    rows: list[Row] = []
-    first_by_content: dict[Any, int] = {}
-    occurrences: dict[Any, int] = {}
-    explicit_ids: dict[str, int] = {}
-    duplicates: list[tuple[int, int]] = []
-    fingerprint = hashlib.sha256()
-    input_values = [values_by_column[c] for c in input_columns]
-    target_positions = {pos for pos, _, _ in targets}
-    decomposable = validator.decomposable
-    workflow_intern: dict[str, str] = {}
-    wf_checked: dict[str, list[str]] = {}
-    column_nli_checked = False
-    # Empty, NaN and nested values in bound columns, column by column.
-    for pos in sorted(target_positions):
-        column = input_columns[pos]
-        col = input_values[pos] = list(input_values[pos])
-        for i, value in enumerate(col):
-            if value is None:
-                if column in default_by_column:
-                    col[i] = default_by_column[column]
-                else:
-                    problems.add(i + 1, column, f"is empty, so {bound[column]} has no value to "
-                                 "send: fill it in (or give a default)")
-            elif value.__class__ is float and value != value:
-                problems.add(i + 1, column, "is NaN: write a number")
-            elif isinstance(value, dict | list):
-                problems.add(i + 1, column, f"{_short(value)} is not a single value: node inputs "
-                             "take text, numbers or true/false")
-    if raw.kind == "table":
-        # A spreadsheet saved without evaluating a formula leaves "=..." text behind: sending it as
-        # a prompt would pay for a task that renders the formula. JSON manifests are typed on
-        # purpose, so a literal "=" there is taken as meant.
-        for pos in sorted(target_positions):
-            col = input_values[pos]
-            if not any(v.__class__ is str and v[:1] == "=" for v in set(col)):
-                continue
-            for i, value in enumerate(col):
-                if value.__class__ is str and value[:1] == "=":
-                    problems.add(i + 1, input_columns[pos], f"{_short(value)} starts with \"=\" like "
-                                 "a spreadsheet formula saved without its value: in the "
-                                 "spreadsheet paste values only and save again, or write literal "
-                                 "text starting with \"=\" in a JSON or JSONL manifest")
-    column_bad: list[tuple[int, dict[Any, list[str]]]] = []
-    if decomposable:
-        # Each distinct value of each column is validated once, as a column value and, for a
-        # bound column, as the nodeInfoList item it becomes.
-        target_of = {pos: (node, name) for pos, node, name in targets}
-        for pos, column in enumerate(input_columns):
-            bad: dict[Any, list[str]] = {}
-            column_values = input_values[pos]
-            try:
-                distinct = {(v.__class__, v): v for v in column_values}.items()
-            except TypeError:  # unhashable values (JSON objects): one by one
-                distinct = {_vkey(v): v for v in column_values}.items()
-            for _, value in distinct:
-                key = _vkey(value)
-                if pos in target_of and (value is None or isinstance(value, dict | list)):
-                    continue  # reported above as empty or not a single value
-                messages = validator.errors_of_value(column, value)
-                if pos in target_of:
-                    node, name = target_of[pos]
-                    messages = messages + [m for _, m in validator.nli_errors(
-                        [{"nodeId": node, "fieldName": name, "fieldValue": value}])]
-                if messages:
-                    bad[key] = messages
-            column_bad.append((pos, bad))
-    get = values_by_column.get
-    row_ids, workflow_ids = get("row_id"), get("workflowId")
-    explicit_lists, option_cells = get("nodeInfoList"), get("options")
-    option_columns = [(c, values_by_column[c]) for c in OPTION_FIELDS if c in values_by_column]
-
-    bound_pairs = {(node, name) for _, node, name in targets}
-    order = sorted(
-        [(node, name, pos, None) for pos, node, name in targets]
-        + [(node, name, -1, value) for node, name, value in defaults if (node, name) not in bound_pairs],
-        key=lambda t: (t[0], t[1]),
-    )
-    constant_wf = workflow_id or raw.workflow_id
-    bound_positions = [pos for _, _, pos, _ in order if pos >= 0]
-    pick_bound = operator.itemgetter(*bound_positions) if bound_positions else None
-    fingerprint.update(repr((layout.targets, layout.defaults)).encode())
-    no_options = option_cells is None and not option_columns
-    empty_options: dict[str, Any] = {}
-    all_values = zip(*input_values, strict=True) if input_values else iter([()] * n_rows)
-
-    for i, value_tuple in enumerate(all_values):
-        number = i + 1
-        values = value_tuple
-        wf = workflow_ids[i] if workflow_ids else None
-        wf = str(wf).strip() if wf not in (None, "") else constant_wf
-        if wf not in wf_checked:
-            if wf is None:
-                problems.add(number, "workflowId", "has no workflow id: add a workflowId column or "
-                             "pass --workflow-id")
-            elif not (wf.isdigit() and int(wf) > 0):
-                problems.add(number, "workflowId", f"{_short(wf)} is not a workflow id: use the "
-                             "digits from the workflow's URL, e.g. 1904136902449209346")
-            else:
-                wf_checked[wf] = validator.errors_of_value("workflowId", wf) if decomposable else []
-        if wf is None:
-            wf = ""
-        options: dict[str, Any] = empty_options
-        if not no_options:
-            options = {}
-            if option_cells is not None:
-                cell = option_cells[i]
-                if isinstance(cell, str) and cell.strip():
-                    try:
-                        cell = json.loads(cell)
-                    except ValueError:
-                        problems.add(number, "options", "is not JSON: write an object like "
-                                     '{"instanceType": "plus"}')
-                        cell = None
-                if isinstance(cell, dict):
-                    options.update({k: v for k, v in cell.items() if v is not None})
-                elif cell not in (None, ""):
-                    problems.add(number, "options", "must be an object of task options")
-            for column, column_values in option_columns:
-                if column_values[i] not in (None, ""):
-                    options[column] = column_values[i]
-        explicit = None
-        has_explicit = explicit_lists is not None and explicit_lists[i] not in (None, "")
-        if has_explicit:
-            explicit = _explicit_list(explicit_lists[i], number, problems)
-            if explicit is not None:
-                clash = {(str(e["nodeId"]), str(e["fieldName"])) for e in explicit} & bound_pairs
-                if clash and not is_output:
-                    node, name = sorted(clash)[0]
-                    problems.add(number, f"{node}.{name}", "is set both by a column and by "
-                                 "nodeInfoList: keep one")
-        options_key = tuple(sorted(options.items(), key=lambda kv: kv[0])) if options else None
-        if explicit is not None:
-            canon = _canonical_nli(explicit)
-            sent: Any = _ENCODER.encode(canon)
-        else:
-            canon = None
-            sent = pick_bound(values) if pick_bound else ()
-            if not order and not options.get("webappId") and not has_explicit:
-                problems.add(number, None, "sends no node inputs: add NODE.FIELD columns, --bind, "
-                             "or a nodeInfoList")
-        dup_key = (wf, sent, options_key)
-        given = row_ids[i] if row_ids else None
-        if given is not None and given != "":
-            row_id = str(given)
-            if not ROW_ID_RE.fullmatch(row_id):
-                problems.add(number, "row_id", f"{_short(row_id)} may only use letters, digits and "
-                             ". _ : - (at most 128): rename it")
-            elif row_id in explicit_ids:
-                problems.add(number, "row_id", f"{_short(row_id)} is also the id of row "
-                             f"{explicit_ids[row_id]}: row ids must be unique")
-            explicit_ids.setdefault(row_id, number)
-        else:
-            if canon is None:
-                canon = [[n, f, values[pos] if pos >= 0 else const] for n, f, pos, const in order]
-            row_id = "r" + _content_key(wf, canon, options)[:16]
-        try:
-            earlier = first_by_content.get(dup_key)
-        except TypeError:  # a nested value (reported as a problem) cannot be a key as it is
-            dup_key = json.dumps(dup_key, sort_keys=True, default=str)
-            earlier = first_by_content.get(dup_key)
-        if earlier is not None:
-            if not allow_duplicates:
-                problems.add(number, None, f"sends the same workflow and node inputs as row "
-                             f"{earlier} (ComfyUI may treat it as a cached no-op): remove it, or "
-                             "pass --allow-duplicates to keep it on purpose")
-            else:
-                duplicates.append((number, earlier))
-                occurrences[dup_key] = occurrences.get(dup_key, 1) + 1
-                if given in (None, ""):
-                    row_id = f"{row_id}-{occurrences[dup_key]}"
-        else:
-            first_by_content[dup_key] = number
-        fingerprint.update(repr((row_id, dup_key)).encode())
-        if decomposable:
-            check = []
-            for pos, bad in column_bad:
-                value = values[pos]
-                if bad and _vkey(value) in bad:
-                    check.extend((input_columns[pos], m) for m in bad[_vkey(value)])
-            check.extend(("workflowId", m) for m in wf_checked.get(wf, ()))
-            if "row_id" not in validator.skip:
-                check.extend(("row_id", m) for m in validator.errors_of_value("row_id", row_id))
-            if explicit is not None:
-                check.extend(validator.nli_errors(explicit))
-            for key, value in options.items():
-                check.extend((key, m) for m in validator.errors_of_value(key, value))
-            if not column_nli_checked:
-                check.extend(validator.nli_errors(
-                    [{"nodeId": n, "fieldName": f, "fieldValue": v} for n, f, v in defaults]))
-                check.extend(validator.missing_required(options, input_columns))
-                column_nli_checked = True
-            elif options:
-                check.extend(validator.missing_required(options, input_columns))
-        else:
-            full = Row(i, number, row_id, wf, tuple(values), layout, explicit, options)
-            obj: dict[str, Any] = {"row_id": row_id, "workflowId": wf,
-                                   "nodeInfoList": [dict(x) for x in full.node_info_list],
-                                   **options}
-            for pos, column in enumerate(input_columns):
-                obj[column] = values[pos]
-            check = validator.errors(obj)
-        for column, message in check:
-            problems.add(number, column, f"{message}{_fix_hint(column, message)}")
-        row = Row(i, number, row_id, workflow_intern.setdefault(wf, wf), values, layout, explicit,
-                  options)
-        rows.append(row)
-    problems.raise_if_any()
-    return Manifest(
-        source=source,
-        rows=rows,
-        columns=input_columns,
-        bound=bound,
-        unbound=unbound,
-        fingerprint=fingerprint.hexdigest(),
-        duplicates=duplicates,
-    )
-
-
-def _vkey(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool):
-        return (type(value), value)
-    return (object, json.dumps(value, sort_keys=True, default=str))
-
-
-def _fix_hint(column: str | None, message: str) -> str:
-    if "is not of type" in message:
-        return ": change the value, or the schema's type for this column"
-    if "breaks" in message or "is not one of" in message:
-        return ": change the value to one the schema allows"
-    return ""
-
-
-def _explicit_list(cell: Any, number: int, problems: _Collector) -> tuple[dict[str, Any], ...] | None:
-    if isinstance(cell, str):
-        try:
-            cell = json.loads(cell)
-        except ValueError as exc:
-            problems.add(number, "nodeInfoList", f"is not valid JSON ({exc.msg}): write a list like "
-                         '[{"nodeId": "6", "fieldName": "text", "fieldValue": "a cat"}]')
-            return None
-    if not isinstance(cell, list):
-        problems.add(number, "nodeInfoList", "must be a list of {nodeId, fieldName, fieldValue}")
-        return None
-    items = []
-    for k, item in enumerate(cell):
-        if not isinstance(item, dict) or not {"nodeId", "fieldName", "fieldValue"} <= set(item):
-            missing = (
-                sorted({"nodeId", "fieldName", "fieldValue"} - set(item))
-                if isinstance(item, dict) else ["nodeId", "fieldName", "fieldValue"]
-            )
-            problems.add(number, "nodeInfoList", f"item {k + 1} lacks {', '.join(missing)}: each "
-                         "item needs nodeId, fieldName and fieldValue")
-            return None
-        items.append({"nodeId": str(item["nodeId"]), "fieldName": str(item["fieldName"]),
-                      "fieldValue": item["fieldValue"]})
-    return tuple(items)
+    columns: list[str]  # input columns in file order
+    bound: dict[str, str]  # column -> "NODE.FIELD" for every column that feeds nodeInfoList
+    unbound: list[str]  # columns kept as metadata only, never sent
+    fingerprint: str  # sha256 over every row's (row_id, canonical content), in order
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (row number, earlier number)
 
 
 def make_row(
@@ -1077,8 +152,1307 @@ def make_row(
     inputs: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
 ) -> Row:
-    """A Row with an explicit nodeInfoList (for callers that build rows without a file)."""
-    inputs = inputs or {}
-    layout = _Layout(tuple(inputs), (), ())
-    return Row(index, number, row_id, workflow_id, tuple(inputs.values()), layout,
-               tuple(dict(item) for item in node_info_list), dict(options or {}))
+    """A :class:`Row` built without a file (callers that rewrite or synthesise rows)."""
+    return Row(index, number, row_id, workflow_id, tuple(dict(item) for item in node_info_list),
+               dict(inputs or {}), dict(options or {}))
+
+
+def default_schema_path() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "schemas" / SCHEMA_FILE, here.parent / "schemas" / SCHEMA_FILE):
+        if candidate.is_file():
+            return candidate
+    raise SchemaError(f"The default schema {SCHEMA_FILE} is missing from the installation: "
+                      "reinstall rhbatch")
+
+
+def parse_binding(text: str) -> tuple[str, str, str]:
+    """``"seed=3.seed"`` -> ``("seed", "3", "seed")``; raises InputError saying how to write it."""
+    column, sep, target = text.partition("=")
+    match = TARGET_RE.fullmatch(target.strip())
+    if not sep or not column.strip() or not match:
+        raise InputError(
+            f"--bind {text!r} is not COLUMN=NODE.FIELD: write e.g. --bind seed=3.seed (the column, "
+            "'=', the node id, a dot, then the input name from the workflow's API JSON)"
+        )
+    return column.strip(), match.group(1), match.group(2)
+
+
+# -- problems and messages ------------------------------------------------------------------
+
+
+class _Problems:
+    """Collects problems; keeps the first MAX_PROBLEMS_KEPT and counts the rest."""
+
+    def __init__(self, source: str, lines: Sequence[int] | None = None):
+        self.source = source
+        self.lines = lines
+        self.kept: list[Problem] = []
+        self.seen: set[tuple[int | None, str | None, str]] = set()
+        self.count = 0
+
+    def add(self, row: int | None, column: str | None, message: str) -> None:
+        key = (row, column, message)
+        if key in self.seen:
+            return
+        self.count += 1
+        if len(self.kept) < MAX_PROBLEMS_KEPT:
+            self.seen.add(key)
+            if row is not None and self.lines is not None and row <= len(self.lines) \
+                    and self.lines[row - 1] != row + 1:
+                message = f"{message} (CSV line {self.lines[row - 1]})"
+            self.kept.append(Problem(row, column, message))
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def raise_if_any(self) -> None:
+        if self.count:
+            problems = list(self.kept)
+            if self.count > len(problems):
+                problems.append(Problem(None, None, f"... and {self.count - len(problems)} more "
+                                                    "problems like these"))
+            raise ManifestError(self.source, problems)
+
+
+def _fail(source: str, message: str, row: int | None = None, column: str | None = None) -> ManifestError:
+    return ManifestError(source, [Problem(row, column, message)])
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, cut to SHOWN_VALUE_CHARS."""
+    if isinstance(value, str):
+        if len(value) > SHOWN_VALUE_CHARS:
+            return repr(value[: SHOWN_VALUE_CHARS - 3] + "...")
+        return repr(value)
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 3] + "..."
+
+
+_TYPE_WORDS = {
+    "integer": ("a whole number", "write digits only, e.g. 42"),
+    "number": ("a number", "write a number, e.g. 7.5"),
+    "boolean": ("true or false", "write true or false"),
+    "string": ("text", "write it as text (in JSON, in quotes)"),
+    "null": ("empty", "leave it empty"),
+    "array": ("a list", "write a JSON list"),
+    "object": ("an object", "write a JSON object"),
+}
+
+
+def _type_message(value: Any, types: Any) -> str:
+    if isinstance(value, dict | list):
+        return (f"{_show(value)} is not a single value: a column holds text, a number or "
+                "true/false")
+    names = [types] if isinstance(types, str) else list(types or [])
+    if not names:
+        return f"{_show(value)} has the wrong type: change it or the schema"
+    words = " or ".join(_TYPE_WORDS.get(n, (n, ""))[0] for n in names)
+    fix = _TYPE_WORDS.get(names[0], ("", "change it"))[1] if len(names) == 1 else "change it"
+    return f"{_show(value)} is not {words} (the schema requires it): {fix}"
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    """A jsonschema error as one short, human sentence with the value and the fix."""
+    value = error.instance
+    shown = _show(value)
+    kind = error.validator
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    arg = error.validator_value
+    if kind == "type":
+        return _type_message(value, arg)
+    if kind == "enum":
+        choices = ", ".join(_show(c) for c in arg)
+        return f"{shown} is not one of {choices}: use one of these"
+    if kind == "const":
+        return f"{shown} is not {_show(arg)}: the schema allows only that value"
+    if kind == "minimum":
+        return f"{shown} is less than the minimum {arg}: use {arg} or more"
+    if kind == "maximum":
+        return f"{shown} is more than the maximum {arg}: use {arg} or less"
+    if kind == "exclusiveMinimum":
+        return f"{shown} must be greater than {arg}: raise it"
+    if kind == "exclusiveMaximum":
+        return f"{shown} must be less than {arg}: lower it"
+    if kind == "multipleOf":
+        return f"{shown} is not a multiple of {arg}: round it"
+    if kind == "minLength":
+        return f"{shown} is shorter than {arg} characters: lengthen it"
+    if kind == "maxLength":
+        return f"{shown} is {len(value)} characters, more than {arg}: shorten it"
+    if kind == "pattern":
+        return f"{shown} does not match the pattern {arg!r}: change it to match"
+    if kind == "required":
+        missing = [k for k in arg if isinstance(value, dict) and k not in value]
+        return f"lacks {', '.join(missing) or arg}: the schema requires it"
+    if kind in ("additionalProperties", "unevaluatedProperties") and schema.get(kind) is False:
+        extra = sorted(set(value) - set(schema.get("properties", {}))) if isinstance(value, dict) else []
+        return f"has {', '.join(extra) or 'a key'} that the schema does not allow: remove it"
+    if kind is False or kind == "false":
+        return "is not allowed by the schema: remove it"
+    text = error.message
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{text} (schema rule {kind!r}): change the value or the schema"
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Table:
+    """Rows as read, column-major. ``text`` tables (CSV) hold str cells with ``""`` for empty;
+    others hold typed values with ``None`` for null or missing."""
+
+    columns: list[str]
+    cells: list[list[Any]]
+    n_rows: int
+    text: bool
+    lines: list[int] | None = None  # CSV line each row starts on
+    workflow_id: Any = None
+    bindings: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _decode(data: bytes, source: str) -> str:
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        bad = data[exc.start: exc.start + 4].hex(" ")
+        raise _fail(source, f"line {line} has bytes that are not UTF-8 ({bad}): re-save the file as "
+                    "UTF-8 (in a spreadsheet: Save As > CSV UTF-8)") from None
+
+
+def _sniff(text: str) -> str:
+    first = text.split("\n", 1)[0]
+    outside, quoted = [], False
+    for ch in first:
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted:
+            outside.append(ch)
+    plain = "".join(outside)
+    counts = {d: plain.count(d) for d in (",", ";", "\t", "|")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def _read_csv(path: Path, source: str, delimiter: str | None) -> _Table:
+    text = _decode(path.read_bytes(), source)
+    if not text.strip():
+        raise _fail(source, "the file is empty: write a header line (e.g. workflowId,6.text,3.seed) "
+                    "and at least one row")
+    delimiter = delimiter or _sniff(text)
+    if csv.field_size_limit() < CSV_FIELD_LIMIT_CHARS:
+        csv.field_size_limit(CSV_FIELD_LIMIT_CHARS)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    del text
+    problems = _Problems(source)
+    try:
+        header = next(reader)
+        while not any(h.strip() for h in header):  # leading blank lines
+            header = next(reader)
+    except StopIteration:
+        raise _fail(source, "the file is empty: write a header line and at least one row") from None
+    except csv.Error as exc:
+        raise _fail(source, f"line 1: {exc}: check the quotes in the header") from None
+    header = [h.strip() for h in header]
+    width = len(header)
+    columns: list[list[str]] = [[] for _ in header]
+    interns: list[dict[str, str] | None] = [{} for _ in header]
+    lines: list[int] = []
+    chunk: list[list[str]] = []
+    previous_end = reader.line_num
+
+    def flush() -> None:
+        for j, cells in enumerate(zip(*chunk, strict=True)):
+            seen = interns[j]
+            if seen is None:
+                columns[j].extend(cells)
+                continue
+            columns[j].extend(map(seen.setdefault, cells, cells))
+            if len(seen) > len(columns[j]) // 2 + 1024:  # mostly distinct: stop interning
+                interns[j] = None
+        chunk.clear()
+
+    try:
+        for values in reader:
+            start, previous_end = previous_end + 1, reader.line_num
+            if len(values) != width:
+                if not any(values):
+                    continue  # blank line
+                lines.append(start)
+                problems.add(len(lines), None, f"has {len(values)} cells but the header has {width} "
+                             f"(CSV line {start}): fix the row, or quote cells that contain "
+                             f"{delimiter!r}")
+                continue
+            if not any(values):
+                continue
+            lines.append(start)
+            chunk.append(values)
+            if len(chunk) >= CSV_CHUNK_ROWS:
+                flush()
+    except csv.Error as exc:
+        problems.add(len(lines) + 1, None, f"{exc} (CSV line {reader.line_num}): a quote is not "
+                     "closed; check the quotes from this row on")
+    problems.raise_if_any()
+    flush()
+    if not lines:
+        raise _fail(source, "the file has a header but no rows: add at least one row under the header")
+    keep = []
+    for j, name in enumerate(header):
+        if not name:
+            if any(columns[j]):
+                problems.add(None, None, f"column {j + 1} has no name in the header: name it")
+            continue  # a trailing delimiter on every line leaves a nameless, empty column
+        keep.append(j)
+    seen_names: set[str] = set()
+    for j in keep:
+        if header[j] in seen_names:
+            problems.add(None, header[j], "appears twice in the header: rename one of them")
+        seen_names.add(header[j])
+    problems.raise_if_any()
+    return _Table([header[j] for j in keep], [columns[j] for j in keep], len(lines), True, lines)
+
+
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return False
+
+
+_DEEP = (f"is nested more than {MAX_JSON_DEPTH} levels deep: a row is a flat object of column "
+         "values (only nodeInfoList and options hold lists or objects)")
+
+
+def _loads(text: str, source: str) -> Any:
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise _fail(source, f"the JSON {_DEEP}") from None
+    except ValueError as exc:
+        raise _fail(source, f"not valid JSON: {exc}: fix the syntax at that place") from None
+    if _too_deep(data):
+        raise _fail(source, f"the JSON {_DEEP}")
+    return data
+
+
+def _records_table(records: list[Any], source: str, lines: list[int] | None = None) -> _Table:
+    problems = _Problems(source)
+    order: dict[str, None] = {}
+    for number, record in enumerate(records, start=1):
+        where = f" (line {lines[number - 1]})" if lines else ""
+        if not isinstance(record, dict):
+            problems.add(number, None, f"is {_show(record)}, not an object of column values{where}: "
+                         'write {"column": value, ...}')
+            continue
+        for key in record:
+            if key not in order:
+                order[key] = None
+    problems.raise_if_any()
+    columns = list(order)
+    cells = [[r.get(c) for r in records] for c in columns]
+    return _Table(columns, cells, len(records), False)
+
+
+def _read_json(path: Path, source: str) -> _Table:
+    data = _loads(_decode(path.read_bytes(), source), source)
+    shape = ('expected an array of row objects, or an object {"workflowId": ..., "bindings": '
+             '{...}, "defaults": {...}, "rows": [...]}')
+    if isinstance(data, list):
+        if not data:
+            raise _fail(source, "the JSON array has no rows: add at least one row object")
+        return _records_table(data, source)
+    if not isinstance(data, dict):
+        raise _fail(source, f"the JSON is {_show(data)}; {shape}")
+    unknown = [k for k in data if k not in JSON_TOP_KEYS]
+    problems = _Problems(source)
+    if unknown:
+        problems.add(None, None, f"unknown top-level key(s) {', '.join(map(repr, unknown))}: "
+                     f"allowed are {', '.join(JSON_TOP_KEYS)}")
+    rows = data.get("rows")
+    if not isinstance(rows, list):
+        problems.add(None, None, f'the JSON object has no "rows" list; {shape}')
+    elif not rows:
+        problems.add(None, None, 'the "rows" list is empty: add at least one row object')
+    bindings = data.get("bindings", {})
+    if not isinstance(bindings, dict):
+        problems.add(None, None, '"bindings" must be an object mapping columns to "NODE.FIELD", '
+                     'e.g. {"prompt": "6.text"}')
+        bindings = {}
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        problems.add(None, None, '"defaults" must be an object mapping columns or "NODE.FIELD" '
+                     'to values, e.g. {"3.steps": 20}')
+        defaults = {}
+    problems.raise_if_any()
+    assert isinstance(rows, list)
+    table = _records_table(rows, source)
+    table.workflow_id, table.bindings, table.defaults = data.get("workflowId"), bindings, defaults
+    return table
+
+
+def _read_jsonl(path: Path, source: str) -> _Table:
+    text = _decode(path.read_bytes(), source)
+    problems = _Problems(source)
+    records: list[Any] = []
+    lines: list[int] = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        records.append(None)
+        lines.append(line_no)
+        try:
+            value = json.loads(line)
+        except RecursionError:
+            problems.add(len(records), None, f"(line {line_no}) {_DEEP}")
+            continue
+        except ValueError as exc:
+            problems.add(len(records), None, f"line {line_no} is not valid JSON ({exc}): write one "
+                         "complete JSON object per line")
+            continue
+        if (isinstance(value, dict) and any(isinstance(v, dict | list) for v in value.values())
+                and _too_deep(value)):
+            problems.add(len(records), None, f"(line {line_no}) {_DEEP}")
+            continue
+        records[-1] = value
+    problems.raise_if_any()
+    if not records:
+        raise _fail(source, "the file has no rows: write one JSON object per line")
+    return _records_table(records, source, lines)
+
+
+def _plain(value: Any) -> Any:
+    """Parquet scalars that JSON has no type for, as text (dates) or floats (decimals)."""
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    return value
+
+
+def _read_parquet(path: Path, source: str) -> _Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise _fail(source, f"not a readable Parquet file ({exc}): re-export it, or use CSV or "
+                    "JSONL") from None
+    if table.num_rows == 0:
+        raise _fail(source, "the Parquet file has no rows: add at least one row")
+    columns = list(table.column_names)
+    cells = []
+    for name in columns:
+        column = table.column(name)
+        values = column.to_pylist()
+        kind = column.type
+        if pa.types.is_temporal(kind) or pa.types.is_decimal(kind):
+            values = [_plain(v) for v in values]
+        cells.append(values)
+    return _Table(columns, cells, table.num_rows, False)
+
+
+def _read(path: Path, source: str) -> _Table:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path, source, None)
+    if suffix == ".tsv":
+        return _read_csv(path, source, "\t")
+    if suffix == ".json":
+        return _read_json(path, source)
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path, source)
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path, source)
+    raise InputError(f"{source}: unknown manifest format {suffix or '(no extension)'!r}: name the file "
+                     ".csv, .tsv, .json, .jsonl, .ndjson or .parquet")
+
+
+# -- the schema -----------------------------------------------------------------------------
+
+
+def _load_schema(schema_path: str | Path | None) -> tuple[dict[str, Any] | bool, Path]:
+    path = Path(schema_path) if schema_path is not None else default_schema_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SchemaError(f"Cannot read the schema {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SchemaError(f"The schema {path} is not UTF-8 text: re-save it as UTF-8") from None
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise SchemaError(f"The schema {path} is not valid JSON ({exc}): fix the JSON syntax") from None
+    try:
+        Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "(top level)"
+        raise SchemaError(f"The schema {path} is not a valid JSON Schema (draft 2020-12) at {where}: "
+                          f"{exc.message}") from None
+    except RecursionError:
+        raise SchemaError(f"The schema {path} is nested too deeply") from None
+    if not isinstance(schema, dict | bool):
+        raise SchemaError(f"The schema {path} must be a JSON object")
+    return schema, path
+
+
+@lru_cache(maxsize=1)
+def _builtin() -> dict[str, Any]:
+    schema, _ = _load_schema(None)
+    return schema if isinstance(schema, dict) else {}
+
+
+def _kind(value: Any) -> Any:
+    """What a type-only schema can tell apart about a value."""
+    if value.__class__ is float:
+        return "integral" if value.is_integer() else float
+    return value.__class__
+
+
+class _Rules:
+    """The row schema, applied per distinct value when it decomposes by property."""
+
+    def __init__(self, schema: dict[str, Any] | bool, path: Path):
+        self.path = path
+        self.root: dict[str, Any] = schema if isinstance(schema, dict) else {}
+        self.validator = Draft202012Validator(schema)
+        root = self.root
+        self.decomposable = (
+            isinstance(schema, dict) and set(root) <= DECOMPOSABLE_ROOT_KEYS
+            and root.get("type", "object") == "object"
+        ) or schema is True
+        props = root.get("properties", {})
+        self.properties: dict[str, Any] = props if isinstance(props, dict) else {}
+        patterns = root.get("patternProperties", {})
+        self.patterns = [(re.compile(p), s) for p, s in patterns.items()] \
+            if isinstance(patterns, dict) else []
+        self.additional = root.get("additionalProperties", True)
+        self.required: list[str] = list(root.get("required", [])) if self.decomposable else []
+        builtin = _builtin()
+        builtin_props = builtin.get("properties", {})
+        # rhbatch checks these itself with the same rule; no need to run the schema over 1M ids
+        self.code_checked = {k for k in ("row_id", "workflowId")
+                             if self.properties.get(k) == builtin_props.get(k)}
+        nli = self.properties.get("nodeInfoList")
+        self.items: Any = None  # the item schema, when nodeInfoList can be checked item by item
+        if isinstance(nli, dict) and set(nli) - ANNOTATION_KEYS <= {"type", "items"} \
+                and nli.get("type", "array") == "array":
+            self.items = nli.get("items", True)
+        self.items_by_kind = self.items == builtin_props.get("nodeInfoList", {}).get("items")
+        self._subs: dict[str, list[Any]] = {}
+        self._cache: dict[Any, list[str]] = {}
+
+    def _resolve(self, schema: Any) -> Any:
+        seen = 0
+        while isinstance(schema, dict) and set(schema) - ANNOTATION_KEYS == {"$ref"} and seen < 16:
+            ref = schema["$ref"]
+            if not isinstance(ref, str) or not ref.startswith("#/"):
+                return schema
+            target: Any = self.root
+            for part in ref[2:].split("/"):
+                part = part.replace("~1", "/").replace("~0", "~")
+                if not isinstance(target, dict) or part not in target:
+                    return schema
+                target = target[part]
+            schema, seen = target, seen + 1
+        return schema
+
+    def subschemas(self, key: str) -> list[Any]:
+        subs = self._subs.get(key)
+        if subs is None:
+            subs = [self.properties[key]] if key in self.properties else []
+            subs.extend(s for pattern, s in self.patterns if pattern.search(key))
+            if not subs:
+                subs.append(self.additional)
+            subs = [self._resolve(s) for s in subs]
+            self._subs[key] = subs
+        return subs
+
+    def declared_type(self, *keys: str) -> str | None:
+        """The one JSON type the schema declares for the first of ``keys`` that declares one."""
+        for key in keys:
+            if key not in self.properties and not any(p.search(key) for p, _ in self.patterns):
+                continue
+            for sub in self.subschemas(key):
+                kind = sub.get("type") if isinstance(sub, dict) else None
+                if isinstance(kind, list):
+                    kinds = [k for k in kind if k != "null"]
+                    kind = kinds[0] if len(kinds) == 1 else None
+                if isinstance(kind, str):
+                    return kind
+        return None
+
+    def _type_only(self, schema: Any) -> bool:
+        return isinstance(schema, dict) and set(schema) - ANNOTATION_KEYS <= {"type"}
+
+    def value_errors(self, key: str, value: Any) -> list[str]:
+        """Messages for ``value`` as the row object's ``key`` (decomposable schemas only)."""
+        subs = self.subschemas(key)
+        if all(s is True for s in subs):
+            return []
+        if all(self._type_only(s) or s is True or s is False for s in subs):
+            cache_key: Any = (key, _kind(value))
+        elif value is None or isinstance(value, str | int | float | bool):
+            cache_key = (key, value.__class__, value)
+        else:
+            cache_key = (key, "json", _ENC(value) if not _too_deep(value) else id(value))
+        known = self._cache.get(cache_key)
+        if known is None:
+            known = []
+            for sub in subs:
+                if sub is False:
+                    allowed = ", ".join(sorted(self.properties)) or "none"
+                    known.append(f"is not a column the schema allows (it allows: {allowed}): remove or "
+                                 "rename it, or allow it in the schema")
+                elif sub is not True:
+                    known.extend(_schema_message(e) for e in self.validator.descend(value, sub))
+            self._cache[cache_key] = known
+        return known
+
+    def item_errors(self, node: str, name: str, value: Any) -> list[str]:
+        """Messages for one nodeInfoList item, against the item schema."""
+        if self.items is None or self.items is True:
+            return []
+        if self.items_by_kind:
+            cache_key: Any = ("item", node, name, _kind(value))
+        else:
+            cache_key = ("item", node, name, value.__class__, value)
+        known = self._cache.get(cache_key)
+        if known is None:
+            item = {"nodeId": node, "fieldName": name, "fieldValue": value}
+            known = [_schema_message(e) for e in self.validator.descend(item, self.items)]
+            self._cache[cache_key] = known
+        return known
+
+    def list_errors(self, items: Sequence[dict[str, Any]]) -> list[str]:
+        """Messages for a whole nodeInfoList when its schema does not go item by item."""
+        sub = self.subschemas("nodeInfoList")
+        return [_schema_message(e) for s in sub if s is not True
+                for e in self.validator.descend([dict(i) for i in items], s)]
+
+    def row_errors(self, obj: dict[str, Any]) -> list[tuple[list[Any], str]]:
+        return [(list(e.absolute_path), _schema_message(e)) for e in self.validator.iter_errors(obj)]
+
+
+# -- typing cells ---------------------------------------------------------------------------
+
+
+def _parse_int(text: str) -> int | None:
+    t = text.strip()
+    if INT_RE.fullmatch(t):
+        return int(t)
+    if NUMBER_RE.fullmatch(t):
+        number = float(t)
+        if number.is_integer():
+            return int(number)
+    return None
+
+
+def _parse_number(text: str) -> float | None:
+    t = text.strip()
+    return float(t) if NUMBER_RE.fullmatch(t) and math.isfinite(float(t)) else None
+
+
+def _parse_bool(text: str) -> bool | None:
+    return BOOL_TEXT.get(text.strip().lower())
+
+
+_PARSERS = {"integer": _parse_int, "number": _parse_number, "boolean": _parse_bool}
+
+
+def _infer(distinct: Iterable[str]) -> str:
+    stripped = [t.strip() for t in distinct]
+    if not stripped:
+        return "string"
+    if all(INT_RE.fullmatch(t) for t in stripped):
+        return "integer"
+    if all(NUMBER_RE.fullmatch(t) for t in stripped):
+        return "number"
+    if all(t.lower() in BOOL_TEXT for t in stripped):
+        return "boolean"
+    return "string"
+
+
+# -- building rows --------------------------------------------------------------------------
+
+
+@dataclass
+class _Column:
+    name: str  # as in the file (for output manifests, ``inputs.`` removed)
+    values: list[Any]
+    target: tuple[str, str] | None = None  # (nodeId, fieldName) when it feeds nodeInfoList
+
+
+def _canonical_item(node: str, name: str, value: Any) -> str:
+    return _ENC([node, name, value])
+
+
+def _content_text(workflow_id: str, fragments: Iterable[str], options: dict[str, Any]) -> str:
+    """Canonical JSON of [workflowId, sorted [nodeId, fieldName, fieldValue] triples, options]."""
+    return f"[{_ENC(workflow_id)},[{','.join(fragments)}],{_ENC(options)}]"
+
+
+def content_key(workflow_id: str, node_info_list: Iterable[dict[str, Any]],
+                options: dict[str, Any] | None = None) -> str:
+    """sha256 hex of a row's canonical content; ``"r" + content_key(...)[:16]`` is its derived id."""
+    triples = sorted(([str(i["nodeId"]), str(i["fieldName"]), i["fieldValue"]] for i in node_info_list),
+                     key=lambda t: (t[0], t[1]))
+    text = _content_text(workflow_id, (_ENC(t) for t in triples), options or {})
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class _Builder:
+    def __init__(self, source: str, table: _Table, rules: _Rules, binds: list[tuple[str, str, str]],
+                 workflow_id: str | None, allow_duplicates: bool):
+        self.source = source
+        self.table = table
+        self.rules = rules
+        self.binds = binds
+        self.workflow_id = workflow_id
+        self.allow_duplicates = allow_duplicates
+        self.problems = _Problems(source, table.lines)
+        self.cells = dict(zip(table.columns, table.cells, strict=True))
+
+    # ---- columns
+
+    def layout(self) -> tuple[list[_Column], list[tuple[str, str, Any]], dict[str, Any]]:
+        """Input columns (with targets), constant node defaults, and option defaults."""
+        table, problems = self.table, self.problems
+        names = table.columns
+        is_output = "nodeInfoList" in self.cells and ("status" in self.cells or "taskId" in self.cells)
+        columns: list[_Column] = []
+        if is_output:
+            for name in names:
+                if name.startswith("inputs."):
+                    columns.append(_Column(name[len("inputs."):], self.cells[name]))
+                elif name not in RESULT_FIELDS and name not in SPECIAL_COLUMNS:
+                    columns.append(_Column(name, self.cells[name]))
+            recorded = self.cells.get("inputs")
+            if recorded is not None and not table.text:
+                keys: dict[str, None] = {}
+                for value in recorded:
+                    if isinstance(value, dict):
+                        keys.update(dict.fromkeys(value))
+                columns.extend(_Column(k, [v.get(k) if isinstance(v, dict) else None for v in recorded])
+                               for k in keys if k not in {c.name for c in columns})
+        else:
+            columns = [_Column(n, self.cells[n]) for n in names if n not in SPECIAL_COLUMNS]
+        by_name = {c.name: c for c in columns}
+
+        bind_map: dict[str, tuple[str, str]] = {}
+        for column, target in table.bindings.items():
+            match = TARGET_RE.fullmatch(target) if isinstance(target, str) else None
+            if match is None:
+                problems.add(None, column, f'bindings: {_show(target)} is not "NODE.FIELD": write '
+                             'e.g. "6.text"')
+                continue
+            bind_map[column] = (match.group(1), match.group(2))
+        for column, node, name in self.binds:
+            bind_map[column] = (node, name)
+        column_defaults: dict[str, Any] = {}
+        node_defaults: list[tuple[str, str, Any]] = []
+        option_defaults: dict[str, Any] = {}
+        for key, value in table.defaults.items():
+            if isinstance(value, dict | list) or (isinstance(value, float) and not math.isfinite(value)):
+                problems.add(None, f"defaults.{key}", f"{_show(value)} is not a single value: "
+                             "a default is text, a number or true/false")
+            elif key in OPTION_FIELDS:
+                option_defaults[key] = value
+            elif key in by_name or key in bind_map:
+                column_defaults[key] = value
+            elif (match := TARGET_RE.fullmatch(key)) is not None:
+                node_defaults.append((match.group(1), match.group(2), value))
+            else:
+                problems.add(None, f"defaults.{key}", 'names neither a column nor a "NODE.FIELD": '
+                             'write e.g. "3.steps": 20')
+        for column in bind_map:
+            if column not in by_name:
+                if column in column_defaults:  # bound and defaulted, absent from every row
+                    by_name[column] = _Column(column, [None] * table.n_rows)
+                    columns.append(by_name[column])
+                    continue
+                existing = ", ".join(c.name for c in columns) or "(none)"
+                problems.add(None, column, f"is bound to {'.'.join(bind_map[column])} but there is no "
+                             f"such column; the columns are: {existing}")
+        for column in columns:
+            if column.name in bind_map:
+                column.target = bind_map[column.name]
+            elif (match := COLUMN_TARGET_RE.fullmatch(column.name)) is not None:
+                column.target = (match.group(1), match.group(2))
+        fed: dict[tuple[str, str], str] = {}
+        for column in columns:
+            if column.target is None:
+                continue
+            if column.target in fed:
+                problems.add(None, column.name, f"feeds {'.'.join(column.target)}, which column "
+                             f"{fed[column.target]!r} feeds already: bind each node input once")
+            fed.setdefault(column.target, column.name)
+        node_defaults = [d for d in node_defaults if (d[0], d[1]) not in fed]
+        problems.raise_if_any()
+        for column in columns:
+            self._type_column(column, column_defaults.get(column.name))
+        return columns, node_defaults, option_defaults
+
+    def _type_column(self, column: _Column, default: Any) -> None:
+        """Turn cells into typed values: None for empty, _BAD for a reported cell."""
+        values = column.values
+        problems = self.problems
+        declared = self.rules.declared_type(
+            column.name, *(['.'.join(column.target)] if column.target else []))
+        if self.table.text:
+            distinct = set(values)
+            distinct.discard("")
+            kind = declared or _infer(distinct)
+            if kind not in _PARSERS:
+                kind = "string"
+            parser = _PARSERS.get(kind)
+            mapping: dict[str, Any] = {"": None}
+            for text in distinct:
+                if len(text) > MAX_CELL_BYTES // 4 and len(text.encode("utf-8")) > MAX_CELL_BYTES:
+                    mapping[text] = _BAD
+                    continue
+                if parser is None:
+                    mapping[text] = text
+                    continue
+                value = parser(text)
+                mapping[text] = _BAD if value is None else value
+            values = list(map(mapping.__getitem__, values))
+            if _BAD in mapping.values():
+                for i, (text, value) in enumerate(zip(column.values, values, strict=True)):
+                    if value is _BAD:
+                        problems.add(i + 1, column.name, self._cell_message(text, kind, column))
+        else:
+            kinds = set(map(type, values))
+            fix_float = declared == "integer" and float in kinds
+            if kinds - {str, int, float, bool, type(None)} or fix_float or str in kinds or float in kinds:
+                out = []
+                for i, value in enumerate(values):
+                    if isinstance(value, str):
+                        if len(value) > MAX_CELL_BYTES // 4 and len(value.encode("utf-8")) > MAX_CELL_BYTES:
+                            problems.add(i + 1, column.name, self._cell_message(value, "", column))
+                            value = _BAD
+                    elif isinstance(value, float):
+                        if not math.isfinite(value):
+                            if column.target is not None or not math.isnan(value):
+                                problems.add(i + 1, column.name, f"is {_ENC_NAN.get(str(value), value)} "
+                                             "(an empty cell?): write a number")
+                                value = _BAD
+                            else:
+                                value = None
+                        elif fix_float and value.is_integer():
+                            value = int(value)
+                    elif isinstance(value, dict | list) and column.target is not None:
+                        problems.add(i + 1, column.name, f"{_show(value)} is not a single value: "
+                                     f"{'.'.join(column.target)} takes text, a number or true/false")
+                        value = _BAD
+                    out.append(value)
+                values = out
+        if column.target is not None and None in values:
+            if default is not None:
+                values = [default if v is None else v for v in values]
+            else:
+                target = ".".join(column.target)
+                for i, value in enumerate(values):
+                    if value is None:
+                        problems.add(i + 1, column.name, f"is empty, so {target} has no value to send: "
+                                     "fill it in (or give a default for it in a JSON manifest's "
+                                     '"defaults")')
+        elif default is not None and None in values:
+            values = [default if v is None else v for v in values]
+        column.values = values
+
+    def _cell_message(self, text: str, kind: str, column: _Column) -> str:
+        size = len(text.encode("utf-8"))
+        if size > MAX_CELL_BYTES:
+            return (f"holds {size:,} bytes, more than the {MAX_CELL_BYTES:,}-byte (1 MiB) limit for "
+                    "one value: shorten it")
+        what = f"{'.'.join(column.target)}" if column.target else f'column "{column.name}"'
+        if kind == "integer":
+            return f"{_show(text)} is not a whole number ({what} takes whole numbers): write digits " \
+                   "only, e.g. 42"
+        if kind == "number":
+            return f"{_show(text)} is not a number ({what} takes numbers): write e.g. 7.5"
+        return f"{_show(text)} is not true or false ({what} takes true/false): write true or false"
+
+    # ---- special columns
+
+    def _text_or_value(self, name: str) -> list[Any] | None:
+        values = self.cells.get(name)
+        if values is None:
+            return None
+        if self.table.text:
+            return [v.strip() or None for v in values]
+        return values
+
+    def workflow_ids(self) -> list[str | None]:
+        problems = self.problems
+        default = self.workflow_id
+        if default is None and self.table.workflow_id is not None:
+            top = self.table.workflow_id
+            top = str(top) if isinstance(top, int) and not isinstance(top, bool) else top
+            if not isinstance(top, str) or not WORKFLOW_ID_RE.fullmatch(top.strip()):
+                problems.add(None, "workflowId", f"{_show(top)} (the file's workflowId) is not a "
+                             f"workflow id: use the digits from the workflow's URL, e.g. "
+                             f"{EXAMPLE_WORKFLOW_ID}")
+            else:
+                default = top.strip()
+        column = self._text_or_value("workflowId")
+        if column is None:
+            if default is None and not problems:
+                problems.add(None, "workflowId", "no row has a workflow id: add a workflowId column, "
+                             "give \"workflowId\" in a JSON manifest, or pass --workflow-id ID")
+            return [default] * self.table.n_rows
+        checked: dict[Any, str | None] = {}
+        out: list[str | None] = []
+        for i, value in enumerate(column):
+            if value is None or value == "":
+                out.append(default)
+                if default is None:
+                    problems.add(i + 1, "workflowId", "is empty and there is no default: fill it in, or "
+                                 "pass --workflow-id ID")
+                continue
+            key = (value.__class__, value) if not isinstance(value, dict | list) else ("json", id(value))
+            if key not in checked:
+                text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+                if isinstance(text, str) and WORKFLOW_ID_RE.fullmatch(text.strip()):
+                    checked[key] = text.strip()
+                else:
+                    checked[key] = None
+            wid = checked[key]
+            if wid is None:
+                problems.add(i + 1, "workflowId", f"{_show(value)} is not a workflow id: use the digits "
+                             f"from the workflow's URL, e.g. {EXAMPLE_WORKFLOW_ID} (not 0, and as text "
+                             "in JSON)")
+            out.append(wid)
+        return out
+
+    def options_for(self, n_rows: int, option_defaults: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Each row's options, or None when no row has any."""
+        problems = self.problems
+        cells = self.cells.get("options")
+        columns = []
+        for name in OPTION_FIELDS:
+            values = self.cells.get(name)
+            if values is None:
+                continue
+            if self.table.text:
+                parser = _PARSERS.get(OPTION_TYPES.get(name, ""))
+                typed = []
+                for text in values:
+                    t = text.strip()
+                    if not t:
+                        typed.append(None)
+                    else:
+                        parsed = parser(t) if parser else t
+                        typed.append(t if parsed is None else parsed)  # the schema names the fix
+                values = typed
+            columns.append((name, values))
+        if cells is None and not columns and not option_defaults:
+            return None
+        out: list[dict[str, Any]] = []
+        for i in range(n_rows):
+            options = dict(option_defaults)
+            cell = cells[i] if cells is not None else None
+            if isinstance(cell, str):
+                cell = cell.strip()
+                if cell:
+                    try:
+                        cell = json.loads(cell)
+                    except (ValueError, RecursionError):
+                        problems.add(i + 1, "options", f"{_show(cell)} is not JSON: write an object "
+                                     'like {"instanceType": "plus"}, or use an instanceType column')
+                        cell = None
+                else:
+                    cell = None
+            if isinstance(cell, dict):
+                for key, value in cell.items():
+                    if key not in OPTION_FIELDS:
+                        problems.add(i + 1, "options", f"has an unknown option {_show(key)}: use "
+                                     f"{', '.join(OPTION_FIELDS)}")
+                    elif value is not None:
+                        options[key] = value
+            elif cell is not None:
+                problems.add(i + 1, "options", f"{_show(cell)} is not an object of task options: write "
+                             'e.g. {"instanceType": "plus"}')
+            for name, values in columns:
+                value = values[i]
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    continue
+                if name in options and options[name] != value and isinstance(cell, dict) \
+                        and name in cell:
+                    problems.add(i + 1, name, f"{_show(value)} differs from the options cell's "
+                                 f"{_show(options[name])}: keep one")
+                options[name] = value
+            out.append(options or _EMPTY_OPTIONS)
+        return out
+
+    def explicit_list(self, cell: Any, number: int) -> tuple[dict[str, Any], ...] | None:
+        problems = self.problems
+        example = '[{"nodeId": "6", "fieldName": "text", "fieldValue": "a cat"}]'
+        if isinstance(cell, str):
+            try:
+                cell = json.loads(cell)
+            except RecursionError:
+                problems.add(number, "nodeInfoList", f"is JSON that {_DEEP}")
+                return None
+            except ValueError as exc:
+                problems.add(number, "nodeInfoList", f"is not valid JSON ({exc.msg} at character "
+                             f"{exc.pos + 1}): write a list like {example}")
+                return None
+        if not isinstance(cell, list | tuple):
+            problems.add(number, "nodeInfoList", f"{_show(cell)} is not a list: write a list like "
+                         f"{example}")
+            return None
+        items = []
+        seen: set[tuple[str, str]] = set()
+        ok = True
+        for k, item in enumerate(cell, start=1):
+            if not isinstance(item, dict):
+                problems.add(number, "nodeInfoList", f"item {k} is {_show(item)}, not an object: write "
+                             f"{example}")
+                ok = False
+                continue
+            missing = [key for key in ("nodeId", "fieldName", "fieldValue") if key not in item]
+            if missing:
+                problems.add(number, "nodeInfoList", f"item {k} lacks {', '.join(missing)}: each item "
+                             "needs nodeId, fieldName and fieldValue")
+                ok = False
+                continue
+            node, name, value = item["nodeId"], item["fieldName"], item["fieldValue"]
+            if isinstance(node, int) and not isinstance(node, bool):
+                node = str(node)
+            if not isinstance(node, str) or not node or not isinstance(name, str) or not name:
+                problems.add(number, "nodeInfoList", f"item {k} has nodeId {_show(node)} and fieldName "
+                             f"{_show(name)}: both must be non-empty text")
+                ok = False
+                continue
+            if value is None or isinstance(value, dict | list) or (
+                    isinstance(value, float) and not math.isfinite(value)):
+                problems.add(number, "nodeInfoList", f"item {k} ({node}.{name}) has fieldValue "
+                             f"{_show(value)}: send text, a number or true/false")
+                ok = False
+                continue
+            if isinstance(value, str) and len(value) > MAX_CELL_BYTES // 4 \
+                    and len(value.encode("utf-8")) > MAX_CELL_BYTES:
+                problems.add(number, "nodeInfoList", f"item {k} ({node}.{name}) holds "
+                             f"{len(value.encode('utf-8')):,} bytes, more than the 1 MiB limit: "
+                             "shorten it")
+                ok = False
+                continue
+            if (node, name) in seen:
+                problems.add(number, "nodeInfoList", f"sets {node}.{name} twice: keep one item")
+                ok = False
+                continue
+            seen.add((node, name))
+            extra = {k2: v for k2, v in item.items() if k2 not in ("nodeId", "fieldName", "fieldValue")}
+            items.append({"nodeId": node, "fieldName": name, "fieldValue": value, **extra})
+        return tuple(items) if ok else None
+
+    # ---- rows
+
+    def build(self) -> Manifest:
+        table, problems = self.table, self.problems
+        n = table.n_rows
+        columns, node_defaults, option_defaults = self.layout()
+        bound = [c for c in columns if c.target is not None]
+        workflow_ids = self.workflow_ids()
+        options_list = self.options_for(n, option_defaults)
+        row_ids = self._text_or_value("row_id")
+        explicit_cells = self.cells.get("nodeInfoList")
+
+        # Node inputs fed by columns: one shared item dict and canonical fragment per distinct value.
+        item_columns: list[list[dict[str, Any]]] = []
+        fragment_columns: list[tuple[tuple[str, str], list[str]]] = []
+        for column in bound:
+            node, name = column.target  # type: ignore[misc]
+            mixed = len(set(map(type, column.values))) > 1
+            items: dict[Any, dict[str, Any]] = {}
+            fragments: dict[Any, str] = {}
+            item_list, fragment_list = [], []
+            for value in column.values:
+                key = (value.__class__, value) if mixed else value
+                item = items.get(key)
+                if item is None:
+                    item = items[key] = {"nodeId": node, "fieldName": name, "fieldValue": value}
+                    try:
+                        fragments[key] = _canonical_item(node, name, value)
+                    except (TypeError, ValueError):  # a reported bad value
+                        fragments[key] = "null"
+                item_list.append(item)
+                fragment_list.append(fragments[key])
+            item_columns.append(item_list)
+            fragment_columns.append(((node, name), fragment_list))
+        constant_items = tuple({"nodeId": node, "fieldName": name, "fieldValue": value}
+                               for node, name, value in node_defaults)
+        constant_fragments = [((node, name), _canonical_item(node, name, value))
+                              for node, name, value in node_defaults]
+        order = sorted(range(len(fragment_columns)), key=lambda j: fragment_columns[j][0])
+        sorted_fragment_columns = [fragment_columns[j][1] for j in order]
+        all_constant = sorted(constant_fragments)
+        targets_fed = {target for target, _ in fragment_columns}
+
+        names = [c.name for c in columns]
+        value_columns = [c.values for c in columns]
+        rows: list[Row] = []
+        fingerprint = hashlib.sha256()
+        first_by_content: dict[bytes, int] = {}
+        occurrences: dict[bytes, int] = {}
+        explicit_ids: dict[str, int] = {}
+        duplicates: list[tuple[int, int]] = []
+        wf_json: dict[str, str] = {}
+        nothing_sent = not bound and not node_defaults and explicit_cells is None
+        if nothing_sent:
+            problems.add(None, None, "no column sends a node input: name columns NODE.FIELD (e.g. "
+                         f"6.text), bind one with --bind COLUMN=NODE.FIELD (columns: "
+                         f"{', '.join(names) or 'none'}), or give a nodeInfoList column")
+        zipped_items = zip(*item_columns, strict=True) if item_columns else iter(lambda: (), None)
+        zipped_fragments = zip(*sorted_fragment_columns, strict=True) if sorted_fragment_columns \
+            else iter(lambda: (), None)
+        zipped_values = zip(*value_columns, strict=True) if value_columns else iter(lambda: (), None)
+        explicit_by_row: dict[int, tuple[dict[str, Any], ...]] = {}
+
+        for i, column_items, column_fragments, values in zip(
+                range(n), zipped_items, zipped_fragments, zipped_values, strict=False):
+            number = i + 1
+            wf = workflow_ids[i] or ""
+            options = options_list[i] if options_list is not None else _EMPTY_OPTIONS
+            explicit = None
+            if explicit_cells is not None and explicit_cells[i] not in (None, ""):
+                explicit = self.explicit_list(explicit_cells[i], number)
+                if explicit is not None:
+                    explicit_by_row[i] = explicit
+            if explicit is not None:
+                given = {(e["nodeId"], e["fieldName"]) for e in explicit}
+                for target in sorted(given & targets_fed):
+                    column_name = next(c.name for c in bound if c.target == target)
+                    problems.add(number, column_name, f"sets {'.'.join(target)}, which this row's "
+                                 "nodeInfoList sets too: keep one of them")
+                node_info_list = explicit + column_items + tuple(
+                    c for c in constant_items if (c["nodeId"], c["fieldName"]) not in given)
+                merged = [((e["nodeId"], e["fieldName"]),
+                           _canonical_item(e["nodeId"], e["fieldName"], e["fieldValue"]))
+                          for e in explicit]
+                merged += [(target, fragment_list[i]) for target, fragment_list in fragment_columns]
+                merged += [(t, f) for t, f in constant_fragments if t not in given]
+                merged.sort()
+                fragments: Iterable[str] = [f for _, f in merged]
+            else:
+                node_info_list = column_items + constant_items if constant_items else column_items
+                if all_constant:
+                    fragments = [f for _, f in sorted(
+                        list(zip((fragment_columns[j][0] for j in order), column_fragments,
+                                 strict=True)) + all_constant)]
+                else:
+                    fragments = column_fragments
+                if explicit_cells is not None and not node_info_list and not nothing_sent \
+                        and explicit_cells[i] in (None, ""):
+                    problems.add(number, "nodeInfoList", "is empty and no column sends a node input: "
+                                 'write a list like [{"nodeId": "6", "fieldName": "text", '
+                                 '"fieldValue": "a cat"}]')
+            wf_text = wf_json.get(wf)
+            if wf_text is None:
+                wf_text = wf_json[wf] = _ENC(wf)
+            text = f"[{wf_text},[{','.join(fragments)}],{_ENC(options) if options else '{}'}]"
+            data = text.encode("utf-8")
+            digest = hashlib.sha256(data).digest()
+            given_id = row_ids[i] if row_ids is not None else None
+            if row_ids is not None:
+                if isinstance(given_id, int) and not isinstance(given_id, bool):
+                    given_id = str(given_id)
+                if given_id is None or given_id == "":
+                    problems.add(number, "row_id", "is empty: give every row an id, or drop the row_id "
+                                 "column to derive ids from the content")
+                    row_id = ""
+                elif not isinstance(given_id, str) or not ROW_ID_RE.fullmatch(given_id):
+                    problems.add(number, "row_id", f"{_show(given_id)} is not a valid row id: use 1 to "
+                                 "128 letters, digits, '.', '_', ':' or '-'")
+                    row_id = str(given_id)
+                else:
+                    row_id = given_id
+                    earlier_id = explicit_ids.setdefault(row_id, number)
+                    if earlier_id != number:
+                        problems.add(number, "row_id", f"{_show(row_id)} is also the id of row "
+                                     f"{earlier_id}: row ids must be unique")
+            else:
+                row_id = "r" + digest[:8].hex()
+            earlier = first_by_content.setdefault(digest, number)
+            if earlier != number:
+                if not self.allow_duplicates:
+                    problems.add(number, None, f"sends the same workflow, node inputs and options as "
+                                 f"row {earlier} (ComfyUI may return a cached result for an identical "
+                                 "graph): remove it, change a value such as the seed, or pass "
+                                 "--allow-duplicates")
+                else:
+                    duplicates.append((number, earlier))
+                    occurrences[digest] = occurrences.get(digest, 1) + 1
+                    if row_ids is None:
+                        row_id = f"{row_id}-{occurrences[digest]}"
+            fingerprint.update(row_id.encode("utf-8") + b"\t" + data + b"\n")
+            rows.append(Row(i, number, row_id, wf, node_info_list, dict(zip(names, values, strict=True)),
+                            options))
+        if self.allow_duplicates and row_ids is None and duplicates:
+            taken: dict[str, int] = {}
+            for row in rows:
+                other = taken.setdefault(row.row_id, row.number)
+                if other != row.number:
+                    problems.add(row.number, "row_id", f"the derived id {row.row_id} is also row "
+                                 f"{other}'s: give the rows a row_id column")
+        self.validate(columns, workflow_ids, options_list, row_ids, explicit_by_row, constant_items,
+                      rows)
+        problems.raise_if_any()
+        return Manifest(
+            source=self.source,
+            rows=rows,
+            columns=names,
+            bound={c.name: ".".join(c.target) for c in bound},  # type: ignore[arg-type]
+            unbound=[c.name for c in columns if c.target is None],
+            fingerprint=fingerprint.hexdigest(),
+            duplicates=duplicates,
+        )
+
+    # ---- schema
+
+    def validate(self, columns: list[_Column], workflow_ids: list[str | None],
+                 options_list: list[dict[str, Any]] | None, row_ids: list[Any] | None,
+                 explicit_by_row: dict[int, tuple[dict[str, Any], ...]],
+                 constant_items: tuple[dict[str, Any], ...], rows: list[Row]) -> None:
+        rules, problems = self.rules, self.problems
+        if problems:
+            return  # fix the shape first; schema messages about broken rows would only add noise
+        if not rules.decomposable:
+            for row in rows:
+                obj = {"row_id": row.row_id, "workflowId": row.workflow_id,
+                       "nodeInfoList": [dict(x) for x in row.node_info_list], **row.options,
+                       **row.inputs}
+                sources = [self._source_of(item, columns) for item in row.node_info_list]
+                for path, message in rules.row_errors(obj):
+                    column = str(path[0]) if path else None
+                    if column == "nodeInfoList" and len(path) > 1 and isinstance(path[1], int) \
+                            and path[1] < len(sources):
+                        column = sources[path[1]]
+                    problems.add(row.number, column, message)
+            return
+        # Columns: each distinct value once.
+        for column in columns:
+            values = column.values
+            try:
+                mixed = len(set(map(type, values))) > 1
+                distinct = set(zip(map(type, values), values, strict=True)) if mixed else set(values)
+                keyed = True
+            except TypeError:  # lists or objects in a metadata column
+                keyed = False
+            if keyed:
+                bad: dict[Any, list[str]] = {}
+                for entry in distinct:
+                    value = entry[1] if mixed else entry
+                    messages = list(rules.value_errors(column.name, value))
+                    if column.target is not None and value is not None:
+                        messages += rules.item_errors(*column.target, value)
+                    if messages:
+                        bad[entry] = messages
+                if bad:
+                    keys = zip(map(type, values), values, strict=True) if mixed else values
+                    for i, key in enumerate(keys):
+                        for message in bad.get(key, ()):
+                            problems.add(i + 1, column.name, message)
+            else:
+                for i, value in enumerate(values):
+                    for message in rules.value_errors(column.name, value):
+                        problems.add(i + 1, column.name, message)
+        for item in constant_items:
+            for message in rules.item_errors(item["nodeId"], item["fieldName"], item["fieldValue"]):
+                problems.add(None, f"defaults.{item['nodeId']}.{item['fieldName']}", message)
+        for i, explicit in explicit_by_row.items():
+            if rules.items is None:
+                for message in rules.list_errors(rows[i].node_info_list):
+                    problems.add(i + 1, "nodeInfoList", message)
+                continue
+            for item in explicit:
+                for message in rules.item_errors(item["nodeId"], item["fieldName"], item["fieldValue"]):
+                    problems.add(i + 1, "nodeInfoList", f"{item['nodeId']}.{item['fieldName']}: "
+                                 f"{message}")
+        if rules.items is None and not explicit_by_row:
+            for row in rows:
+                for message in rules.list_errors(row.node_info_list):
+                    problems.add(row.number, "nodeInfoList", message)
+        # Special keys and options.
+        for key, values in (("workflowId", workflow_ids), ("row_id", None)):
+            if key in rules.code_checked:
+                continue
+            column_values = values if values is not None else [row.row_id for row in rows]
+            for value in set(column_values):
+                messages = rules.value_errors(key, value)
+                if messages:
+                    for i, v in enumerate(column_values):
+                        if v == value:
+                            for message in messages:
+                                problems.add(i + 1, key, message)
+        present_base = {"row_id", "workflowId", "nodeInfoList", *(c.name for c in columns)}
+        if options_list is None:
+            for key in rules.required:
+                if key not in present_base:
+                    problems.add(None, key, "is missing from every row: add this column (the schema "
+                                 "requires it)")
+            return
+        required_cache: dict[frozenset[str], list[str]] = {}
+        for i, options in enumerate(options_list):
+            for key, value in options.items():
+                for message in rules.value_errors(key, value):
+                    problems.add(i + 1, key, message)
+            present = frozenset(options)
+            missing = required_cache.get(present)
+            if missing is None:
+                missing = required_cache[present] = [
+                    k for k in rules.required if k not in present_base and k not in present]
+            for key in missing:
+                problems.add(i + 1, key, "is missing: add this column (the schema requires it)")
+
+    @staticmethod
+    def _source_of(item: dict[str, Any], columns: list[_Column]) -> str:
+        for column in columns:
+            if column.target == (item["nodeId"], item["fieldName"]):
+                return column.name
+        return "nodeInfoList"
+
+
+def load_manifest(
+    path: str | Path,
+    *,
+    binds: Sequence[str] = (),
+    workflow_id: str | None = None,
+    schema_path: str | Path | None = None,
+    allow_duplicates: bool = False,
+) -> Manifest:
+    """Read, type, bind and validate every row of ``path``.
+
+    Raises InputError for a bad ``--bind`` / ``--workflow-id`` or an unreadable file, SchemaError
+    for a bad schema, and ManifestError listing every problem in the manifest at once.
+    """
+    path = Path(path)
+    source = str(path)
+    parsed = [parse_binding(text) for text in binds]
+    if workflow_id is not None:
+        workflow_id = str(workflow_id).strip()
+        if not WORKFLOW_ID_RE.fullmatch(workflow_id):
+            raise InputError(f"--workflow-id {workflow_id!r} is not a workflow id: use the digits from "
+                             f"the workflow's URL, e.g. {EXAMPLE_WORKFLOW_ID}")
+    schema, schema_file = _load_schema(schema_path)
+    rules = _Rules(schema, schema_file)
+    if not path.is_file():
+        raise InputError(f"{source}: no such file")
+    table = _read(path, source)
+    return _Builder(source, table, rules, parsed, workflow_id, allow_duplicates).build()

@@ -15,6 +15,7 @@ from conftest import canonical, fast_settings, read_results, write_manifest
 from pipeline.client import RetryPolicy
 from pipeline.runs import ManifestArgs, run_batch
 from pipeline.sim import Faults
+from test_download import server  # noqa: F401  (the loopback file server fixture)
 
 ROWS = 40
 # A create whose answer never arrived intact: the client cannot know whether the task exists.
@@ -30,16 +31,18 @@ def _faults(name: str, level: float) -> Faults:
     if name == "poll_rate_limit_per_s":
         return Faults(poll_rate_limit_per_s=40 if level < 0.1 else 10)  # calls per real second
     if name == "status_outputs_lag_s":
-        return Faults(status_outputs_lag_s=100 * level)  # simulated seconds
+        # simulated seconds (1000 per real second here): long enough for a poll to land in it
+        return Faults(status_outputs_lag_s=300 if level < 0.1 else 1000)
     raise AssertionError(name)
 
 
+PER_REQUEST = ("http_5xx", "drop_connection", "garbage_body", "slow_answer")
 FAULT_NAMES = {name: name for name in RATE_FAULTS} | {
     "poll_rate_limit_per_s": "poll_rate_limit", "status_outputs_lag_s": "status_outputs_lag"}
 
 ALL_TOGETHER = Faults(http_5xx=0.05, drop_connection=0.05, garbage_body=0.05, slow_answer=0.05,
                       slow_answer_s=0.02, task_failure=0.05, lost_create=0.05, create_813=0.05,
-                      poll_rate_limit_per_s=20, status_outputs_lag_s=5)
+                      poll_rate_limit_per_s=20, status_outputs_lag_s=300)
 
 CASES = [pytest.param(_faults(f.name, level), id=f"{f.name}-{int(level * 100)}%")
          for f in dataclasses.fields(Faults)
@@ -118,7 +121,31 @@ def test_fault_matrix(faults, make_sim, api_key, tmp_path):
     injected = Counter(name for r in sim.audit.faults() for name in r["fault"].split("+"))
     injected.update(name for t in sim.audit.tasks() for name in t["faults"])
     for name, audit_name in FAULT_NAMES.items():
-        if getattr(faults, name):
+        # at 5 % a fault drawn once per task may miss all 40 by chance; per-request ones may not
+        sure = getattr(faults, name) >= 0.2 or name in PER_REQUEST or name not in RATE_FAULTS
+        if getattr(faults, name) and sure:
             assert injected[audit_name] > 0, f"{name} was never injected: {injected}"
     if not any(getattr(faults, name) for name in ("http_5xx", *UNKNOWN_FAULTS)):
         assert counts["SUBMIT_UNKNOWN"] == 0, counts
+
+
+# -- files: what tests/test_download.py does not cover yet ------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline/download.py stores an HTTP 200 text/html body (a CDN error or login page) as the "
+    "png output and marks it DOWNLOADED: nothing checks the Content-Type or the file's magic bytes "
+    "against the output's fileType"))
+def test_an_html_page_served_for_a_png_output_is_not_saved_as_the_file(tmp_path, server):
+    from test_download import files, make_run, out, run
+
+    page = b"<html><body><h1>Please sign in</h1></body></html>"
+    url = server.serve_bytes("/login", page, content_type="text/html; charset=utf-8")
+    store = make_run(tmp_path, [[out(url)]])
+    try:
+        run(store)
+        row = files(store)[(0, 0)]
+        assert row["status"] in ("REFUSED", "FAILED"), dict(row)
+        assert not (store.run_dir / "files" / "r0_9_0.png").exists()
+    finally:
+        store.close()
