@@ -22,7 +22,6 @@ The simulator always runs in its own process (``bench/simproc.py``); rhbatch run
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -395,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     smoke = args.smoke
-    slot_tasks = args.slot_tasks or (100 if smoke else 2000)
+    slot_tasks = args.slot_tasks or (40 if smoke else 2000)
     concurrency = 10 if smoke else 50
     time_scale = args.time_scale or (200.0 if smoke else 50.0)
     rows: list[Row] = []
@@ -410,10 +409,10 @@ def main(argv: list[str] | None = None) -> int:
             if "calls" in only:
                 rows += calls_rows(slots, tasks=slot_tasks)
         if "client" in only:
-            client_tasks = args.tasks or (2000 if smoke else 100_000)
+            client_tasks = args.tasks or (300 if smoke else 100_000)
             rows += bench_client(workdir, tasks=client_tasks,
                                  concurrency=100 if smoke else 1000)
-        manifest_rows = args.manifest_rows or (20_000 if smoke else 1_000_000)
+        manifest_rows = args.manifest_rows or (5_000 if smoke else 1_000_000)
         manifest = None
         if "manifest" in only:
             manifest_table, manifest = bench_manifest(workdir, rows=manifest_rows)
@@ -424,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_resume(workdir, manifest, rows=manifest_rows)
         if "compare" in only:
             rows += bench_compare(
-                workdir, tasks=args.compare_tasks or (20 if smoke else 200),
+                workdir, tasks=args.compare_tasks or (10 if smoke else 200),
                 concurrency=5 if smoke else 20, duration_s=30.0,
                 time_scale=1000.0 if smoke else 200.0)
     header = (f"rhbatch bench{' (smoke)' if smoke else ''}: {os.cpu_count()} cores (nproc), "
