@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from pipeline import config  # noqa: E402
+
 from common import (  # noqa: E402
     SimProcess,
     api_key,
@@ -53,11 +55,11 @@ RUN_TIMEOUT_S = 1800.0
 # rhbatch's defaults in real seconds (pipeline/config.py); benchmarks divide them by the time scale
 # so the simulated run sees the schedule a real run would.
 REAL_INTERVALS_S = {
-    "poll_interval_s": 5.0,
-    "account_poll_interval_s": 2.0,
-    "max_poll_interval_s": 30.0,
-    "capacity_backoff_s": 20.0,
-    "max_capacity_backoff_s": 120.0,
+    "poll_interval_s": config.POLL_INTERVAL_S,
+    "account_poll_interval_s": config.ACCOUNT_POLL_INTERVAL_S,
+    "max_poll_interval_s": config.MAX_POLL_INTERVAL_S,
+    "capacity_backoff_s": config.CAPACITY_BACKOFF_S,
+    "max_capacity_backoff_s": config.MAX_CAPACITY_BACKOFF_S,
 }
 
 
