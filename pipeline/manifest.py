@@ -891,6 +891,8 @@ class _Builder:
         for column in columns:
             if column.name in bind_map:
                 column.target = bind_map[column.name]
+            elif is_output:
+                continue  # an output manifest's recorded nodeInfoList is what is sent; inputs are metadata
             elif (match := COLUMN_TARGET_RE.fullmatch(column.name)) is not None:
                 column.target = (match.group(1), match.group(2))
         fed: dict[tuple[str, str], str] = {}

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 from conftest import canonical, fast_settings, read_results, write_manifest
+from test_download import server  # noqa: F401  (the loopback file server fixture)
 
 from pipeline.client import RetryPolicy
 from pipeline.runs import ManifestArgs, run_batch
 from pipeline.sim import Faults
-from test_download import server  # noqa: F401  (the loopback file server fixture)
 
 ROWS = 40
 # A create whose answer never arrived intact: the client cannot know whether the task exists.
@@ -136,7 +136,7 @@ def test_fault_matrix(faults, make_sim, api_key, tmp_path):
     "pipeline/download.py stores an HTTP 200 text/html body (a CDN error or login page) as the "
     "png output and marks it DOWNLOADED: nothing checks the Content-Type or the file's magic bytes "
     "against the output's fileType"))
-def test_an_html_page_served_for_a_png_output_is_not_saved_as_the_file(tmp_path, server):
+def test_an_html_page_served_for_a_png_output_is_not_saved_as_the_file(tmp_path, server):  # noqa: F811
     from test_download import files, make_run, out, run
 
     page = b"<html><body><h1>Please sign in</h1></body></html>"
