@@ -39,8 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline import config  # noqa: E402
-
 from common import (  # noqa: E402
     SimProcess,
     api_key,
@@ -48,6 +46,8 @@ from common import (  # noqa: E402
     sim_config,
     write_manifest,
 )
+
+from pipeline import config  # noqa: E402
 
 SECTIONS = ("slots", "calls", "client", "manifest", "resume", "compare")
 RUN_TIMEOUT_S = 1800.0

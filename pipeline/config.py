@@ -87,6 +87,17 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def _show_url(url: str) -> str:
+    """``url`` fit for a message: anything before an ``@`` in its authority is masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return redact(url)
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return redact(f"{scheme}{sep}{authority}{slash}{path}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a run needs to talk to RunningHub, resolved once."""
@@ -129,11 +140,23 @@ def resolve_settings(
             )
         register_secret(key)
     url = (base_url or environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        credentials = parts.username is not None or parts.password is not None
+    except ValueError:  # urllib: "Invalid IPv6 URL", a bad port, ...
+        valid, credentials = False, "@" in url
+    shown = _show_url(url)
+    if not valid:
         raise ConfigError(
-            f"Base URL {url!r} is not an http(s) URL: set {ENV_BASE_URL} or --base-url to "
+            f"Base URL {shown!r} is not an http(s) URL: set {ENV_BASE_URL} or --base-url to "
             f"e.g. {DEFAULT_BASE_URL}"
+        )
+    if credentials:
+        raise ConfigError(
+            f"Base URL {shown!r} carries credentials: give the key with {ENV_API_KEY} or "
+            "--api-key, never inside the URL"
         )
     values = {k: v for k, v in overrides.items() if v is not None}
     concurrency = values.get("concurrency", DEFAULT_CONCURRENCY)

@@ -482,6 +482,10 @@ class _Downloader:
         size = 0
         with os.fdopen(fd, "wb") as fh:
             async for chunk in response.aiter_bytes(CHUNK_BYTES):
+                if size == 0 and chunk:
+                    wrong = body_mismatch(item.file_type, response.headers.get("content-type"), chunk)
+                    if wrong:
+                        raise TransientDownloadError(f"{item.label}: {wrong}")
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise RefusedDownloadError(self._too_big(item, None))
@@ -496,6 +500,39 @@ class _Downloader:
         size = f"{length} bytes" if length is not None else "the body"
         return (f"{item.label}: {size} exceeds the download size cap of {cap}: raise the cap "
                 "(--max-mb) to fetch it")
+
+
+# The first bytes of the file types RunningHub returns; a body that does not start so is not the file.
+MAGIC: dict[str, tuple[tuple[int, bytes], ...]] = {
+    "png": ((0, b"\x89PNG\r\n\x1a\n"),),
+    "jpg": ((0, b"\xff\xd8\xff"),),
+    "jpeg": ((0, b"\xff\xd8\xff"),),
+    "gif": ((0, b"GIF8"),),
+    "webp": ((0, b"RIFF"), (8, b"WEBP")),
+    "wav": ((0, b"RIFF"), (8, b"WAVE")),
+    "flac": ((0, b"fLaC"),),
+    "mp4": ((4, b"ftyp"),),
+    "mov": ((4, b"ftyp"),),
+    "webm": ((0, b"\x1a\x45\xdf\xa3"),),
+    "mkv": ((0, b"\x1a\x45\xdf\xa3"),),
+    "zip": ((0, b"PK\x03\x04"),),
+}
+
+
+def body_mismatch(file_type: str | None, content_type: str | None, head: bytes) -> str | None:
+    """Why ``head`` (a body's first bytes) is not a ``file_type`` file, or None when it may be.
+
+    An HTML page (a CDN error, a login wall) answering 200 is the usual impostor.
+    """
+    kind = (file_type or "").lower().lstrip(".")
+    mime = (content_type or "").split(";")[0].strip().lower()
+    if mime == "text/html" and kind not in ("html", "htm", "txt", ""):
+        return f"the server sent an HTML page (text/html) instead of the {kind} file; it is not saved"
+    signature = MAGIC.get(kind)
+    if signature and not all(head[at:at + len(magic)] == magic for at, magic in signature):
+        return (f"the server sent {len(head)}+ bytes that do not start like a {kind} file "
+                f"({mime or 'no Content-Type'}); it is not saved")
+    return None
 
 
 def _candidates(store: RunStore) -> tuple[array[int], array[int]]:

@@ -50,6 +50,10 @@ RESULT_COLUMNS = [
     "failedReason",
     "files",
 ]
+WRITE_FIX = (
+    "free disk space or make the directory writable, then run the same command again (a run "
+    "resumes where it stopped; its state is intact)"
+)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -115,7 +119,7 @@ class _AtomicFile:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             fd, self.tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", dir=self.target.parent)
         except OSError as exc:
-            raise StorageError(f"Cannot write {self.target}: {exc.strerror}") from None
+            raise StorageError(f"Cannot write {self.target}: {exc.strerror}: {WRITE_FIX}") from None
         if "b" in self.mode:
             self.handle: Any = os.fdopen(fd, self.mode)
         else:
@@ -137,10 +141,7 @@ class _AtomicFile:
                 os.unlink(self.tmp)
             except OSError:
                 pass
-            raise StorageError(
-                f"Cannot write {self.target}: {exc.strerror}: free disk space or fix permissions, "
-                "then run `rhbatch export` again"
-            ) from None
+            raise StorageError(f"Cannot write {self.target}: {exc.strerror}: {WRITE_FIX}") from None
 
 
 def write_jsonl(store: RunStore, target: Path) -> int:

@@ -59,6 +59,7 @@ value, and an empty ``options`` is one shared dict. Treat them as read-only.
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import io
 import json
@@ -880,6 +881,10 @@ class _Builder:
                 problems.add(None, f"defaults.{key}", 'names neither a column nor a "NODE.FIELD": '
                              'write e.g. "3.steps": 20')
         for column in bind_map:
+            if column in SPECIAL_COLUMNS:
+                problems.add(None, column, f"is a reserved column ({', '.join(sorted(SPECIAL_COLUMNS))}) "
+                             "and cannot feed a node input: bind another column, or rename this one")
+                continue
             if column not in by_name:
                 if column in column_defaults:  # bound and defaulted, absent from every row
                     by_name[column] = _Column(column, [None] * table.n_rows)
@@ -928,7 +933,9 @@ class _Builder:
                     mapping[text] = _BAD
                     continue
                 if parser is None:
-                    mapping[text] = text
+                    # a spreadsheet formula saved as text: sending it would pay for the formula
+                    formula = column.target is not None and text.startswith("=")
+                    mapping[text] = _BAD if formula else text
                     continue
                 value = parser(text)
                 mapping[text] = _BAD if value is None else value
@@ -982,6 +989,10 @@ class _Builder:
         if size > MAX_CELL_BYTES:
             return (f"holds {size:,} bytes, more than the {MAX_CELL_BYTES:,}-byte (1 MiB) limit for "
                     "one value: shorten it")
+        if kind == "string" and text.startswith("="):
+            return (f'{_show(text)} starts with "=": a spreadsheet formula was saved instead of its '
+                    "value; paste values only, or use a JSON or JSONL manifest for text that "
+                    'starts with "="')
         what = f"{'.'.join(column.target)}" if column.target else f'column "{column.name}"'
         if kind == "integer":
             return f"{_show(text)} is not a whole number ({what} takes whole numbers): write digits " \
@@ -1456,5 +1467,13 @@ def load_manifest(
     rules = _Rules(schema, schema_file)
     if not path.is_file():
         raise InputError(f"{source}: no such file")
-    table = _read(path, source)
-    return _Builder(source, table, rules, parsed, workflow_id, allow_duplicates).build()
+    # Millions of new dicts and tuples and no reference cycles: the cyclic collector would rescan
+    # them over and over (it doubles the load time of a large manifest), so it waits until the end.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        table = _read(path, source)
+        return _Builder(source, table, rules, parsed, workflow_id, allow_duplicates).build()
+    finally:
+        if collecting:
+            gc.enable()

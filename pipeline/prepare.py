@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pipeline.config import Settings
-from pipeline.errors import InputError, ManifestError, Problem
+from pipeline.config import Settings, redact
+from pipeline.errors import InputError, ManifestError, Problem, RunStopped, TransientApiError
 from pipeline.manifest import Manifest, Row, make_row
 from pipeline.preflight import (
     WorkflowCache,
@@ -33,6 +33,7 @@ from pipeline.preflight import (
 from pipeline.uploads import UPLOAD_CACHE_FILE, UploadCache, find_uploads, substitute, upload_all
 
 WORKFLOW_CACHE_DIR = "workflows"
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,18 +64,21 @@ def parse_workflow_files(specs: Sequence[str], workflow_ids: Sequence[str]) -> d
     return out
 
 
-async def _fetch(settings: Settings, ids: list[str], cache: WorkflowCache | None) -> dict[str, Any]:
+def _with_client(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(client)``; a service that cannot be reached stops the run with the fix."""
     from pipeline.client import RunningHubClient
 
-    async with RunningHubClient(settings) as client:
-        return await fetch_workflows(client, ids, cache)
+    async def main() -> T:
+        async with RunningHubClient(settings) as client:
+            return await work(client)
 
-
-async def _upload(settings: Settings, paths: dict[str, Path], cache: UploadCache) -> dict[str, str]:
-    from pipeline.client import RunningHubClient
-
-    async with RunningHubClient(settings) as client:
-        return await upload_all(client, paths, cache)
+    try:
+        return asyncio.run(main())
+    except TransientApiError as exc:
+        raise RunStopped(
+            f"RunningHub is unreachable: {redact(exc)}; check the network and "
+            f"{settings.base_url}, then run the same command again to resume"
+        ) from None
 
 
 def prepare_rows(
@@ -95,7 +99,8 @@ def prepare_rows(
     cache = WorkflowCache(run_dir / WORKFLOW_CACHE_DIR) if run_dir is not None else None
     if missing and preflight:
         if settings is not None and settings.api_key:
-            workflows.update(asyncio.run(_fetch(settings, missing, cache)))
+            workflows.update(_with_client(
+                settings, lambda client: fetch_workflows(client, missing, cache)))
         elif cache is not None:
             for wid in missing:
                 cached = cache.get(wid)
@@ -129,7 +134,8 @@ def prepare_rows(
             raise InputError(
                 f"{len(paths)} input file(s) must be uploaded before the run: this needs an API key"
             )
-        mapping = asyncio.run(_upload(settings, paths, UploadCache(run_dir / UPLOAD_CACHE_FILE)))
+        uploads = UploadCache(run_dir / UPLOAD_CACHE_FILE)
+        mapping = _with_client(settings, lambda client: upload_all(client, paths, uploads))
         prepared.uploaded = len(set(mapping.values()))
         prepared.rows = [
             make_row(r.index, r.number, r.row_id, r.workflow_id,

@@ -70,13 +70,8 @@ MANIFESTS: list[tuple[str, list[str], list[str]]] = [
     ("nan_seed.json", [], ['row 1, column "3.seed": is NaN (an empty cell?): write a number']),
     ("wrong_type_cfg.csv", ["--schema", "{bad}/cfg_number.schema.json"], [
         'row 1, column "3.cfg": \'seven\' is not a number (3.cfg takes numbers): write e.g. 7.5']),
-    pytest.param("formula_cell.csv", [], [
-        'row 1, column "6.text": \'=HYPERLINK("http://x")\' starts with "="'],
-        marks=pytest.mark.xfail(strict=True, reason=(
-            "pipeline/manifest.py accepts a CSV cell bound to a node input that starts with '=' "
-            "(a spreadsheet formula saved without its value) and would pay for a task whose "
-            "prompt is the formula text; it should be refused with row, column and the fix "
-            "(paste values only, or use JSON/JSONL for literal '=' text)"))),
+    ("formula_cell.csv", [], [
+        'row 1, column "6.text": \'=HYPERLINK("http://x")\' starts with "="']),
     ("json_string.json", [], ["the JSON is 'just a string'; expected an array of row objects, or "
                               'an object {"workflowId": ...']),
     ("json_object_no_rows.json", [], ['the JSON object has no "rows" list; expected an array of '
@@ -103,13 +98,8 @@ MANIFESTS: list[tuple[str, list[str], list[str]]] = [
     ("base_for_bind.csv", ["--bind", "3.seed=6.text"], [
         'column "3.seed": feeds 6.text, which column \'6.text\' feeds already: bind each node '
         "input once"]),
-    pytest.param("bind_pair.csv", ["--bind", "workflowId=6.text"], [
-        'column "workflowId": is a reserved column'],
-        marks=pytest.mark.xfail(strict=True, reason=(
-            "pipeline/manifest.py: --bind of a reserved column (workflowId, row_id, nodeInfoList, "
-            "options, task options) says 'there is no such column; the columns are: prompt' "
-            "although the column exists: it should say the column is reserved and cannot feed a "
-            "node input"))),
+    ("bind_pair.csv", ["--bind", "workflowId=6.text"], [
+        'column "workflowId": is a reserved column']),
     ("needs_bind.csv", [], ["no column sends a node input: name columns NODE.FIELD (e.g. 6.text), "
                             "bind one with --bind COLUMN=NODE.FIELD (columns: prompt, seed)"]),
     ("empty_bound_cell.csv", [], [

@@ -66,9 +66,6 @@ def test_bad_base_url_is_exit_2(url, api_key, tmp_path):
         "to e.g. https://www.runninghub.ai\n")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/config.py resolve_settings lets urllib's ValueError ('Invalid IPv6 URL') escape for "
-    "a base URL such as 'http://[::1': a traceback and exit 1 instead of ConfigError exit 2"))
 def test_an_unparsable_base_url_is_exit_2(api_key, tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", 2)
     result = invoke(["run", str(manifest), "--out", str(tmp_path / "run"), "--base-url",
@@ -105,11 +102,6 @@ def test_non_numeric_concurrency_is_a_click_usage_error(api_key, tmp_path):
     assert "Invalid value for '--concurrency': 'ten' is not a valid integer." in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the preflight of a new run (pipeline/prepare.py, via runs.open_run) lets the client's "
-    "TransportError escape when RunningHub cannot be reached: 'Error: could not connect to ...: "
-    "ConnectError', exit 1, no fix; the runner path says 'RunningHub is unreachable ... run the "
-    "same command again to resume' with exit 3"))
 def test_unreachable_service_during_preflight_is_exit_3_with_the_fix(api_key, tmp_path):
     import socket
 
@@ -435,11 +427,6 @@ def test_disk_trouble_mid_run_is_exit_3_with_the_fix_and_the_run_resumes(trouble
                 record["nodeInfoList"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/export.py _AtomicFile.__enter__: when the temporary file cannot be created (read-only "
-    "run directory, ENOTDIR, ...) the StorageError is 'Cannot write PATH: <strerror>' with no fix; "
-    "the same failure at rename time says 'free disk space or fix permissions, then run `rhbatch "
-    "export` again' (and inside `rhbatch run` the fix should be: make it writable, then resume)"))
 def test_results_that_cannot_be_created_say_how_to_fix_it(tmp_path):
     from pipeline import export
     from pipeline.errors import StorageError

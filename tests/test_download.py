@@ -32,6 +32,9 @@ from pipeline.export import write_results
 ROOT = Path(__file__).resolve().parent.parent
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
 def png_bytes(seed: int, size: int = 32) -> bytes:
     image = Image.new("RGB", (size, size), ((seed * 53) % 256, (seed * 97) % 256, (seed * 31) % 256))
     buf = io.BytesIO()
@@ -276,7 +279,7 @@ def test_extension_comes_from_file_type_or_content_type_never_from_the_url(tmp_p
 
 def test_a_killed_download_resumes_without_refetching_verified_files(tmp_path, server):
     bodies = {f"/k/{i}": png_bytes(i, 64) for i in range(4)}
-    big = os.urandom(300_000)
+    big = PNG_MAGIC + os.urandom(300_000 - len(PNG_MAGIC))  # a png-looking body
     started = threading.Event()
 
     def stalls_first_time(h: BaseHTTPRequestHandler) -> None:
@@ -549,7 +552,7 @@ def test_colliding_names_do_not_overwrite_each_other(tmp_path, server):
 
 
 def test_bodies_over_the_size_cap_are_refused(tmp_path, server):
-    big = os.urandom(50_000)
+    big = PNG_MAGIC + os.urandom(50_000 - len(PNG_MAGIC))
 
     def unannounced(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)

@@ -132,10 +132,6 @@ def test_fault_matrix(faults, make_sim, api_key, tmp_path):
 # -- files: what tests/test_download.py does not cover yet ------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/download.py stores an HTTP 200 text/html body (a CDN error or login page) as the "
-    "png output and marks it DOWNLOADED: nothing checks the Content-Type or the file's magic bytes "
-    "against the output's fileType"))
 def test_an_html_page_served_for_a_png_output_is_not_saved_as_the_file(tmp_path, server):  # noqa: F811
     from test_download import files, make_run, out, run
 

@@ -180,11 +180,6 @@ def test_error_messages_never_hold_the_key(make_sim, api_key, tmp_path, caplog):
     assert_nowhere(api_key, texts=tuple(texts), dirs=(tmp_path,))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/config.py resolve_settings: a base URL carrying credentials is echoed verbatim in "
-    "the ConfigError (the key leaks into the exception), and an unparsable one such as "
-    "'http://u:KEY@[::1' raises urllib's bare ValueError (a traceback holding the key, exit 1) "
-    "instead of ConfigError exit 2"))
 def test_a_base_url_holding_the_key_is_never_echoed(api_key):
     from pipeline.config import resolve_settings
     from pipeline.errors import ConfigError
