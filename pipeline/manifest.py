@@ -655,6 +655,7 @@ class _Rules:
             self.items = nli.get("items", True)
         self.items_by_kind = self.items == builtin_props.get("nodeInfoList", {}).get("items")
         self._subs: dict[str, list[Any]] = {}
+        self._by_kind: dict[str, bool] = {}
         self._cache: dict[Any, list[str]] = {}
 
     def _resolve(self, schema: Any) -> Any:
@@ -697,15 +698,22 @@ class _Rules:
                     return kind
         return None
 
-    def _type_only(self, schema: Any) -> bool:
-        return isinstance(schema, dict) and set(schema) - ANNOTATION_KEYS <= {"type"}
+    def by_kind(self, key: str) -> bool:
+        """Whether ``key``'s value is judged by its JSON type alone (so one value per kind will do)."""
+        known = self._by_kind.get(key)
+        if known is None:
+            known = self._by_kind[key] = all(
+                s is True or s is False
+                or (isinstance(s, dict) and set(s) - ANNOTATION_KEYS <= {"type"})
+                for s in self.subschemas(key))
+        return known
 
     def value_errors(self, key: str, value: Any) -> list[str]:
         """Messages for ``value`` as the row object's ``key`` (decomposable schemas only)."""
         subs = self.subschemas(key)
-        if all(s is True for s in subs):
-            return []
-        if all(self._type_only(s) or s is True or s is False for s in subs):
+        if self.by_kind(key):
+            if all(s is True for s in subs):
+                return []
             cache_key: Any = (key, _kind(value))
         elif value is None or isinstance(value, str | int | float | bool):
             cache_key = (key, value.__class__, value)
@@ -798,8 +806,25 @@ class _Column:
     target: tuple[str, str] | None = None  # (nodeId, fieldName) when it feeds nodeInfoList
 
 
+_encode_text = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def _enc_scalar(value: Any) -> str:
+    """JSON of a scalar, exactly as ``_ENC`` writes it, without the pure-Python encoder."""
+    cls = value.__class__
+    if cls is str:
+        return _encode_text(value)
+    if cls is bool:
+        return "true" if value else "false"
+    if cls is int:
+        return int.__repr__(value)
+    if cls is float and math.isfinite(value):
+        return float.__repr__(value)
+    return _ENC(value)
+
+
 def _canonical_item(node: str, name: str, value: Any) -> str:
-    return _ENC([node, name, value])
+    return f"[{_encode_text(node)},{_encode_text(name)},{_enc_scalar(value)}]"
 
 
 def _content_text(workflow_id: str, fragments: Iterable[str], options: dict[str, Any]) -> str:
@@ -855,15 +880,15 @@ class _Builder:
         by_name = {c.name: c for c in columns}
 
         bind_map: dict[str, tuple[str, str]] = {}
-        for column, target in table.bindings.items():
+        for bound_name, target in table.bindings.items():
             match = TARGET_RE.fullmatch(target) if isinstance(target, str) else None
             if match is None:
-                problems.add(None, column, f'bindings: {_show(target)} is not "NODE.FIELD": write '
+                problems.add(None, bound_name, f'bindings: {_show(target)} is not "NODE.FIELD": write '
                              'e.g. "6.text"')
                 continue
-            bind_map[column] = (match.group(1), match.group(2))
-        for column, node, name in self.binds:
-            bind_map[column] = (node, name)
+            bind_map[bound_name] = (match.group(1), match.group(2))
+        for bound_name, node, name in self.binds:
+            bind_map[bound_name] = (node, name)
         column_defaults: dict[str, Any] = {}
         node_defaults: list[tuple[str, str, Any]] = []
         option_defaults: dict[str, Any] = {}
@@ -880,19 +905,19 @@ class _Builder:
             else:
                 problems.add(None, f"defaults.{key}", 'names neither a column nor a "NODE.FIELD": '
                              'write e.g. "3.steps": 20')
-        for column in bind_map:
-            if column in SPECIAL_COLUMNS:
-                problems.add(None, column, f"is a reserved column ({', '.join(sorted(SPECIAL_COLUMNS))}) "
-                             "and cannot feed a node input: bind another column, or rename this one")
+        for bound_name in bind_map:
+            if bound_name in SPECIAL_COLUMNS:
+                problems.add(None, bound_name, f"is a reserved column ({', '.join(sorted(SPECIAL_COLUMNS))}"
+                             ") and cannot feed a node input: bind another column, or rename this one")
                 continue
-            if column not in by_name:
-                if column in column_defaults:  # bound and defaulted, absent from every row
-                    by_name[column] = _Column(column, [None] * table.n_rows)
-                    columns.append(by_name[column])
+            if bound_name not in by_name:
+                if bound_name in column_defaults:  # bound and defaulted, absent from every row
+                    by_name[bound_name] = _Column(bound_name, [None] * table.n_rows)
+                    columns.append(by_name[bound_name])
                     continue
                 existing = ", ".join(c.name for c in columns) or "(none)"
-                problems.add(None, column, f"is bound to {'.'.join(bind_map[column])} but there is no "
-                             f"such column; the columns are: {existing}")
+                problems.add(None, bound_name, f"is bound to {'.'.join(bind_map[bound_name])} but there "
+                             f"is no such column; the columns are: {existing}")
         for column in columns:
             if column.name in bind_map:
                 column.target = bind_map[column.name]
@@ -1064,7 +1089,7 @@ class _Builder:
                 continue
             if self.table.text:
                 parser = _PARSERS.get(OPTION_TYPES.get(name, ""))
-                typed = []
+                typed: list[Any] = []
                 for text in values:
                     t = text.strip()
                     if not t:
@@ -1122,7 +1147,7 @@ class _Builder:
             except RecursionError:
                 problems.add(number, "nodeInfoList", f"is JSON that {_DEEP}")
                 return None
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 problems.add(number, "nodeInfoList", f"is not valid JSON ({exc.msg} at character "
                              f"{exc.pos + 1}): write a list like {example}")
                 return None
@@ -1194,7 +1219,7 @@ class _Builder:
             node, name = column.target  # type: ignore[misc]
             mixed = len(set(map(type, column.values))) > 1
             items: dict[Any, dict[str, Any]] = {}
-            fragments: dict[Any, str] = {}
+            fragment_of: dict[Any, str] = {}
             item_list, fragment_list = [], []
             for value in column.values:
                 key = (value.__class__, value) if mixed else value
@@ -1202,11 +1227,11 @@ class _Builder:
                 if item is None:
                     item = items[key] = {"nodeId": node, "fieldName": name, "fieldValue": value}
                     try:
-                        fragments[key] = _canonical_item(node, name, value)
+                        fragment_of[key] = _canonical_item(node, name, value)
                     except (TypeError, ValueError):  # a reported bad value
-                        fragments[key] = "null"
+                        fragment_of[key] = "null"
                 item_list.append(item)
-                fragment_list.append(fragments[key])
+                fragment_list.append(fragment_of[key])
             item_columns.append(item_list)
             fragment_columns.append(((node, name), fragment_list))
         constant_items = tuple({"nodeId": node, "fieldName": name, "fieldValue": value}
@@ -1353,18 +1378,25 @@ class _Builder:
                        **row.inputs}
                 sources = [self._source_of(item, columns) for item in row.node_info_list]
                 for path, message in rules.row_errors(obj):
-                    column = str(path[0]) if path else None
-                    if column == "nodeInfoList" and len(path) > 1 and isinstance(path[1], int) \
+                    where = str(path[0]) if path else None
+                    if where == "nodeInfoList" and len(path) > 1 and isinstance(path[1], int) \
                             and path[1] < len(sources):
-                        column = sources[path[1]]
-                    problems.add(row.number, column, message)
+                        where = sources[path[1]]
+                    problems.add(row.number, where, message)
             return
         # Columns: each distinct value once.
         for column in columns:
             values = column.values
+            by_kind = rules.by_kind(column.name) and (column.target is None or rules.items_by_kind)
             try:
                 mixed = len(set(map(type, values))) > 1
-                distinct = set(zip(map(type, values), values, strict=True)) if mixed else set(values)
+                if by_kind:  # one representative value per kind
+                    distinct = set({(_kind(v) if mixed else _kind(v)): ((type(v), v) if mixed else v)
+                                    for v in values}.values()) if float in set(map(type, values)) \
+                        else set({type(v): ((type(v), v) if mixed else v) for v in values}.values())
+                    bad_kinds: set[Any] = set()
+                else:
+                    distinct = set(zip(map(type, values), values, strict=True)) if mixed else set(values)
                 keyed = True
             except TypeError:  # lists or objects in a metadata column
                 keyed = False
@@ -1377,7 +1409,17 @@ class _Builder:
                         messages += rules.item_errors(*column.target, value)
                     if messages:
                         bad[entry] = messages
-                if bad:
+                        if by_kind:
+                            bad_kinds.add(_kind(value))
+                if bad and by_kind:  # every value of a bad kind fails the same way
+                    for i, value in enumerate(values):
+                        if _kind(value) in bad_kinds:
+                            messages = list(rules.value_errors(column.name, value))
+                            if column.target is not None and value is not None:
+                                messages += rules.item_errors(*column.target, value)
+                            for message in messages:
+                                problems.add(i + 1, column.name, message)
+                elif bad:
                     keys = zip(map(type, values), values, strict=True) if mixed else values
                     for i, key in enumerate(keys):
                         for message in bad.get(key, ()):
@@ -1403,10 +1445,11 @@ class _Builder:
                 for message in rules.list_errors(row.node_info_list):
                     problems.add(row.number, "nodeInfoList", message)
         # Special keys and options.
-        for key, values in (("workflowId", workflow_ids), ("row_id", None)):
+        special: tuple[tuple[str, list[Any] | None], ...] = (("workflowId", workflow_ids), ("row_id", None))
+        for key, special_values in special:
             if key in rules.code_checked:
                 continue
-            column_values = values if values is not None else [row.row_id for row in rows]
+            column_values = special_values if special_values is not None else [r.row_id for r in rows]
             for value in set(column_values):
                 messages = rules.value_errors(key, value)
                 if messages:
