@@ -44,6 +44,38 @@ def make_sim(api_key: str) -> Iterator[Callable[..., Any]]:
         sim.__exit__(None, None, None)
 
 
+@pytest.fixture
+def key(api_key: str) -> str:
+    """The simulator tests' name for the run-time key."""
+    return api_key
+
+
+@pytest.fixture
+def frozen_sim(api_key: str) -> Iterator[Callable[..., Any]]:
+    """Start simulators whose clock stands still (move it with ``sim.advance``), each with a
+    ``SimClient`` for ``api_key``; ``client_timeout_s`` sets that client's timeout."""
+    from pipeline.sim import AccountConfig, SimConfig, Simulator
+    from pipeline.sim.testing import SimClient
+
+    opened: list[Any] = []
+
+    def factory(*, client_timeout_s: float | None = None, **config: Any) -> tuple[Any, Any]:
+        config.setdefault("time_scale", 1e-9)
+        config.setdefault("queue_delay_s", 1.0)
+        config.setdefault("task_duration_s", 10.0)
+        config.setdefault("accounts", [AccountConfig(key=api_key)])
+        sim = Simulator(SimConfig(**config))
+        sim.start()
+        opened.append(sim)
+        client = SimClient(sim, api_key, **({"timeout_s": client_timeout_s} if client_timeout_s else {}))
+        opened.append(client)
+        return sim, client
+
+    yield factory
+    for thing in reversed(opened):
+        thing.close()
+
+
 def fast_settings(sim: Any, key: str, **overrides: Any) -> Any:
     from pipeline.config import resolve_settings
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,7 +17,6 @@ from pipeline.sim import (
     IMG2IMG_WORKFLOW_ID,
     TEXT2IMG_WORKFLOW_ID,
     AccountConfig,
-    SimConfig,
     Simulator,
 )
 from pipeline.sim.testing import SimClient
@@ -25,29 +24,18 @@ from pipeline.sim.testing import SimClient
 SLOW = {"time_scale": 1e-9, "queue_delay_s": 5.0, "task_duration_s": 20.0}
 
 
-@pytest.fixture
-def key() -> str:
-    return secrets.token_hex(16)
-
+Starter = Callable[..., tuple[Simulator, SimClient]]
 
 @pytest.fixture
-def start(key: str) -> Iterator[Callable[..., tuple[Simulator, SimClient]]]:
-    """Start a simulator with a frozen clock (move it with ``sim.advance``) and a client."""
-    opened: list[Any] = []
+def start(frozen_sim: Starter) -> Starter:
+    """A simulator with a frozen clock (move it with ``sim.advance``) and a client."""
 
     def factory(accounts: list[AccountConfig] | None = None, **config: Any) -> tuple[Simulator, SimClient]:
-        for name, value in SLOW.items():
-            config.setdefault(name, value)
-        sim = Simulator(SimConfig(accounts=accounts or [AccountConfig(key=key)], **config))
-        sim.start()
-        opened.append(sim)
-        client = SimClient(sim, key)
-        opened.append(client)
-        return sim, client
+        if accounts:
+            config["accounts"] = accounts
+        return frozen_sim(**{**SLOW, **config})
 
-    yield factory
-    for thing in reversed(opened):
-        thing.close()
+    return factory
 
 
 # -- create ----------------------------------------------------------------------------------------

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,29 +18,14 @@ CREATE = {"workflowId": TEXT2IMG_WORKFLOW_ID,
           "nodeInfoList": [{"nodeId": "3", "fieldName": "seed", "fieldValue": 1}]}
 
 
-@pytest.fixture
-def key() -> str:
-    return secrets.token_hex(16)
-
+Starter = Callable[..., tuple[Simulator, SimClient]]
 
 @pytest.fixture
-def start(key: str) -> Iterator[Callable[..., tuple[Simulator, SimClient]]]:
-    opened: list[Any] = []
-
+def start(frozen_sim: Starter) -> Starter:
     def factory(faults: Faults, **config: Any) -> tuple[Simulator, SimClient]:
-        config.setdefault("time_scale", 1e-9)  # frozen: sim.advance moves time
-        config.setdefault("queue_delay_s", 1.0)
-        config.setdefault("task_duration_s", 10.0)
-        config.setdefault("accounts", [AccountConfig(key=key)])
-        sim = Simulator(SimConfig(faults=faults, **config))
-        sim.start()
-        client = SimClient(sim, key, timeout_s=5.0)
-        opened.extend([sim, client])
-        return sim, client
+        return frozen_sim(faults=faults, client_timeout_s=5.0, **config)
 
-    yield factory
-    for thing in reversed(opened):
-        thing.close()
+    return factory
 
 
 def _body(key: str) -> dict[str, Any]:

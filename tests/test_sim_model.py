@@ -6,7 +6,7 @@ import io
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -24,40 +24,23 @@ from pipeline.sim import (
 )
 from pipeline.sim.testing import SimClient
 
-
-@pytest.fixture
-def key() -> str:
-    return secrets.token_hex(16)
+Starter = Callable[..., tuple[Simulator, SimClient]]
 
 
 @pytest.fixture
-def start(key: str) -> Iterator[Callable[..., tuple[Simulator, SimClient]]]:
-    opened: list[Any] = []
-
-    def factory(**config: Any) -> tuple[Simulator, SimClient]:
-        config.setdefault("time_scale", 1e-9)  # frozen: sim.advance moves time
-        config.setdefault("queue_delay_s", 1.0)
-        config.setdefault("task_duration_s", 10.0)
-        config.setdefault("accounts", [AccountConfig(key=key)])
-        sim = Simulator(SimConfig(**config))
-        sim.start()
-        client = SimClient(sim, key)
-        opened.extend([sim, client])
-        return sim, client
-
-    yield factory
-    for thing in reversed(opened):
-        thing.close()
+def start(frozen_sim: Starter) -> Starter:
+    return frozen_sim
 
 
 def test_tasks_run_on_the_scaled_clock_and_counts_stay_truthful(start, key):
-    sim, api = start(time_scale=1000.0, task_duration_s=(10.0, 30.0), queue_delay_s=(0.0, 2.0),
+    # time scale 20: the first task needs >= 0.5 real s, so the ninth create surely meets 8 live
+    sim, api = start(time_scale=20.0, task_duration_s=(10.0, 30.0), queue_delay_s=(0.0, 2.0),
                      accounts=[AccountConfig(key=key, concurrency=8)])
     ids = [api.task_id([("3", "seed", i)]) for i in range(8)]
     assert api.create([("3", "seed", 99)])["code"] == 421
     live = int(api.account()["data"]["currentTaskCounts"])
     assert 0 < live <= 8
-    answers = [api.wait_outputs(t) for t in ids]  # 10-32 simulated s = a few real ms
+    answers = [api.wait_outputs(t) for t in ids]  # 10-32 simulated s = at most 1.6 real s
     assert [a["code"] for a in answers] == [0] * 8
     assert api.account()["data"]["currentTaskCounts"] == "0"
     assert sim.account(key).live == 0 and sim.account(key).running == 0

@@ -2,41 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from pipeline.sim import AccountConfig, SimConfig, Simulator
+from pipeline.sim import AccountConfig, Simulator
 from pipeline.sim.testing import SimClient, WebhookReceiver
 
+Starter = Callable[..., tuple[Simulator, SimClient]]
 
 @pytest.fixture
-def key() -> str:
-    return secrets.token_hex(16)
-
-
-@pytest.fixture
-def start(key: str) -> Iterator[Callable[..., tuple[Simulator, SimClient]]]:
-    opened: list[Any] = []
-
-    def factory(**config: Any) -> tuple[Simulator, SimClient]:
-        config.setdefault("time_scale", 1e-9)  # frozen: sim.advance moves time
-        config.setdefault("queue_delay_s", 0.0)
-        config.setdefault("task_duration_s", 10.0)
-        config.setdefault("accounts", [AccountConfig(key=key)])
-        sim = Simulator(SimConfig(**config))
-        sim.start()
-        client = SimClient(sim, key)
-        opened.extend([sim, client])
-        return sim, client
-
-    yield factory
-    for thing in reversed(opened):
-        thing.close()
+def start(frozen_sim: Starter) -> Starter:
+    return functools.partial(frozen_sim, queue_delay_s=0.0)
 
 
 @pytest.fixture
