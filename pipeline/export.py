@@ -58,9 +58,8 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def iter_records(store: RunStore) -> Iterator[dict[str, Any]]:
-    for row in store.iter_rows():
-        files = store.files_for(row["idx"]) if row["status"] == "SUCCESS" else ()
-        yield row_record(row, files)
+    for row, files in store.iter_rows_with_files():
+        yield row_record(row, files if row["status"] == "SUCCESS" else ())
 
 
 def input_columns(store: RunStore) -> list[str]:

@@ -503,6 +503,25 @@ class RunStore:
             yield from chunk
             last = chunk[-1]["idx"]
 
+    def iter_rows_with_files(self, batch: int = 5000) -> Iterator[tuple[sqlite3.Row, list[sqlite3.Row]]]:
+        """Every row in input order with its downloaded-file records: one files query per batch."""
+        last = -1
+        while True:
+            chunk = self.conn.execute(
+                "SELECT * FROM rows WHERE idx > ? ORDER BY idx LIMIT ?", (last, batch)
+            ).fetchall()
+            if not chunk:
+                return
+            files: dict[int, list[sqlite3.Row]] = {}
+            for record in self.conn.execute(
+                "SELECT * FROM files WHERE row_idx BETWEEN ? AND ? ORDER BY row_idx, n",
+                (chunk[0]["idx"], chunk[-1]["idx"]),
+            ):
+                files.setdefault(record["row_idx"], []).append(record)
+            for row in chunk:
+                yield row, files.get(row["idx"], [])
+            last = chunk[-1]["idx"]
+
     def files_for(self, idx: int) -> list[sqlite3.Row]:
         return self.conn.execute(
             "SELECT * FROM files WHERE row_idx = ? ORDER BY n", (idx,)
