@@ -47,7 +47,6 @@ log = logging.getLogger("rhbatch.client")
 CREATE_PATH = "/task/openapi/create"
 APP_RUN_PATH = "/task/openapi/ai-app/run"
 OUTPUTS_PATH = "/task/openapi/outputs"
-STATUS_PATH = "/task/openapi/status"
 CANCEL_PATH = "/task/openapi/cancel"
 ACCOUNT_PATH = "/uc/openapi/accountStatus"
 UPLOAD_PATH = "/task/openapi/upload"

@@ -32,7 +32,7 @@ means, never on its text.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -246,14 +246,6 @@ class RunStopped(RhbatchError):
 
     exit_code = 3
     run_fatal = True
-
-
-@dataclass
-class ApiErrorInfo:
-    code: int | None = None
-    msg: str = ""
-    data: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ApiError(RhbatchError):
