@@ -530,11 +530,25 @@ def report(run_dir: Path, x: str | None, y: str | None, output: Path | None) -> 
 @click.option("--max-rows", type=int, default=100_000, show_default=True,
               help="Refuse larger sweeps unless --yes.")
 @click.option("--yes", is_flag=True, help="Write even past --max-rows.")
+@click.option("--cost-from", "cost_from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An earlier run directory: print the expected coins from its cost per task.")
 @handle_errors
-def sweep(spec: Path, output: Path, max_rows: int, yes: bool) -> None:
+def sweep(spec: Path, output: Path, max_rows: int, yes: bool, cost_from: Path | None) -> None:
     """Expand a sweep SPEC (YAML or JSON) into a manifest, streaming."""
-    from pipeline.sweep import expand_sweep
+    from pipeline.runs import cost_per_task
+    from pipeline.sweep import count_rows, expand_sweep, load_spec
 
+    rows = count_rows(load_spec(spec))
+    echo_err(f"{spec}: {rows:,} rows")
+    if cost_from is not None:
+        per_task = cost_per_task(cost_from)
+        if per_task is None:
+            echo_err(f"  {cost_from} has no finished task with a known cost yet")
+        else:
+            echo_err(f"  expected about {rows * per_task:,.0f} coins "
+                     f"({per_task:g} per task, measured in {cost_from})")
+    if rows > max_rows and not yes and sys.stdin.isatty():
+        yes = click.confirm(f"Write {rows:,} rows, more than --max-rows {max_rows:,}?", err=True)
     result = expand_sweep(spec, output, max_rows=max_rows, force=yes)
     click.echo(f"Wrote {result.rows} rows to {result.path}")
 

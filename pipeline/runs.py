@@ -474,6 +474,16 @@ def retry_rows(
             store.close()
 
 
+def cost_per_task(run_dir: str | Path) -> float | None:
+    """Average coins of the run's finished tasks whose cost is known, or None."""
+    store = st.RunStore.open(run_dir, readonly=True)
+    try:
+        priced = store.priced_rows()
+        return store.spent_coins() / priced if priced else None
+    finally:
+        store.close()
+
+
 def top_failures(run_dir: str | Path, limit: int = 3) -> list[tuple[int, str]]:
     """The most common failure causes of a run: (count, "code: error"), most frequent first."""
     store = st.RunStore.open(run_dir, readonly=True)

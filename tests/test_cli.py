@@ -437,3 +437,41 @@ def test_results_that_cannot_be_created_say_how_to_fix_it(tmp_path):
         with export._AtomicFile(blocker / "results.jsonl") as fh:
             fh.write("{}")
     assert "fix permissions" in str(info.value) or "writable" in str(info.value)
+
+
+# -- sweep -------------------------------------------------------------------------------------
+
+
+def test_sweep_prints_rows_and_expected_coins_from_an_earlier_run(tmp_path):
+    from pipeline import store as st
+    from pipeline.manifest import make_row
+
+    earlier = st.RunStore.open(tmp_path / "earlier", create=True)
+    earlier.insert_rows(make_row(i, i + 1, f"r{i}", "1904136902449209346",
+                                 [{"nodeId": "3", "fieldName": "seed", "fieldValue": i}])
+                        for i in range(3))
+    for i, coins in enumerate((4.0, 6.0)):
+        earlier.mark_submitting(i)
+        earlier.mark_submitted(i, str(100 + i), st.RUNNING, 1.0)
+        earlier.mark_success(i, [{"fileUrl": "http://x", "consumeCoins": coins}], 2.0)
+    earlier.close()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text('workflowId: "1904136902449209346"\nbindings: {seed: "3.seed"}\n'
+                    "axes: {seed: {range: [0, 30]}}\n", encoding="utf-8")
+    result = invoke(["sweep", str(spec), "-o", str(tmp_path / "m.csv"), "--cost-from",
+                     str(tmp_path / "earlier")])
+    assert result.exit_code == 0, result.output
+    assert f"{spec}: 30 rows\n" in result.stderr
+    assert "expected about 150 coins (5 per task, measured in" in result.stderr
+    assert result.stdout == f"Wrote 30 rows to {tmp_path / 'm.csv'}\n"
+
+
+def test_sweep_past_max_rows_is_refused_without_a_terminal_and_writes_nothing(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text('workflowId: "1904136902449209346"\nbindings: {seed: "3.seed"}\n'
+                    "axes: {seed: {range: [0, 30]}}\n", encoding="utf-8")
+    result = invoke(["sweep", str(spec), "-o", str(tmp_path / "m.csv"), "--max-rows", "10"])
+    assert result.exit_code == 2
+    assert "the sweep expands to 30 rows, more than the limit of 10; pass --max-rows 30 (or " \
+           "--yes) to write them" in result.stderr
+    assert not (tmp_path / "m.csv").exists()
