@@ -532,8 +532,6 @@ class Runner:
         # A task seen running after we asked cannot be one that had ended; of the rest, the one
         # expected to end first is the likeliest. A task that was still running when its typical
         # duration had passed is a straggler: expect it one typical duration after that answer.
-        # (Ordering by last negative answer first, as before, put a task polled just before its
-        # end behind every younger task, and its end waited up to max_poll_interval_s.)
         typical = self._duration_s or 0.0
 
         def expected_end(t: _Live) -> float:
