@@ -164,7 +164,11 @@ class Progress:
         if event.kind in ("success", "failed"):
             self.bar.update(1)
         if event.kind == "stopping":
-            self.bar.write(f"Stopping: {redact(event.detail)}", file=sys.stderr)
+            detail = redact(event.detail)
+            if detail == "interrupted":
+                detail = ("interrupted: finishing the create in flight and saving state; press "
+                          "Ctrl-C again to stop at once (that row then becomes SUBMIT_UNKNOWN)")
+            self.bar.write(f"Stopping: {detail}", file=sys.stderr)
         self.bar.set_postfix(
             sub=self.counts["submitted"], ok=self.counts["success"], fail=self.counts["failed"],
             unk=self.counts["unknown"], refresh=False,

@@ -118,6 +118,8 @@ class Runner:
         self._stop_submitting = False
         self._stopped: str | None = None
         self._interrupted = False
+        self._forced = False
+        self._submitter_task: asyncio.Task[None] | None = None
         self._crash: BaseException | None = None
         self._exit_code = 0
         self._backoff_until = 0.0
@@ -153,6 +155,10 @@ class Runner:
 
         ``interrupt`` also stops polling at once; otherwise live tasks are followed to their end.
         """
+        if interrupt and self._interrupted and self._submitter_task and not self._submitter_task.done():
+            # A second Ctrl-C: do not wait for the create in flight; its row becomes SUBMIT_UNKNOWN.
+            self._forced = True
+            self._submitter_task.cancel()
         self._interrupted = self._interrupted or interrupt
         if not self._stopped:
             self._stopped = reason
@@ -172,10 +178,15 @@ class Runner:
             self.live[known.idx] = live
             self._schedule(live, 0.0)
         submitter = asyncio.create_task(self._submitter(), name="submitter")
+        self._submitter_task = submitter
         watcher = asyncio.create_task(self._account_watcher(), name="account")
         poller = asyncio.create_task(self._poller(), name="poller")
         try:
-            await submitter
+            try:
+                await submitter
+            except asyncio.CancelledError:
+                if not self._forced:
+                    raise
             await poller
         finally:
             pending = [submitter, poller, watcher, *self._poll_tasks]
@@ -282,6 +293,13 @@ class Runner:
         self.store.mark_submitting(idx)
         try:
             answer = await self.client.create(body)
+        except asyncio.CancelledError:
+            self.store.mark_unknown(
+                idx,
+                "rhbatch was stopped while this row's create request was in flight; check "
+                "RunningHub's call records before resubmitting",
+            )
+            raise
         except CapacityError as exc:
             self.store.revert_pending(idx)
             self._push_back(row)

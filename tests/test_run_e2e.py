@@ -250,3 +250,43 @@ def test_a_failing_service_stops_the_run_instead_of_piling_up_unknown_rows(
     assert summary.counts[st.SUBMIT_UNKNOWN] == UNKNOWN_STREAK_STOP
     assert summary.counts[st.PENDING] == 40 - UNKNOWN_STREAK_STOP
     assert sim.audit.tasks() == []  # the dropped creates never reached the service
+
+
+def test_a_second_interrupt_stops_at_once_and_leaves_the_row_in_doubt_unknown(
+    make_sim, api_key, tmp_path
+):
+    import asyncio
+
+    from pipeline.client import RunningHubClient
+    from pipeline.manifest import load_manifest
+    from pipeline.runner import Runner
+    from pipeline.sim import Faults
+
+    # every create is answered only after 30 real seconds: the first Ctrl-C would wait for it
+    sim = make_sim(faults=Faults(slow_answer=1.0, slow_answer_s=30.0, routes=("create",)))
+    manifest = write_manifest(tmp_path / "m.csv", 3)
+    store = st.RunStore.open(tmp_path / "run", create=True)
+    store.insert_rows(load_manifest(manifest).rows)
+    settings = fast_settings(sim, api_key)
+
+    async def scenario():
+        async with RunningHubClient(settings) as client:
+            runner = Runner(store, client, settings)
+            task = asyncio.create_task(runner.run())
+            while store.counts()[st.SUBMITTING] == 0:
+                await asyncio.sleep(0.01)
+            runner.stop()  # first Ctrl-C: would wait for the answer
+            await asyncio.sleep(0.2)
+            assert not task.done()
+            runner.stop()  # second Ctrl-C: at once
+            return await asyncio.wait_for(task, 5.0)
+
+    try:
+        summary = asyncio.run(scenario())
+        assert summary.exit_code == 3 and summary.stopped == "interrupted"
+        assert summary.counts[st.SUBMIT_UNKNOWN] == 1 and summary.counts[st.PENDING] == 2
+        assert summary.counts[st.SUBMITTING] == 0
+        row = next(r for r in store.iter_rows() if r["status"] == st.SUBMIT_UNKNOWN)
+        assert "stopped while this row's create request was in flight" in row["error"]
+    finally:
+        store.close()
