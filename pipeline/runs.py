@@ -309,9 +309,29 @@ async def _drive_loop(
                 loop.remove_signal_handler(sig)
 
 
+def key_fingerprint(key: str) -> str:
+    """A short one-way digest of the API key: tells keys apart, never reveals one."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def check_key(store: st.RunStore, settings: Settings) -> None:
+    """A run's tasks belong to the key that created them: refuse to poll them with another."""
+    current = key_fingerprint(settings.require_key())
+    recorded = store.get_meta("key_fingerprint")
+    if recorded is None:
+        store.set_meta(key_fingerprint=current)
+    elif recorded != current:
+        raise StateError(
+            f"{store.run_dir} was run with another API key (fingerprint {recorded}, this one is "
+            f"{current}); its tasks belong to that key and would look lost to this one: set "
+            "RUNNINGHUB_API_KEY to the original key, or start a new --out directory"
+        )
+
+
 def _execute(store: st.RunStore, settings: Settings, created: bool, options: RunOptions
              ) -> RunSummary:
     """Recover, drive and write the results of an open run (caller holds the lock)."""
+    check_key(store, settings)
     handler = attach_log(store.run_dir, options.verbose)
     try:
         recovered = store.recover()

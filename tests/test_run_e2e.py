@@ -290,3 +290,24 @@ def test_a_second_interrupt_stops_at_once_and_leaves_the_row_in_doubt_unknown(
         assert "stopped while this row's create request was in flight" in row["error"]
     finally:
         store.close()
+
+
+def test_a_run_refuses_to_resume_with_another_api_key(make_sim, api_key, tmp_path):
+    import secrets
+
+    from pipeline.errors import StateError
+    from pipeline.sim import AccountConfig
+
+    other = secrets.token_hex(16)
+    sim = make_sim(accounts=[AccountConfig(key=api_key, api_type="SHARED", concurrency=5),
+                             AccountConfig(key=other, api_type="SHARED", concurrency=5)])
+    manifest = write_manifest(tmp_path / "m.csv", 4)
+    _run(sim, api_key, manifest, tmp_path / "run")
+    creates = len(sim.audit.tasks())
+    with pytest.raises(StateError, match=r"was run with another API key \(fingerprint [0-9a-f]{12}"):
+        _run(sim, other, manifest, tmp_path / "run")
+    assert len(sim.audit.tasks()) == creates
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert api_key.encode() not in data and other.encode() not in data
