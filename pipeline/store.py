@@ -491,8 +491,7 @@ class RunStore:
                 conn.execute("DELETE FROM files WHERE row_idx = ?", (idx,))
         return len(indexes)
 
-    def iter_rows(self, batch: int = 5000) -> Iterator[sqlite3.Row]:
-        """Every row in input order, streamed."""
+    def _row_chunks(self, batch: int) -> Iterator[list[sqlite3.Row]]:
         last = -1
         while True:
             chunk = self.conn.execute(
@@ -500,18 +499,17 @@ class RunStore:
             ).fetchall()
             if not chunk:
                 return
-            yield from chunk
+            yield chunk
             last = chunk[-1]["idx"]
+
+    def iter_rows(self, batch: int = 5000) -> Iterator[sqlite3.Row]:
+        """Every row in input order, streamed."""
+        for chunk in self._row_chunks(batch):
+            yield from chunk
 
     def iter_rows_with_files(self, batch: int = 5000) -> Iterator[tuple[sqlite3.Row, list[sqlite3.Row]]]:
         """Every row in input order with its downloaded-file records: one files query per batch."""
-        last = -1
-        while True:
-            chunk = self.conn.execute(
-                "SELECT * FROM rows WHERE idx > ? ORDER BY idx LIMIT ?", (last, batch)
-            ).fetchall()
-            if not chunk:
-                return
+        for chunk in self._row_chunks(batch):
             files: dict[int, list[sqlite3.Row]] = {}
             for record in self.conn.execute(
                 "SELECT * FROM files WHERE row_idx BETWEEN ? AND ? ORDER BY row_idx, n",
@@ -520,7 +518,6 @@ class RunStore:
                 files.setdefault(record["row_idx"], []).append(record)
             for row in chunk:
                 yield row, files.get(row["idx"], [])
-            last = chunk[-1]["idx"]
 
     def files_for(self, idx: int) -> list[sqlite3.Row]:
         return self.conn.execute(
