@@ -92,17 +92,15 @@ def fast_settings(sim: Any, key: str, **overrides: Any) -> Any:
     return resolve_settings(api_key=key, base_url=sim.base_url, env={}, **values)
 
 
-def fast_env(sim: Any, key: str) -> dict[str, str]:
-    """Environment for an ``rhbatch`` subprocess pointed at ``sim``."""
-    import os
-
-    env = dict(os.environ)
-    env["RUNNINGHUB_API_KEY"] = key
-    env["RUNNINGHUB_BASE_URL"] = sim.base_url
-    return env
-
-
 FAST_FLAGS = ["--poll-interval", "0.05", "--account-poll-interval", "0.01"]
+
+
+def explicit_row(number: int, *overrides: tuple[str, str, Any], workflow_id: str = TEXT2IMG) -> Any:
+    """A manifest Row numbered ``number`` sending ``(nodeId, fieldName, value)`` overrides."""
+    from pipeline.manifest import make_row
+
+    items = [{"nodeId": n, "fieldName": f, "fieldValue": v} for n, f, v in overrides]
+    return make_row(number - 1, number, f"r{number}", workflow_id, items)
 
 
 def write_manifest(path: Path, n: int, *, workflow_id: str = TEXT2IMG, extra: dict | None = None

@@ -45,7 +45,8 @@ def _command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "pipeline", *args]
 
 
-def _env(base_url: str, key: str) -> dict[str, str]:
+def subprocess_env(base_url: str, key: str) -> dict[str, str]:
+    """This environment, pointed at ``base_url`` with ``key``, importing this checkout's rhbatch."""
     env = dict(os.environ)
     env["RUNNINGHUB_API_KEY"] = key
     env["RUNNINGHUB_BASE_URL"] = base_url
@@ -75,7 +76,7 @@ def run_with_kills(
         "--account-poll-interval", "0.01", "-q", *extra_flags,
     ]
     run_args = ["run", str(manifest), "--out", str(run_dir), *flags]
-    env = _env(sim.base_url, key)
+    env = subprocess_env(sim.base_url, key)
     while result.kills < kills and time.monotonic() - started < deadline_s:
         proc = subprocess.Popen(_command(run_args), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import FAST_FLAGS, TEXT2IMG, canonical, read_results, write_manifest
+from kill_harness import subprocess_env
 
 from pipeline.cli import cli
 
@@ -31,13 +32,6 @@ def invoke(args: list[str], env: dict[str, str | None] | None = None):
 
 def sim_env(sim, key: str) -> dict[str, str | None]:
     return {"RUNNINGHUB_API_KEY": key, "RUNNINGHUB_BASE_URL": sim.base_url}
-
-
-def _subprocess_env(sim, key: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(RUNNINGHUB_API_KEY=key, RUNNINGHUB_BASE_URL=sim.base_url,
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return env
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -313,7 +307,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_does_not_block_resume(ma
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "run", str(manifest), "--out", str(run_dir),
          "--concurrency", "5", *FAST_FLAGS, "-q"],
-        env=_subprocess_env(sim, api_key), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=subprocess_env(sim.base_url, api_key), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: len(sim.audit.tasks()) >= 2)
         second = invoke(["run", str(manifest), "--out", str(run_dir), *RUN_FLAGS],
@@ -377,7 +371,7 @@ def test_disk_trouble_mid_run_is_exit_3_with_the_fix_and_the_run_resumes(trouble
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "run", str(manifest), "--out", str(run_dir),
          "--concurrency", "5", *FAST_FLAGS, "-q"],
-        env=_subprocess_env(sim, api_key), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=subprocess_env(sim.base_url, api_key), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     ballast = small_disk / "ballast"
     try:

@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import explicit_row
 
 from pipeline.client import RetryPolicy, RunningHubClient
 from pipeline.config import resolve_settings
 from pipeline.errors import InputError, Problem, RowFatalError
-from pipeline.manifest import make_row as Row
 from pipeline.preflight import (
     Field,
     WorkflowCache,
@@ -42,16 +42,7 @@ def workflows() -> dict[str, dict[str, Any]]:
 
 
 def row(number: int, *overrides: tuple[str, str, Any], workflow_id: str = T2I) -> Any:
-    nil = tuple({"nodeId": n, "fieldName": f, "fieldValue": v} for n, f, v in overrides)
-    return Row(
-        index=number - 1,
-        number=number,
-        row_id=f"r{number}",
-        workflow_id=workflow_id,
-        node_info_list=nil,
-        inputs={},
-        options={},
-    )
+    return explicit_row(number, *overrides, workflow_id=workflow_id)
 
 
 def problems_of(workflows: dict[str, Any], *overrides: tuple[str, str, Any]) -> list[str]:

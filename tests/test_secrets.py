@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import FAST_FLAGS, fast_settings, write_manifest
+from kill_harness import subprocess_env
 
 from pipeline.cli import cli
 from pipeline.client import RetryPolicy
@@ -57,14 +58,6 @@ def _fast_policy() -> RetryPolicy:
                        retry_after_cap_s=0.05)
 
 
-def _env(base_url: str, key: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["RUNNINGHUB_API_KEY"] = key
-    env["RUNNINGHUB_BASE_URL"] = base_url
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _rhbatch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
@@ -75,7 +68,7 @@ def test_cli_subprocess_under_every_fault_never_shows_the_key(make_sim, api_key,
     sim = make_sim(concurrency=10, seed=21, faults=SUBPROCESS_FAULTS, task_duration_s=(5.0, 20.0))
     manifest = write_manifest(tmp_path / "m.csv", 20)
     run_dir = tmp_path / "run"
-    env = _env(sim.base_url, api_key)
+    env = subprocess_env(sim.base_url, api_key)
     done = _rhbatch(["run", str(manifest), "--out", str(run_dir), "--verbose", "--concurrency",
                      "10", *FAST_FLAGS], env)
     assert done.returncode in (0, 1), done.stderr[-3000:]

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from conftest import explicit_row
 
 from pipeline.client import RetryPolicy, RunningHubClient
 from pipeline.config import resolve_settings
 from pipeline.errors import RowFatalError
-from pipeline.manifest import make_row as Row
 from pipeline.preflight import load_workflow_file
 from pipeline.uploads import (
     UPLOAD_MAX_BYTES,
@@ -34,16 +34,7 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 10
 
 
 def row(number: int, *overrides: tuple[str, str, Any]) -> Any:
-    nil = tuple({"nodeId": n, "fieldName": f, "fieldValue": v} for n, f, v in overrides)
-    return Row(
-        index=number - 1,
-        number=number,
-        row_id=f"r{number}",
-        workflow_id=I2I,
-        node_info_list=nil,
-        inputs={},
-        options={},
-    )
+    return explicit_row(number, *overrides, workflow_id=I2I)
 
 
 @pytest.fixture(scope="module")
