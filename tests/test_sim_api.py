@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -422,6 +423,31 @@ def test_upload_checks_type_size_and_key(start):
     assert too_big == {"code": 809, "msg": "APIKEY_FILE_SIZE_EXCEEDED", "data": None}
     assert set(sim.uploads) == {f"api/{digest}.png", zipped["data"]["fileName"],
                                 bearer["data"]["fileName"]}
+
+
+def test_upload_that_arrives_in_small_pieces_parses_like_one_sent_at_once(start):
+    """A slow or proxied client delivers the multipart body a few bytes at a time; the parser
+    over-reads across a piece boundary and must hand the surplus back, not fail the upload."""
+    sim, api = start()
+    boundary = "rh" + secrets.token_hex(8)
+    content = b"\x89PNG" + secrets.token_bytes(100_000)
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"apiKey\"\r\n\r\n{api.key}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    value_at = body.index(api.key.encode())
+
+    def pieces():
+        # headers and 3 bytes of the key, then 5 more, then everything else in one go
+        for start_at, end_at in ((0, value_at + 3), (value_at + 3, value_at + 8), (value_at + 8, len(body))):
+            yield body[start_at:end_at]
+            time.sleep(0.1)
+
+    response = api.http.post("/task/openapi/upload", content=pieces(),
+                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 200, response.text
+    digest = hashlib.sha256(content).hexdigest()
+    assert response.json()["data"] == {"fileName": f"api/{digest}.png", "fileType": "input"}
+    assert set(sim.uploads) == {f"api/{digest}.png"}
 
 
 def test_any_other_path_or_method_answers_200_token_invalid(start):
