@@ -174,10 +174,11 @@ def calls_rows(slots: dict[str, Any], *, tasks: int) -> list[Row]:
 
 
 def rhbatch_cli(sim: SimProcess, manifest: Path, run_dir: Path, *, concurrency: int,
-                account_poll_s: float, poll_s: float, timeout_s: float = RUN_TIMEOUT_S
-                ) -> dict[str, Any]:
+                account_poll_s: float, poll_s: float, timeout_s: float = RUN_TIMEOUT_S,
+                http: str = "aiohttp") -> dict[str, Any]:
     """``rhbatch run`` in a child process: its own CPU and peak RSS (wait4)."""
-    env = dict(os.environ, RUNNINGHUB_API_KEY=api_key(), RUNNINGHUB_BASE_URL=sim.base_url)
+    env = dict(os.environ, RUNNINGHUB_API_KEY=api_key(), RUNNINGHUB_BASE_URL=sim.base_url,
+               RHBATCH_HTTP=http)
     argv = [sys.executable, "-m", "pipeline", "run", str(manifest), "--out", str(run_dir),
             "--concurrency", str(concurrency), "--account-poll-interval", str(account_poll_s),
             "--poll-interval", str(poll_s), "-q"]
@@ -188,25 +189,28 @@ def bench_client(workdir: Path, *, tasks: int, concurrency: int) -> list[Row]:
     """Instant tasks, so the run is bounded by rhbatch's own work, not by task time."""
     config = sim_config(concurrency=concurrency, duration_s=0.0, time_scale=1.0)
     small = max(1, tasks // 10)
-    out: dict[int, dict[str, Any]] = {}
-    for n in (small, tasks):
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    # the default HTTP stack at both sizes, then httpx's own pool at the small size for the ratio
+    for n, http in ((small, "aiohttp"), (tasks, "aiohttp"), (small, "httpx")):
         manifest = write_manifest(workdir / f"client-{n}.csv", n)
         with SimProcess(workdir, config) as sim:
-            res = rhbatch_cli(sim, manifest, workdir / f"client-{n}", concurrency=concurrency,
-                              account_poll_s=0.02, poll_s=0.05)
+            res = rhbatch_cli(sim, manifest, workdir / f"client-{n}-{http}", concurrency=concurrency,
+                              account_poll_s=0.02, poll_s=0.05, http=http)
             audit = sim.ask("summary")
         res["audit"] = audit
-        out[n] = res
+        out[n, http] = res
         if res["exit"] != 0:
             print(f"rhbatch run exited {res['exit']}: {res['stderr']}", file=sys.stderr)
-    big, little = out[tasks], out[small]
+    big, little, plain = out[tasks, "aiohttp"], out[small, "aiohttp"], out[small, "httpx"]
+    little_ms = little["cpu_s"] / max(1, small) * 1000
+    plain_ms = plain["cpu_s"] / max(1, small) * 1000
     done = big["audit"]["finished"]
     per_task_ms = big["cpu_s"] / max(1, tasks) * 1000
     # marginal CPU per task: the difference between the two runs removes start-up and imports
     marginal_ms = (big["cpu_s"] - little["cpu_s"]) / max(1, tasks - small) * 1000
     csv_mb = (workdir / f"client-{tasks}.csv").stat().st_size / 1e6
-    results_mb = (workdir / f"client-{tasks}" / "results.jsonl").stat().st_size / 1e6 \
-        if (workdir / f"client-{tasks}" / "results.jsonl").exists() else float("nan")
+    results = workdir / f"client-{tasks}-aiohttp" / "results.jsonl"
+    results_mb = results.stat().st_size / 1e6 if results.exists() else float("nan")
     return [
         Row("client", f"{tasks:,} instant tasks, C={concurrency}, rhbatch run in a child: "
             "succeeded", f"{done:,}/{tasks:,} (exit {big['exit']})", f"{tasks:,}",
@@ -215,6 +219,9 @@ def bench_client(workdir: Path, *, tasks: int, concurrency: int) -> list[Row]:
             "< 1.0", per_task_ms < 1.0),
         Row("client", f"CPU per task, marginal ({small:,} -> {tasks:,} tasks), ms",
             _fmt(marginal_ms), "< 1.0", marginal_ms < 1.0),
+        Row("client", f"CPU per task at {small:,} tasks: httpx's own pool / aiohttp's pool "
+            "(RHBATCH_HTTP=httpx vs the default), ms", f"{_fmt(plain_ms)} / {_fmt(little_ms)} = "
+            f"{plain_ms / max(little_ms, 1e-9):.2f}x (httpx exit {plain['exit']})"),
         Row("client", "wall time, s / tasks per s", f"{big['wall_s']:.1f} / "
             f"{tasks / big['wall_s']:,.0f}"),
         Row("client", f"peak RSS, MB: {small:,} tasks -> {tasks:,} tasks",

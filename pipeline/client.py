@@ -202,6 +202,10 @@ class RunningHubClient:
         self.base_url = settings.base_url
         self.policy = policy or RetryPolicy()
         limit = max_connections or HTTP_MAX_CONNECTIONS
+        if transport is None and settings.http_transport == "aiohttp":
+            from pipeline.transport import AiohttpTransport
+
+            transport = AiohttpTransport(max_connections=limit)
         self._http = httpx.AsyncClient(
             base_url=settings.base_url,
             timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),

@@ -100,6 +100,8 @@ def run_with_kills(
             env=env, capture_output=True, text=True, timeout=deadline_s,
         )
         result.exit_codes.append(retry.returncode)
+    assert (run_dir / "results.jsonl").exists(), (
+        f"the final run (exit {final.returncode}) left no results.jsonl: {final.stderr[-3000:]}")
     with (run_dir / "results.jsonl").open(encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh]
     result.rows = len(records)

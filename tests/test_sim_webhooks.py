@@ -28,11 +28,16 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 def _wait_status(api: SimClient, task_id: str, status: str, retry_count: int | None = None,
                  timeout_s: float = 5.0) -> dict[str, Any]:
-    """Poll getWebhookDetail until the delivery reached ``status`` (and ``retry_count``)."""
+    """Poll getWebhookDetail until the delivery reached ``status`` (and ``retry_count``) and no
+    attempt is in flight: a retry's count rises when it is sent, while the record still says
+    RETRYING from the attempt before, and only its answer schedules the next one."""
     deadline = time.monotonic() + timeout_s
     while True:
         detail = api.post("/task/openapi/getWebhookDetail", {"taskId": task_id})
-        done = detail["code"] == 0 and detail["data"]["callbackStatus"] == status and (
+        with api.sim.lock:
+            settled = not any(record.in_flight for record in api.sim.service.webhooks.values()
+                              if record.task.task_id == task_id)
+        done = settled and detail["code"] == 0 and detail["data"]["callbackStatus"] == status and (
             retry_count is None or detail["data"]["retryCount"] == retry_count)
         if done or time.monotonic() > deadline:
             return detail
