@@ -31,6 +31,7 @@ from pipeline.config import RedactingFilter, Settings
 from pipeline.errors import ManifestChangedError, RunFatalError, StateError, StorageError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.prepare import prepare_rows
+from pipeline.refresh import refresh_in_child, remove_stale_temporaries
 from pipeline.runner import Event, Runner, RunSummary
 
 log = logging.getLogger("rhbatch")
@@ -145,7 +146,8 @@ def open_run(
 
 
 class _ResultsFlusher:
-    """Rewrites results.* in a thread, no more often than the last rewrite took (x5)."""
+    """Rewrites results.* in a child process (``pipeline.refresh``), no more often than the last
+    rewrite took (x5); in a thread if a process cannot be started."""
 
     def __init__(self, run_dir: Path, interval_s: float):
         self.run_dir = run_dir
@@ -163,7 +165,7 @@ class _ResultsFlusher:
             started = time.monotonic()
             # Shielded: a refresh in its thread always completes before stop() returns, so an
             # older snapshot can never be renamed over the final results written after the run.
-            self._flushing = asyncio.ensure_future(asyncio.to_thread(self.flush))
+            self._flushing = asyncio.ensure_future(self.refresh())
             try:
                 await asyncio.shield(self._flushing)
             except asyncio.CancelledError:
@@ -171,6 +173,13 @@ class _ResultsFlusher:
             except Exception as exc:  # a failed refresh is retried; the database stays the truth
                 log.warning("could not refresh results: %s", exc)
             delay = max(self.interval_s, 5 * (time.monotonic() - started))
+
+    async def refresh(self) -> None:
+        try:
+            await refresh_in_child(self.run_dir)
+        except OSError as exc:  # no process to be had (limits, memory): share this one's GIL
+            log.info("results refresh in this process: %s", exc)
+            await asyncio.to_thread(self.flush)
 
     def flush(self) -> None:
         reader = st.RunStore.open(self.run_dir, readonly=True)
@@ -334,6 +343,7 @@ def _execute(store: st.RunStore, settings: Settings, created: bool, options: Run
     check_key(store, settings)
     handler = attach_log(store.run_dir, options.verbose)
     try:
+        remove_stale_temporaries(store.run_dir)
         recovered = store.recover()
         if recovered:
             log.warning(
