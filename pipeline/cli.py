@@ -222,7 +222,8 @@ def print_summary(run_dir: Path, summary: Any) -> None:
 @click.option("--concurrency", type=int, help="Tasks in flight at most (the account's limit).")
 @click.option("--poll-interval", type=float, help="Seconds between polls of one task.")
 @click.option("--account-poll-interval", type=float,
-              help="Seconds between reads of the account's live task count.")
+              help="Longest wait in seconds between reads of the account's live task count "
+                   "(read up to 4x as often while many tasks end often).")
 @click.option("--max-coins", type=float, help="Stop submitting before spending more coins.")
 @click.option("--expected-coins", type=float,
               help="Expected coins per task for --max-coins until the run has measured its own.")

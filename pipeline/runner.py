@@ -53,6 +53,24 @@ MAX_CONCURRENT_POLLS = 12
 DURATION_EWMA_WEIGHT = 0.2
 UNKNOWN_STREAK_PAUSE = 2  # creates in doubt in a row before submissions slow down
 UNKNOWN_STREAK_STOP = 10  # ... and before the run stops (exit 3) to let the user look
+# The shared accountStatus read is spent at about this many calls per finished task: with many
+# short tasks in flight it is read more often than --account-poll-interval, down to a quarter of it.
+ACCOUNT_CALLS_PER_TASK = 0.5
+ACCOUNT_POLL_MIN_FRACTION = 0.25
+
+
+def account_poll_interval(base_s: float, typical_task_s: float | None, live: int) -> float:
+    """Seconds until the next accountStatus read.
+
+    ``live`` tasks of ``typical_task_s`` end about ``live / typical_task_s`` times a second; reading
+    the count every ``typical / (ACCOUNT_CALLS_PER_TASK x live)`` seconds costs that many calls per
+    task and halves the wait for the next read when ends come often. Never slower than ``base_s``
+    (the configured interval) nor faster than a quarter of it.
+    """
+    if not typical_task_s or live <= 0:
+        return base_s
+    paced = typical_task_s / (ACCOUNT_CALLS_PER_TASK * live)
+    return min(base_s, max(base_s * ACCOUNT_POLL_MIN_FRACTION, paced))
 
 
 @dataclass
@@ -538,7 +556,9 @@ class Runner:
             failures = 0
             if not self._account_ok:
                 self._account_ok = True
-            interval = self.settings.account_poll_interval_s
+            interval = account_poll_interval(
+                self.settings.account_poll_interval_s, self._duration_s, len(self.live)
+            )
             self._on_account_count(status.current_task_counts, before, asked_at)
 
     def _on_account_count(self, count: int, before: list[_Live], asked_at: float) -> None:

@@ -311,3 +311,19 @@ def test_a_run_refuses_to_resume_with_another_api_key(make_sim, api_key, tmp_pat
         if path.is_file():
             data = path.read_bytes()
             assert api_key.encode() not in data and other.encode() not in data
+
+
+def test_the_account_is_read_faster_only_when_many_tasks_end_often():
+    from pipeline.runner import ACCOUNT_CALLS_PER_TASK, account_poll_interval
+
+    # 50 tasks of 30 s end 5/3 times a second: half a call per task is a read every 1.2 s
+    assert account_poll_interval(2.0, 30.0, 50) == pytest.approx(1.2)
+    assert 1 / 1.2 / (50 / 30.0) == pytest.approx(ACCOUNT_CALLS_PER_TASK)
+    # few or long tasks: the configured interval; nothing known yet: the configured interval
+    assert account_poll_interval(2.0, 30.0, 5) == 2.0
+    assert account_poll_interval(2.0, 600.0, 50) == 2.0
+    assert account_poll_interval(2.0, None, 50) == 2.0
+    assert account_poll_interval(2.0, 30.0, 0) == 2.0
+    # a thousand short tasks: never faster than a quarter of the configured interval
+    assert account_poll_interval(2.0, 10.0, 1000) == 0.5
+    assert account_poll_interval(0.01, 1.0, 1000) == 0.0025
