@@ -8,6 +8,7 @@ messages to stderr.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import sys
@@ -98,7 +99,23 @@ def _manifest_args(manifest: Path, binds: tuple[str, ...], workflow_id: str | No
                         tuple(workflow_files), not no_preflight)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """rhbatch's commands; ``sim`` (aiohttp's server, a third of a second to import) is loaded only
+    when it is asked for or listed."""
+
+    lazy = {"sim": ("pipeline.sim.cli", "sim_command")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, name = self.lazy[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), name), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rhbatch")
 def cli() -> None:
     """Run large, resumable batches of ComfyUI workflows on RunningHub."""
@@ -559,17 +576,6 @@ def sweep(spec: Path, output: Path, max_rows: int, yes: bool, cost_from: Path | 
 
 
 # -- simulator and demo --------------------------------------------------------------------
-
-
-def _register_sim() -> None:
-    try:
-        from pipeline.sim.cli import sim_command
-    except ImportError:  # pragma: no cover - the simulator ships with rhbatch
-        return
-    cli.add_command(sim_command)
-
-
-_register_sim()
 
 
 @cli.command()

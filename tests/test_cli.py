@@ -469,3 +469,17 @@ def test_sweep_past_max_rows_is_refused_without_a_terminal_and_writes_nothing(tm
     assert "the sweep expands to 30 rows, more than the limit of 10; pass --max-rows 30 (or " \
            "--yes) to write them" in result.stderr
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_the_simulator_is_loaded_only_for_the_sim_command():
+    probe = ("import sys; from pipeline.cli import cli; "
+             "print(sorted(m for m in ('aiohttp', 'pipeline.sim') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, env={k: v for k, v in os.environ.items()
+                                             if k != "RUNNINGHUB_API_KEY"})
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
+    listed = CliRunner().invoke(cli, ["--help"])
+    assert listed.exit_code == 0 and "  sim " in listed.output
+    helped = CliRunner().invoke(cli, ["sim", "--help"])
+    assert helped.exit_code == 0 and "--config" in helped.output
