@@ -1,11 +1,10 @@
 """An httpx transport that sends over an aiohttp connection pool.
 
 rhbatch speaks httpx everywhere (requests, responses, errors, test transports), but httpx's own
-pool (httpcore + h11) costs 1.9 ms of client CPU per request on its own and 3.5-4.7 ms with 20-200
-requests in flight, because it re-scans its pool for every request. Over aiohttp's pool the same
-POST costs about 1 ms at any depth (``bench/run_bench.py`` prints both in one run). At two to three
-requests per task that is the difference between a client that keeps up with a thousand-slot
-account and one that becomes the bottleneck.
+pool (httpcore + h11) re-scans its connections for every request: measured against the simulator,
+one POST cost 1.9 ms of client CPU alone and 3.5-4.7 ms with 20-200 in flight, against about 1 ms
+at any depth over aiohttp's pool. ``bench/run_bench.py`` prints the whole-run ratio per task
+(1.81x in the latest table).
 
 What a caller can rely on is httpx's contract, and the create path depends on one part of it:
 an exception says whether the request could have reached the service.
