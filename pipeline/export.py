@@ -108,6 +108,14 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
+RESULT_FILES = ("results.jsonl", "results.csv")  # what write_results keeps current in a run dir
+
+
+def temporary_prefix(name: str) -> str:
+    """How a file being written atomically as ``name`` is named until it is complete."""
+    return f".{name}."
+
+
 class _AtomicFile:
     def __init__(self, target: Path, mode: str = "w"):
         self.target = target
@@ -116,7 +124,8 @@ class _AtomicFile:
     def __enter__(self) -> Any:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", dir=self.target.parent)
+            fd, self.tmp = tempfile.mkstemp(prefix=temporary_prefix(self.target.name),
+                                            dir=self.target.parent)
         except OSError as exc:
             raise StorageError(f"Cannot write {self.target}: {exc.strerror}: {WRITE_FIX}") from None
         if "b" in self.mode:
@@ -189,5 +198,6 @@ def export(store: RunStore, fmt: str, target: str | Path) -> int:
 
 def write_results(store: RunStore) -> None:
     """Refresh ``results.jsonl`` and ``results.csv`` in the run directory."""
-    write_jsonl(store, store.run_dir / "results.jsonl")
-    write_csv(store, store.run_dir / "results.csv")
+    jsonl, csv_name = RESULT_FILES
+    write_jsonl(store, store.run_dir / jsonl)
+    write_csv(store, store.run_dir / csv_name)

@@ -27,9 +27,11 @@ from pathlib import Path
 
 from pipeline.config import ENV_API_KEY
 from pipeline.errors import StorageError
+from pipeline.export import RESULT_FILES, temporary_prefix, write_results
+from pipeline.store import RunStore
 
 PR_SET_PDEATHSIG = 1
-TMP_PREFIXES = (".results.jsonl.", ".results.csv.")  # export._AtomicFile's temporary files
+TMP_PREFIXES = tuple(temporary_prefix(name) for name in RESULT_FILES)
 
 
 async def refresh_in_child(run_dir: Path) -> None:
@@ -74,9 +76,6 @@ def _die_with_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     run_dir, parent = argv if argv is not None else sys.argv[1:]
     _die_with_parent(int(parent))
-    from pipeline.export import write_results
-    from pipeline.store import RunStore
-
     try:
         store = RunStore.open(run_dir, readonly=True)
         try:

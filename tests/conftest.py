@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import secrets
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,15 @@ def canonical(node_info_list: Any) -> str:
         (str(i["nodeId"]), str(i["fieldName"]), json.dumps(i["fieldValue"])) for i in node_info_list
     )
     return json.dumps(items)
+
+
+async def no_sleep(_: float) -> None:
+    """A retry policy's sleep that returns at once."""
+    return None
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -8,6 +8,7 @@ import secrets
 
 import httpx
 import pytest
+from conftest import no_sleep
 
 from pipeline.client import RetryPolicy, RunningHubClient, build_payload
 from pipeline.config import resolve_settings
@@ -23,13 +24,9 @@ from pipeline.errors import (
 KEY = secrets.token_hex(16)
 
 
-async def _no_sleep(_: float) -> None:
-    return None
-
-
 def make_client(handler, attempts: int = 4) -> RunningHubClient:
     settings = resolve_settings(api_key=KEY, base_url="http://rh.test", env={})
-    policy = RetryPolicy(max_attempts=attempts, sleep=_no_sleep)
+    policy = RetryPolicy(max_attempts=attempts, sleep=no_sleep)
     return RunningHubClient(settings, policy=policy, transport=httpx.MockTransport(handler))
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import explicit_row
+from conftest import explicit_row, no_sleep
 
 from pipeline.client import RetryPolicy, RunningHubClient
 from pipeline.config import resolve_settings
@@ -308,9 +308,6 @@ def _envelope_client(calls: list[str], answers: dict[str, Any]) -> RunningHubCli
             return httpx.Response(200, json={"code": 380, "msg": "WORKFLOW_NOT_EXISTS", "data": None})
         prompt = json.dumps(answers[wid])
         return httpx.Response(200, json={"code": 0, "msg": "SUCCESS", "data": {"prompt": prompt}})
-
-    async def no_sleep(_: float) -> None:
-        return None
 
     settings = resolve_settings(api_key=secrets.token_hex(16), base_url="http://rh.test", env={})
     return RunningHubClient(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import no_sleep
 from PIL import Image
 
 from pipeline import download as dl
@@ -132,15 +133,11 @@ def sweep_run(tmp_path: Path, base_url: str, bodies: dict[str, bytes]) -> Path:
                     bodies[path] = png(COLORS[p], s)
                 store.mark_success(i, [{"fileUrl": base_url + path, "fileType": "png", "nodeId": "9",
                                         "taskCostTime": 20.0 + i, "consumeCoins": 4.0}], at)
-    policy = RetryPolicy(max_attempts=2, sleep=_no_sleep)
+    policy = RetryPolicy(max_attempts=2, sleep=no_sleep)
     summary = asyncio.run(dl.download_run_async(store, policy=policy))
     assert (summary.downloaded, summary.failed) == (10, 1)
     store.close()
     return run_dir
-
-
-async def _no_sleep(seconds: float) -> None:
-    return None
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import FAST_FLAGS, fast_settings, write_manifest
+from conftest import FAST_FLAGS, closed_port, fast_settings, write_manifest
 from kill_harness import subprocess_env
 
 from pipeline.cli import cli
@@ -122,12 +121,6 @@ def test_in_process_run_under_every_fault_logs_no_key(make_sim, api_key, tmp_pat
     assert_nowhere(api_key, texts=(*texts, captured.out, captured.err), dirs=(tmp_path,))
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.timeout(60)
 def test_error_messages_never_hold_the_key(make_sim, api_key, tmp_path, caplog):
     from pipeline.config import resolve_settings
@@ -165,7 +158,7 @@ def test_error_messages_never_hold_the_key(make_sim, api_key, tmp_path, caplog):
     # connection refused: nothing listens there
     summary = run_batch(ManifestArgs(manifest, preflight=False), tmp_path / "d",
                         resolve_settings(api_key=api_key,
-                                         base_url=f"http://127.0.0.1:{_closed_port()}", env={}),
+                                         base_url=f"http://127.0.0.1:{closed_port()}", env={}),
                         policy=_fast_policy(), handle_signals=False, verbose=True)
     assert summary.exit_code == 3 and "unreachable" in (summary.stopped or "")
     texts += [repr(summary)] + [str(e) for e in errors] + [repr(e.args) for e in errors]

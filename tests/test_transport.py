@@ -8,12 +8,12 @@ import asyncio
 import gzip
 import json
 import secrets
-import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
 import pytest
 import trustme
+from conftest import closed_port, no_sleep
 
 from pipeline.client import RetryPolicy, RunningHubClient, TransportError
 from pipeline.config import ConfigError, resolve_settings
@@ -24,10 +24,6 @@ STACKS = ("aiohttp", "httpx")
 CREATE = {"workflowId": "1904136902449209346", "nodeInfoList": []}
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def _no_sleep(_: float) -> None:
-    return None
 
 
 class Wire:
@@ -112,19 +108,13 @@ def client(stack: str, url: str, **settings: float) -> RunningHubClient:
     resolved = resolve_settings(api_key=KEY, base_url=url, env={}, http_transport=stack,
                                 read_timeout_s=settings.get("read_timeout_s", 5.0),
                                 connect_timeout_s=settings.get("connect_timeout_s", 5.0))
-    return RunningHubClient(resolved, policy=RetryPolicy(max_attempts=3, sleep=_no_sleep))
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return RunningHubClient(resolved, policy=RetryPolicy(max_attempts=3, sleep=no_sleep))
 
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_a_refused_connection_is_never_sent_so_create_retries_it(stack):
     async def go() -> None:
-        async with client(stack, f"http://127.0.0.1:{_closed_port()}") as rh:
+        async with client(stack, f"http://127.0.0.1:{closed_port()}") as rh:
             with pytest.raises(TransportError) as caught:
                 await rh.create(CREATE)
             assert caught.value.sent is False

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import explicit_row
+from conftest import explicit_row, no_sleep
 
 from pipeline.client import RetryPolicy, RunningHubClient
 from pipeline.config import resolve_settings
@@ -72,9 +72,6 @@ class UploadServer:
         await site.start()
         host, port = runner.addresses[0][:2]
         settings = resolve_settings(api_key=KEY, base_url=f"http://{host}:{port}", env={})
-
-        async def no_sleep(_: float) -> None:
-            return None
 
         try:
             async with RunningHubClient(
