@@ -21,6 +21,7 @@ ENV_BASE_URL = "RUNNINGHUB_BASE_URL"
 ENV_HTTP = "RHBATCH_HTTP"
 # The connection pool under httpx: aiohttp's (default, about 1 ms of CPU per request) or httpx's own.
 HTTP_TRANSPORTS = ("aiohttp", "httpx")
+DEFAULT_HTTP_TRANSPORT = HTTP_TRANSPORTS[0]
 
 DEFAULT_CONCURRENCY = 1  # consumer keys run one task at a time
 HTTP_CONNECT_TIMEOUT_S = 10.0
@@ -116,7 +117,7 @@ class Settings:
     connect_timeout_s: float = HTTP_CONNECT_TIMEOUT_S
     read_timeout_s: float = HTTP_READ_TIMEOUT_S
     results_flush_interval_s: float = RESULTS_FLUSH_INTERVAL_S
-    http_transport: str = "aiohttp"
+    http_transport: str = DEFAULT_HTTP_TRANSPORT
     task_options: dict[str, Any] = field(default_factory=dict)
 
     def require_key(self) -> str:
@@ -163,7 +164,7 @@ def resolve_settings(
             "--api-key, never inside the URL"
         )
     values = {k: v for k, v in overrides.items() if v is not None}
-    transport = values.setdefault("http_transport", environ.get(ENV_HTTP) or "aiohttp")
+    transport = values.setdefault("http_transport", environ.get(ENV_HTTP) or DEFAULT_HTTP_TRANSPORT)
     if transport not in HTTP_TRANSPORTS:
         raise ConfigError(
             f"{ENV_HTTP}={transport!r} is not a known HTTP stack: use one of {', '.join(HTTP_TRANSPORTS)}"

@@ -163,7 +163,7 @@ class _ResultsFlusher:
         while True:
             await asyncio.sleep(delay)
             started = time.monotonic()
-            # Shielded: a refresh in its thread always completes before stop() returns, so an
+            # Shielded: a refresh (child or thread) always completes before stop() returns, so an
             # older snapshot can never be renamed over the final results written after the run.
             self._flushing = asyncio.ensure_future(self.refresh())
             try:
