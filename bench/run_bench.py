@@ -49,7 +49,7 @@ from common import (  # noqa: E402
 
 from pipeline import config  # noqa: E402
 
-SECTIONS = ("slots", "calls", "client", "manifest", "resume", "compare")
+SECTIONS = ("slots", "calls", "window", "client", "manifest", "resume", "compare")
 RUN_TIMEOUT_S = 1800.0
 
 # rhbatch's defaults in real seconds (pipeline/config.py); benchmarks divide them by the time scale
@@ -137,6 +137,29 @@ def bench_slots(workdir: Path, *, tasks: int, concurrency: int, duration_s: floa
     ]
     del recorded
     return rows, {"result": result, "audit": audit}
+
+
+def bench_window(workdir: Path, *, tasks: int, duration_s: float, time_scale: float) -> list[Row]:
+    """A 1-slot key run at --concurrency 1 and at --concurrency 8, side by side: the window must
+    learn the key's limit from the first capacity answer instead of paying one on every row."""
+    results = {}
+    for concurrency in (1, 8):
+        config = sim_config(concurrency=1, duration_s=duration_s, time_scale=time_scale,
+                            api_type="NORMAL")
+        with SimProcess(workdir, config) as sim:
+            result = rhbatch_in_process(sim, workdir, tasks, concurrency, f"window{concurrency}")
+        audit = result["audit"]
+        results[concurrency] = (audit["last_end_t"] - audit["first_create_t"],
+                                result["summary"].capacity_answers)
+    (one, _), (eight, refused) = results[1], results[8]
+    ratio = eight / one
+    return [
+        Row("window", f"1-slot key, {tasks} tasks of {duration_s:g}s: makespan at --concurrency 8 "
+            "/ at --concurrency 1", f"{_fmt(ratio)} ({eight:,.0f}s / {one:,.0f}s sim)", "<= 1.10",
+            ratio <= 1.10),
+        Row("window", "capacity answers at --concurrency 8 (the whole run)", f"{refused}", "<= 3",
+            refused <= 3),
+    ]
 
 
 def calls_rows(slots: dict[str, Any], *, tasks: int) -> list[Row]:
@@ -419,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows += slot_rows
             if "calls" in only:
                 rows += calls_rows(slots, tasks=slot_tasks)
+        if "window" in only:
+            rows += bench_window(workdir, tasks=8 if smoke else 24, duration_s=30.0,
+                                 time_scale=time_scale)
         if "client" in only:
             client_tasks = args.tasks or (300 if smoke else 100_000)
             rows += bench_client(workdir, tasks=client_tasks,

@@ -3,21 +3,29 @@
 Every answer is read from its body: business errors arrive as HTTP 200 with a non-zero ``code``
 (runninghub-api.md §2.5), and each code is classified by :func:`pipeline.errors.classify`.
 
+Every exchange is bounded: a total deadline covers connect, send and the whole answer
+(``Settings.request_deadline_s``), and an answer is read at most :data:`API_MAX_BYTES` after
+decompression, so a trickling gateway, a 200 MB page or a gzip bomb ends as one clear error.
+Answers are parsed strictly: no NaN or Infinity, no nesting deep enough to crash the parser.
+
 Retries follow one :class:`RetryPolicy` (tenacity underneath): bounded by attempts and total time,
 exponential with full jitter, ``Retry-After`` honoured up to a cap, only for errors marked transient.
 ``create`` is the exception that shapes everything: RunningHub has no idempotency key and bills every
-accepted task, so a create is retried only when the failure proves the request was not acted on
-(the connection was never made, HTTP 429, HTTP 503). Anything else after the request left (a read
-timeout, a dropped connection, a 500/502/504, a garbage body) raises :class:`SubmitUnknownError` and
-is never resent automatically.
+accepted task. What a create's answer means is decided in one place, :func:`interpret_create`, by the
+rules of :data:`CREATE_RULES` (the README prints the same table): a create is resent only when the
+request provably never left this machine; everything that is neither a task id nor a refusal the
+service states in its own envelope is :class:`SubmitUnknownError`, never resent automatically.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
+import math
 import random
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +35,7 @@ import httpx
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
+    RetryError,
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
@@ -34,13 +43,18 @@ from tenacity import (
 
 from pipeline.config import Settings, redact
 from pipeline.errors import (
+    CODES,
     ApiError,
     CapacityError,
+    Kind,
     RunFatalError,
     SubmitUnknownError,
     TransientApiError,
     api_error_for,
+    classify,
 )
+from pipeline.safetext import clean_text, clip
+from pipeline.store import Cost
 
 log = logging.getLogger("rhbatch.client")
 
@@ -51,15 +65,25 @@ CANCEL_PATH = "/task/openapi/cancel"
 ACCOUNT_PATH = "/uc/openapi/accountStatus"
 UPLOAD_PATH = "/task/openapi/upload"
 WORKFLOW_JSON_PATH = "/api/openapi/getJsonApiFormat"
+V2_QUERY_PATH = "/openapi/v2/query"
 
-# HTTP statuses that prove the request was not acted on: safe to resend even a create.
-NOT_PROCESSED_HTTP = frozenset({429, 503})
+# HTTP statuses after which a *poll* is simply asked again (a create is never resent on them).
+RETRY_HTTP = frozenset({429, 503})
+# The largest API answer read, after decompression: real answers are a few KiB (an outputs list of
+# a few hundred files is well under 1 MiB). Downloads have their own cap (download.py).
+API_MAX_BYTES = 8 * 2**20
+# Stored text from the service (messages, failure reasons) is cut to this many characters.
+MAX_STORED_TEXT = 4000
 # Connections kept to RunningHub, whatever --concurrency is. Requests are short, so a few keep-alive
 # connections carry thousands of live tasks; a pool sized to the concurrency made every request pay
 # httpcore's per-request scan of all connections (quadratic in the pool size, a syscall per idle
 # connection): 60 connections cost ~0.6 ms of CPU per request, 1,000 would cost tens of ms.
 HTTP_MAX_CONNECTIONS = 16
 TASK_OPTION_FIELDS = ("addMetadata", "instanceType", "usePersonalQueue", "retainSeconds", "webhookUrl")
+
+
+class AnswerTooLarge(httpx.ReadError):
+    """An answer grew past the cap while it was read (raw or decompressed)."""
 
 
 class TransportError(TransientApiError):
@@ -98,7 +122,9 @@ class RetryPolicy:
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            log.warning(
+            # one line per retry only in the debug log: during an outage the runner reports once
+            # a minute instead of thousands of identical warnings
+            log.debug(
                 "%s failed (attempt %d of %d), retrying: %s",
                 what,
                 state.attempt_number,
@@ -122,6 +148,275 @@ def _poll_retryable(exc: BaseException) -> bool:
 
 def _create_retryable(exc: BaseException) -> bool:
     return isinstance(exc, TransportError) and not exc.sent
+
+
+# -- reading an answer ----------------------------------------------------------------------
+
+_UNPARSED: Any = object()  # the body is not strict JSON
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def parse_json(body: bytes | str) -> Any:
+    """Strict JSON (RFC 8259): no NaN/Infinity, no overflowing floats; :data:`_UNPARSED` for
+    anything else, including nesting too deep for the parser."""
+    try:
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        return _UNPARSED
+
+
+@dataclass
+class Answer:
+    """One HTTP answer, read whole (bounded) and decoded."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    _parsed: Any = field(default=None, repr=False)
+
+    def json(self) -> Any:
+        if self._parsed is None:
+            self._parsed = parse_json(self.body) if self.body else _UNPARSED
+        return self._parsed
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes | None:
+    """The raw (still encoded) body, refused past ``cap``; None when the transport already read
+    and decoded it (httpx.MockTransport in tests), so ``response.content`` is the body."""
+    if response.is_stream_consumed:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > cap:
+            raise AnswerTooLarge(f"answer over {cap} bytes", request=response.request)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _inflate(data: bytes, wbits: int, cap: int) -> bytes:
+    inflater = zlib.decompressobj(wbits)
+    out = [inflater.decompress(data, cap + 1)]
+    size = len(out[0])
+    while inflater.unconsumed_tail and size <= cap:
+        piece = inflater.decompress(inflater.unconsumed_tail, cap + 1 - size)
+        out.append(piece)
+        size += len(piece)
+    if size > cap:
+        raise AnswerTooLarge(f"answer inflates past {cap} bytes")
+    return b"".join(out)
+
+
+def _decode(raw: bytes, encoding: str | None, cap: int) -> bytes:
+    """``raw`` decoded by its Content-Encoding, never past ``cap`` bytes (a bomb stops there)."""
+    for name in reversed([e.strip().lower() for e in (encoding or "").split(",") if e.strip()]):
+        if name == "identity":
+            continue
+        try:
+            if name in ("gzip", "x-gzip"):
+                raw = _inflate(raw, zlib.MAX_WBITS | 16, cap)
+            elif name == "deflate":
+                try:
+                    raw = _inflate(raw, zlib.MAX_WBITS, cap)
+                except zlib.error:  # raw deflate without the zlib header, as some servers send
+                    raw = _inflate(raw, -zlib.MAX_WBITS, cap)
+            else:
+                raise ValueError(f"unsupported Content-Encoding {name!r}")
+        except zlib.error as exc:
+            raise ValueError(f"a {name} body that does not decompress: {exc}") from None
+    return raw
+
+
+def _int_code(envelope: dict[str, Any]) -> int | None:
+    """The envelope's ``code`` when it is a JSON integer (or digits), else None."""
+    code = envelope.get("code")
+    if isinstance(code, bool):
+        return None
+    if isinstance(code, int):
+        return code
+    if isinstance(code, str) and code.strip().isdigit():
+        return int(code.strip())
+    return None
+
+
+def redirect_advice(base_url: str, status: int, location: str | None) -> str:
+    """The fix for an HTTP 3xx: rhbatch never follows redirects (a create must not be re-sent)."""
+    target = clean_text(location or "", 200)
+    if base_url.startswith("http://") and target.startswith("https://"):
+        https = "https://" + base_url[len("http://"):]
+        return (f"RunningHub answered HTTP {status}, redirecting to https: set RUNNINGHUB_BASE_URL "
+                f"(or --base-url) to {https}")
+    where = f" to {target}" if target else ""
+    return (f"RunningHub answered HTTP {status}, a redirect{where}: rhbatch does not follow "
+            "redirects; set RUNNINGHUB_BASE_URL (or --base-url) to the API's own address, e.g. "
+            "https://www.runninghub.ai")
+
+
+# -- what a create's answer means ------------------------------------------------------------
+
+
+class CreateOutcome(enum.Enum):
+    RESEND = "resend"  # provably never left this machine
+    CREATED = "created"  # a task id came back
+    WAIT = "wait"  # refused for capacity: nothing was made
+    ROW_FAILED = "row_failed"  # refused: this row is wrong
+    RUN_STOPPED = "run_stopped"  # refused: credentials or money
+    UNKNOWN = "unknown"  # maybe created and billed
+
+
+def _code_list(kind: Kind) -> str:
+    codes = sorted(c for c, known in CODES.items() if known.kind is kind)
+    parts: list[str] = []
+    run: list[int] = []
+    for code in [*codes, None]:
+        if code is not None and run and code == run[-1] + 1:
+            run.append(code)
+            continue
+        if run:
+            parts.append(f"{run[0]}–{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)))
+        run = [] if code is None else [code]
+    return ", ".join(parts)
+
+
+REFUSALS: dict[Kind, CreateOutcome] = {
+    Kind.CAPACITY: CreateOutcome.WAIT,
+    Kind.ROW_FATAL: CreateOutcome.ROW_FAILED,
+    Kind.RUN_FATAL: CreateOutcome.RUN_STOPPED,
+}
+_UNKNOWN_DOES = "`SUBMIT_UNKNOWN`: the task may exist and be billed; never resent automatically"
+
+
+@dataclass(frozen=True)
+class CreateRule:
+    what: str  # what came back
+    does: str  # what rhbatch does
+    outcome: CreateOutcome
+
+
+#: The one create-outcome rule, first match wins. The README's table "What a create's answer
+#: means" is this list (a test compares them); :func:`create_rule` implements it.
+CREATE_RULES: tuple[CreateRule, ...] = (
+    CreateRule("No connection could be made: refused, name not resolved, TLS handshake failed, "
+               "connect or pool timeout (no byte of the request was written)",
+               "resent under the retry policy; when it runs out the row stays `PENDING` and the "
+               "run stops (exit 3)", CreateOutcome.RESEND),
+    CreateRule("Any answer that parses and carries `data.taskId`, whatever its `code` (0, 813, "
+               "500, `null`, `\"0.0\"`) or HTTP status",
+               "created: the task id is recorded at once and polled, never resent",
+               CreateOutcome.CREATED),
+    CreateRule(f"A RunningHub envelope with a capacity code: {_code_list(Kind.CAPACITY)}",
+               "refused, nothing was made: the row waits for a free slot and is sent again",
+               CreateOutcome.WAIT),
+    CreateRule(f"An envelope with a row-fatal code: {_code_list(Kind.ROW_FATAL)}",
+               "refused: the row is `FAILED` with the code (433 keeps ComfyUI's `node_errors`); "
+               "the other rows go on", CreateOutcome.ROW_FAILED),
+    CreateRule(f"An envelope with a run-fatal code: {_code_list(Kind.RUN_FATAL)}",
+               "refused: the row stays `PENDING` and the run stops (exit 3) with the fix",
+               CreateOutcome.RUN_STOPPED),
+    CreateRule("Code 0 without a taskId; a code meaning server error or one not listed above "
+               "(500, 1005, 1013, 804, 805, 807, ...); a code that is not an integer",
+               _UNKNOWN_DOES, CreateOutcome.UNKNOWN),
+    CreateRule("Any other HTTP status without a refusal envelope: 429, 5xx, 4xx, a 3xx redirect",
+               _UNKNOWN_DOES + "; a redirect or 401/403 also stops the run with the fix",
+               CreateOutcome.UNKNOWN),
+    CreateRule("A body that is not JSON or not an object, an answer cut short or over "
+               f"{API_MAX_BYTES >> 20} MiB, no complete answer within the request deadline, a "
+               "connection dropped after the request was written", _UNKNOWN_DOES,
+               CreateOutcome.UNKNOWN),
+)
+
+
+def _task_id(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    value = data.get("taskId")
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def create_rule(answer: Answer | None, error: TransportError | None) -> int:
+    """The index in :data:`CREATE_RULES` of the rule that decides this create's outcome."""
+    if answer is None:
+        assert error is not None
+        return 0 if not error.sent else 7
+    parsed = answer.json()
+    if isinstance(parsed, dict):
+        if _task_id(parsed.get("data")) is not None:
+            return 1
+        code = _int_code(parsed)
+        if code is not None and code in CODES:
+            outcome = REFUSALS.get(classify(code))
+            if outcome is not None:
+                return [r.outcome for r in CREATE_RULES].index(outcome)
+        if answer.status == 200:
+            return 5
+    return 6 if answer.status != 200 else 7
+
+
+def interpret_create(answer: Answer | None, error: TransportError | None, *,
+                     base_url: str) -> Submitted:
+    """Apply :data:`CREATE_RULES`: a :class:`Submitted`, or the error that says what happened."""
+    rule = CREATE_RULES[create_rule(answer, error)]
+    if rule.outcome is CreateOutcome.RESEND:
+        assert error is not None
+        raise error
+    if answer is None:
+        raise SubmitUnknownError(
+            f"create was sent but no usable answer came back ({error}); the task may exist and "
+            "be billed, so it is not resent automatically"
+        )
+    parsed = answer.json()
+    if rule.outcome is CreateOutcome.CREATED:
+        data = parsed["data"]
+        task_id = _task_id(data)
+        assert task_id is not None
+        status = str(data.get("taskStatus") or "QUEUED").upper()
+        if status not in ("QUEUED", "RUNNING", "FAILED", "SUCCESS"):
+            status = "QUEUED"
+        tips = parse_prompt_tips(data.get("promptTips"))
+        code = _int_code(parsed)
+        return Submitted(task_id, status, tips, code if code is not None else 0,
+                         clean_text(parsed.get("msg", ""), 500))
+    if rule.outcome in (CreateOutcome.WAIT, CreateOutcome.ROW_FAILED, CreateOutcome.RUN_STOPPED):
+        code = _int_code(parsed)
+        assert code is not None
+        raise api_error_for(code, clean_text(parsed.get("msg", ""), 500), parsed.get("data"),
+                            where="create", base_url=base_url)
+    # unknown: say what came back, and stop the run where every later create would fare the same
+    http_status = answer.status
+    stop: str | None = None
+    if isinstance(parsed, dict) and http_status == 200:
+        raw_code = parsed.get("code")
+        what = (f"code {clean_text(json.dumps(raw_code), 40)}" if _int_code(parsed) is None
+                else f"code {raw_code} without a taskId")
+    elif http_status != 200:
+        what = f"HTTP {http_status}"
+        if 300 <= http_status < 400:
+            stop = redirect_advice(base_url, http_status, answer.headers.get("location"))
+        elif http_status in (401, 403):
+            stop = f"RunningHub refused the key (HTTP {http_status}): check RUNNINGHUB_API_KEY"
+    else:
+        what = f"a body that is not a JSON envelope ({len(answer.body)} bytes)"
+    raise SubmitUnknownError(
+        f"create answered {what}, which does not say whether a task was made; the task may "
+        "exist and be billed, so it is not resent automatically", stop_run=stop,
+    )
 
 
 @dataclass(frozen=True)
@@ -152,12 +447,14 @@ class AccountStatus:
 
 
 def _num(value: Any) -> float | None:
-    if value is None or value == "":
+    """A number the service sent as a number or a string; None for null, "", NaN or Infinity."""
+    if value is None or value == "" or isinstance(value, bool):
         return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if math.isfinite(number) else None
 
 
 def build_payload(
@@ -210,10 +507,13 @@ class RunningHubClient:
             base_url=settings.base_url,
             timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
             limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
-            headers={"Authorization": f"Bearer {self._key}", "User-Agent": "rhbatch"},
+            headers={"Authorization": f"Bearer {self._key}", "User-Agent": "rhbatch",
+                     # only encodings rhbatch decodes itself, with a bound (_decode)
+                     "Accept-Encoding": "gzip, deflate"},
             transport=transport,
             follow_redirects=False,
         )
+        self.deadline_s = settings.request_deadline_s
         self.requests_sent = 0
 
     async def __aenter__(self) -> RunningHubClient:
@@ -227,79 +527,104 @@ class RunningHubClient:
 
     # -- the exchange -----------------------------------------------------------------------
 
-    async def _post(self, path: str, body: dict[str, Any], *, key_field: str = "apiKey") -> Any:
-        """POST once; return the parsed envelope or raise a classified error."""
-        payload = {key_field: self._key, **body}
+    async def _exchange(self, path: str, **request: Any) -> Answer:
+        """POST once within the request deadline; the answer read whole, bounded and decoded.
+
+        Raises :class:`TransportError` whose ``sent`` is False only when no byte of the request can
+        have reached the service (no connection could be made).
+        """
+        built = self._http.build_request("POST", path, **request)
+        built.extensions["rhbatch_max_bytes"] = API_MAX_BYTES  # the aiohttp stack stops reading there
         self.requests_sent += 1
+        response: httpx.Response | None = None
         try:
-            response = await self._http.post(path, json=payload)
+            async with asyncio.timeout(self.deadline_s):
+                response = await self._http.send(built, stream=True)
+                try:
+                    raw = await _read_capped(response, API_MAX_BYTES)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise TransportError(
+                f"{path}: no complete answer within the {self.deadline_s:g} s request deadline",
+                sent=True,
+            ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise TransportError(
                 f"could not connect to {self.base_url}: {type(exc).__name__}", sent=False
             ) from None
+        except AnswerTooLarge:
+            raise TransportError(
+                f"{path}: the answer is larger than {API_MAX_BYTES >> 20} MiB and was not read",
+                sent=True,
+            ) from None
         except httpx.HTTPError as exc:
             # The request may have reached the service: read timeout, reset, protocol error.
-            detail = redact(str(exc)) or type(exc).__name__
+            detail = clean_text(redact(str(exc)), 200) or type(exc).__name__
             raise TransportError(f"{path}: {type(exc).__name__}: {detail}", sent=True) from None
-        return self._envelope(path, response)
+        try:
+            body = (response.content if raw is None else
+                    _decode(raw, response.headers.get("content-encoding"), API_MAX_BYTES))
+            if len(body) > API_MAX_BYTES:
+                raise AnswerTooLarge("answer too large", request=built)
+        except AnswerTooLarge:
+            raise TransportError(
+                f"{path}: the answer inflates past {API_MAX_BYTES >> 20} MiB and was not read",
+                sent=True,
+            ) from None
+        except ValueError as exc:
+            raise TransportError(f"{path}: the answer could not be decoded ({exc})", sent=True) from None
+        return Answer(response.status_code, response.headers, body)
 
-    def _envelope(self, path: str, response: httpx.Response) -> dict[str, Any]:
-        status = response.status_code
+    async def _post(self, path: str, body: dict[str, Any], *, key_field: str = "apiKey") -> Any:
+        """POST once; return the parsed envelope or raise a classified error (polls and reads)."""
+        answer = await self._exchange(path, json={key_field: self._key, **body})
+        return self._envelope(path, answer)
+
+    def _envelope(self, path: str, answer: Answer) -> dict[str, Any]:
+        status = answer.status
+        parsed = answer.json()
         if status != 200:
-            retry_after = _num(response.headers.get("Retry-After"))
-            if status in NOT_PROCESSED_HTTP:
-                raise TransportError(
-                    f"{path}: HTTP {status}", sent=False, retry_after_s=retry_after
-                )
-            if status >= 500:
-                raise TransportError(f"{path}: HTTP {status}", sent=True, retry_after_s=retry_after)
+            if isinstance(parsed, dict) and _int_code(parsed) not in (None, 0):
+                return parsed  # a RunningHub envelope on an error status: its code decides
+            retry_after = _num(answer.headers.get("Retry-After"))
+            if 300 <= status < 400:
+                raise RunFatalError(redirect_advice(self.base_url, status,
+                                                    answer.headers.get("location")))
             if status in (401, 403):
                 raise RunFatalError(
                     f"RunningHub refused the key (HTTP {status}): check RUNNINGHUB_API_KEY"
                 )
-            raise TransportError(f"{path}: unexpected HTTP {status}", sent=True)
-        try:
-            body = response.json()
-        except ValueError:
+            raise TransportError(f"{path}: HTTP {status}", sent=status not in RETRY_HTTP,
+                                 retry_after_s=retry_after)
+        if parsed is _UNPARSED:
             raise TransportError(
-                f"{path}: the answer was not JSON ({len(response.content)} bytes)", sent=True
-            ) from None
-        if not isinstance(body, dict) or "code" not in body:
+                f"{path}: the answer was not JSON ({len(answer.body)} bytes)", sent=True
+            )
+        if not isinstance(parsed, dict) or "code" not in parsed:
             raise TransportError(f"{path}: the answer has no 'code' field", sent=True)
-        return body
+        return parsed
 
     # -- endpoints -------------------------------------------------------------------------
 
     async def create(self, body: dict[str, Any]) -> Submitted:
-        """Submit one task. Raises CapacityError, RowFatalError, RunFatalError or SubmitUnknownError.
+        """Submit one task: resent only while it provably never left, then :func:`interpret_create`.
 
-        A task id in the answer is returned whatever the code says (813 on create means queued).
+        Raises CapacityError, RowFatalError, RunFatalError (refused: no task was made) or
+        SubmitUnknownError (a task may exist and may be billed).
         """
         path = APP_RUN_PATH if "webappId" in body else CREATE_PATH
+        answer: Answer | None = None
         try:
             async for attempt in self.policy.retrying(_create_retryable, "create"):
                 with attempt:
-                    envelope = await self._post(path, body)
+                    answer = await self._exchange(path, json={"apiKey": self._key, **body})
         except TransportError as exc:
             if exc.sent:
-                raise SubmitUnknownError(
-                    f"create was sent but no usable answer came back ({exc}); the task may exist "
-                    "and is not resubmitted automatically"
-                ) from None
+                return interpret_create(None, exc, base_url=self.base_url)
             raise
-        code = _code(envelope)
-        data = envelope.get("data")
-        task_id = data.get("taskId") if isinstance(data, dict) else None
-        if task_id:
-            status = str(data.get("taskStatus") or ("QUEUED" if code == 813 else "QUEUED"))
-            tips = parse_prompt_tips(data.get("promptTips"))
-            return Submitted(str(task_id), status.upper(), tips, code, str(envelope.get("msg", "")))
-        if code == 0:
-            raise SubmitUnknownError(
-                "create answered success without a taskId; the task may exist and is not "
-                "resubmitted automatically"
-            )
-        raise api_error_for(code, str(envelope.get("msg", "")), data, where="create")
+        assert answer is not None
+        return interpret_create(answer, None, base_url=self.base_url)
 
     async def _poll(self, path: str, body: dict[str, Any], what: str, **kw: Any) -> dict[str, Any]:
         async for attempt in self.policy.retrying(_poll_retryable, what):
@@ -329,18 +654,43 @@ class RunningHubClient:
             reason = data.get("failedReason") if isinstance(data, dict) else None
             return TaskResult("FAILED", failed_reason=normalize_failed_reason(reason), code=code,
                               msg=msg)
-        raise api_error_for(code, msg, data, where="outputs")
+        raise api_error_for(code, msg, data, where="outputs", base_url=self.base_url)
+
+    async def task_cost(self, task_id: str) -> Cost | None:
+        """What an ended task cost, from v2 ``query``'s ``usage`` (v1 reports no cost for failed
+        or cancelled tasks); None when the service does not say. Never raises for a read problem:
+        an unknown cost is recorded as unknown, not as an error of the row."""
+        try:
+            async for attempt in self.policy.retrying(_poll_retryable, "query"):
+                with attempt:
+                    answer = await self._exchange(V2_QUERY_PATH, json={"taskId": task_id})
+                    data = answer.json()
+                    if answer.status != 200 or not isinstance(data, dict):
+                        raise TransportError(f"query: HTTP {answer.status}", sent=True)
+                    if str(data.get("errorCode") or "") == "1003":
+                        raise CapacityError("query: rate limited (1003)", code=1003)
+        except (ApiError, RetryError) as exc:
+            log.info("cost of task %s not available from v2 query: %s", clean_text(task_id, 40),
+                     redact(exc))
+            return None
+        return cost_of_usage(data)
 
     async def account_status(self) -> AccountStatus:
         envelope = await self._poll(ACCOUNT_PATH, {}, "accountStatus", key_field="apikey")
         code = _code(envelope)
         data = envelope.get("data")
         if code != 0 or not isinstance(data, dict):
-            raise api_error_for(code, str(envelope.get("msg", "")), data, where="accountStatus")
+            raise api_error_for(code, str(envelope.get("msg", "")), data, where="accountStatus",
+                                base_url=self.base_url)
         count = _num(data.get("currentTaskCounts"))
+        if count is None or count < 0 or not count.is_integer():
+            raise ApiError(
+                "accountStatus answered a task count that is not a whole number "
+                f"({clean_text(json.dumps(data.get('currentTaskCounts')), 40)})"
+            )
         return AccountStatus(
             remain_coins=_num(data.get("remainCoins")),
-            current_task_counts=int(count or 0),
+            current_task_counts=int(count),
             api_type=data.get("apiType"),
             remain_money=_num(data.get("remainMoney")),
             currency=data.get("currency"),
@@ -350,7 +700,8 @@ class RunningHubClient:
         envelope = await self._poll(CANCEL_PATH, {"taskId": task_id}, "cancel")
         code = _code(envelope)
         if code != 0:
-            raise api_error_for(code, str(envelope.get("msg", "")), None, where="cancel")
+            raise api_error_for(code, str(envelope.get("msg", "")), None, where="cancel",
+                                base_url=self.base_url)
 
     async def workflow_json(self, workflow_id: str) -> dict[str, Any]:
         """The workflow in ComfyUI API format (``data.prompt`` is JSON inside JSON)."""
@@ -358,7 +709,8 @@ class RunningHubClient:
         code = _code(envelope)
         data = envelope.get("data")
         if code != 0 or not isinstance(data, dict):
-            raise api_error_for(code, str(envelope.get("msg", "")), data, where="getJsonApiFormat")
+            raise api_error_for(code, str(envelope.get("msg", "")), data,
+                                where="getJsonApiFormat", base_url=self.base_url)
         prompt = data.get("prompt")
         try:
             parsed = json.loads(prompt) if isinstance(prompt, str) else prompt
@@ -373,18 +725,12 @@ class RunningHubClient:
         content = path.read_bytes()
 
         async def once() -> dict[str, Any]:
-            self.requests_sent += 1
-            try:
-                response = await self._http.post(
-                    UPLOAD_PATH,
-                    data={"apiKey": self._key, "fileType": file_type},
-                    files={"file": (path.name, content)},
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                raise TransportError(f"upload: {type(exc).__name__}", sent=False) from None
-            except httpx.HTTPError as exc:
-                raise TransportError(f"upload: {type(exc).__name__}", sent=True) from None
-            envelope = self._envelope(UPLOAD_PATH, response)
+            answer = await self._exchange(
+                UPLOAD_PATH,
+                data={"apiKey": self._key, "fileType": file_type},
+                files={"file": (path.name, content)},
+            )
+            envelope = self._envelope(UPLOAD_PATH, answer)
             if _code(envelope) == 808:
                 raise TransientApiError("upload failed (808)", code=808)
             return envelope
@@ -396,7 +742,7 @@ class RunningHubClient:
         data = envelope.get("data")
         if code not in (0, 200) or not isinstance(data, dict):
             msg = str(envelope.get("msg") or envelope.get("message") or "")
-            raise api_error_for(code, msg, data, where=f"upload of {path.name}")
+            raise api_error_for(code, msg, data, where=f"upload of {path.name}", base_url=self.base_url)
         name = data.get("fileName") or data.get("filename")
         if not name:
             raise ApiError(f"upload of {path.name} returned no fileName")
@@ -404,10 +750,42 @@ class RunningHubClient:
 
 
 def _code(envelope: dict[str, Any]) -> int:
-    try:
-        return int(envelope.get("code"))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TransportError("the answer's 'code' is not a number", sent=True) from None
+    code = _int_code(envelope)
+    if code is None:
+        raise TransportError("the answer's 'code' is not an integer", sent=True)
+    return code
+
+
+def cost_of_usage(data: dict[str, Any]) -> Cost | None:
+    """The ``usage`` of a v2 ``query`` answer (or webhook): coins and money apart, child tasks
+    listed. A figure the parent leaves null is the sum of its children's, where they give it."""
+    usage = data.get("usage")
+    children_raw = data.get("taskUsageList")
+    children: list[dict[str, Any]] = []
+    if isinstance(children_raw, list):
+        for child in children_raw:
+            if isinstance(child, dict) and isinstance(child.get("usage"), dict):
+                cu = child["usage"]
+                children.append({
+                    "taskId": None if child.get("taskId") is None else str(child.get("taskId")),
+                    "consumeCoins": _num(cu.get("consumeCoins")),
+                    "consumeMoney": _num(cu.get("consumeMoney")),
+                    "thirdPartyConsumeMoney": _num(cu.get("thirdPartyConsumeMoney")),
+                })
+    if not isinstance(usage, dict) and not children:
+        return None
+    usage = usage if isinstance(usage, dict) else {}
+
+    def figure(name: str) -> float | None:
+        own = _num(usage.get(name))
+        if own is not None:
+            return own
+        parts = [c[name] for c in children if c[name] is not None]
+        return sum(parts) if parts else None
+
+    cost = Cost(figure("consumeCoins"), figure("consumeMoney"), figure("thirdPartyConsumeMoney"),
+                _num(usage.get("taskCostTime")), children or None)
+    return cost if cost.known else None
 
 
 def normalize_output(item: dict[str, Any]) -> dict[str, Any]:
@@ -424,21 +802,39 @@ def normalize_output(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+MAX_TRACEBACK_FRAMES = 50  # the last frames of a failed task's traceback that are kept
+
+
+def _bounded(value: Any) -> Any:
+    """A failedReason part as stored: text clipped to MAX_STORED_TEXT (with a marker), a list to
+    its last MAX_TRACEBACK_FRAMES entries, anything bigger than that as clipped JSON text."""
+    if isinstance(value, str):
+        return clip(value, MAX_STORED_TEXT)
+    if isinstance(value, list):
+        kept = [_bounded(v) for v in value[-MAX_TRACEBACK_FRAMES:]]
+        return ([f"[{len(value) - len(kept)} earlier entries cut by rhbatch]"] + kept
+                if len(value) > len(kept) else kept)
+    if isinstance(value, dict):
+        text = json.dumps(value, ensure_ascii=False)
+        return value if len(text) <= MAX_STORED_TEXT else clip(text, MAX_STORED_TEXT)
+    return value
+
+
 def normalize_failed_reason(reason: Any) -> Any:
-    """failedReason with its stringified parts decoded (traceback is a JSON string or a list)."""
+    """failedReason with its stringified parts decoded (traceback is a JSON string or a list),
+    every part bounded for storage (see :func:`_bounded`)."""
     if isinstance(reason, str):
-        try:
-            reason = json.loads(reason)
-        except ValueError:
-            return {"exception_message": reason}
+        decoded = parse_json(reason)
+        if decoded is _UNPARSED:
+            return {"exception_message": clip(reason, MAX_STORED_TEXT)}
+        reason = decoded
     if not isinstance(reason, dict):
-        return reason
+        return _bounded(reason)
     out = dict(reason)
     for key in ("traceback", "current_inputs", "current_outputs"):
         value = out.get(key)
         if isinstance(value, str) and value[:1] in "[{":
-            try:
-                out[key] = json.loads(value)
-            except ValueError:
-                pass
-    return out
+            decoded = parse_json(value)
+            if decoded is not _UNPARSED:
+                out[key] = decoded
+    return {str(k)[:200]: _bounded(v) for k, v in list(out.items())[:50]}

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
+from pipeline.safetext import escape_controls
 
 DEFAULT_BASE_URL = "https://www.runninghub.ai"
 ENV_API_KEY = "RUNNINGHUB_API_KEY"
@@ -25,13 +26,21 @@ DEFAULT_HTTP_TRANSPORT = HTTP_TRANSPORTS[0]
 
 DEFAULT_CONCURRENCY = 1  # consumer keys run one task at a time
 HTTP_CONNECT_TIMEOUT_S = 10.0
-HTTP_READ_TIMEOUT_S = 60.0
+HTTP_READ_TIMEOUT_S = 30.0  # one read; the request deadline bounds the whole exchange
+# Connect + send + the whole answer. A create answer that trickles in one byte at a time ends as
+# SUBMIT_UNKNOWN at this deadline instead of holding the submitter for minutes.
+HTTP_REQUEST_DEADLINE_S = 60.0
 POLL_INTERVAL_S = 5.0  # a task's own outputs poll, when nothing better is known
 ACCOUNT_POLL_INTERVAL_S = 2.0  # the shared accountStatus signal
 MAX_POLL_INTERVAL_S = 30.0  # every live task is asked about at least this often
 CAPACITY_BACKOFF_S = 20.0  # first wait after 421/415/1520 before resubmitting
 MAX_CAPACITY_BACKOFF_S = 120.0
 RESULTS_FLUSH_INTERVAL_S = 10.0
+# A task that has not ended this long after its create is cancelled on RunningHub and its row
+# FAILED with TASK_TIMEOUT_CODE (real tasks take seconds to minutes; a few run for an hour).
+TASK_TIMEOUT_S = 6 * 3600.0
+# While RunningHub cannot be reached, one line this often says since when and what is retried.
+OUTAGE_REPORT_INTERVAL_S = 60.0
 
 
 class Secret:
@@ -80,15 +89,36 @@ def redact(text: Any) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """A logging filter that renders each record and scrubs secrets from it."""
+    """A logging filter that renders each record, scrubs secrets from it and escapes its control
+    characters: a newline or carriage return in service text (a task id, a ``msg``) can neither
+    forge a log line nor rewrite a terminal, so every record stays one line in the format's shape.
+    A traceback keeps the line breaks of its frames; each exception's own text is one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
+        record.msg = escape_controls(redact(record.getMessage()))
         record.args = None
         if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = _safe_traceback(record.exc_info)
             record.exc_info = None
         return True
+
+
+# How the chunks of a traceback that are rhbatch's own structure begin (after "  |", "  +" of an
+# exception group); any other chunk is an exception's text: str(exc), perhaps the service's.
+_FRAME_STARTS = ("Traceback ", "File ", "Exception Group Traceback", "[Previous line")
+
+
+def _safe_traceback(exc_info: Any) -> str:
+    import traceback
+
+    parts = []
+    for chunk in traceback.format_exception(*exc_info):
+        chunk = redact(chunk)
+        if chunk.startswith("\n") or chunk.lstrip(" |+-").startswith(_FRAME_STARTS):
+            parts.append("\n".join(escape_controls(line) for line in chunk.split("\n")))
+        else:
+            parts.append(escape_controls(chunk.removesuffix("\n")) + "\n")
+    return "".join(parts).rstrip("\n")
 
 
 def _show_url(url: str) -> str:
@@ -116,6 +146,10 @@ class Settings:
     max_capacity_backoff_s: float = MAX_CAPACITY_BACKOFF_S
     connect_timeout_s: float = HTTP_CONNECT_TIMEOUT_S
     read_timeout_s: float = HTTP_READ_TIMEOUT_S
+    request_deadline_s: float = HTTP_REQUEST_DEADLINE_S
+    task_timeout_s: float = TASK_TIMEOUT_S
+    give_up_after_s: float | None = None  # an outage this long stops the run (exit 3); None: never
+    outage_report_interval_s: float = OUTAGE_REPORT_INTERVAL_S
     results_flush_interval_s: float = RESULTS_FLUSH_INTERVAL_S
     http_transport: str = DEFAULT_HTTP_TRANSPORT
     task_options: dict[str, Any] = field(default_factory=dict)

@@ -2,6 +2,11 @@
 
 The simulator runs in this process on a free loopback port with a throw-away key made for this
 demo alone; simulated tasks take 10–30 s of simulated time, compressed 200x.
+
+Each demo is a fresh run (its key and task ids are new), so it empties ``--out`` first, but only
+a directory that a demo made: the demo writes :data:`DEMO_MARKER` into it, and refuses any other
+directory that is not empty, so that a real run's directory (which it cannot tell from a demo's by
+its state.db) is never deleted.
 """
 
 from __future__ import annotations
@@ -11,12 +16,39 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline import resources
 from pipeline.config import resolve_settings
+from pipeline.errors import StateError
 from pipeline.report import build_report
 from pipeline.runs import ManifestArgs, run_batch
 
-DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "demo_sweep.csv"
+DEMO_MANIFEST_NAME = "demo_sweep.csv"  # shipped with rhbatch, see pipeline/resources.py
 DEMO_TIME_SCALE = 200.0
+DEMO_MARKER = ".rhbatch-demo"  # in a directory that a demo made, and may therefore delete
+_MARKER_TEXT = "Made by `rhbatch demo`: the next demo with this --out deletes this directory.\n"
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Make ``out_dir`` an empty demo directory, deleting it first only if a demo made it.
+
+    Raises StateError (exit 2) for a path that is a file or a symbolic link, or a directory that
+    is not empty and holds no :data:`DEMO_MARKER`.
+    """
+    fix = "pass --out with a new or empty directory"
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise StateError(f"--out {out_dir} is not a directory: {fix}")
+    if out_dir.is_dir() and not (out_dir / DEMO_MARKER).is_file() and any(out_dir.iterdir()):
+        raise StateError(
+            f"--out {out_dir} is not empty and was not made by rhbatch demo, which replaces "
+            f"only its own directories (they hold a {DEMO_MARKER} file): {fix}"
+        )
+    try:
+        if (out_dir / DEMO_MARKER).is_file():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / DEMO_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
+    except OSError as exc:
+        raise StateError(f"Cannot prepare --out {out_dir}: {exc.strerror or exc}: {fix}") from None
 
 
 def run_demo(
@@ -28,7 +60,12 @@ def run_demo(
 ) -> int:
     from pipeline.sim import AccountConfig, SimConfig, Simulator
 
-    manifest = manifest or DEMO_MANIFEST
+    if manifest is None:
+        try:
+            manifest = resources.example_manifest_path(DEMO_MANIFEST_NAME)
+        except resources.ResourceMissing as exc:
+            echo(f"{exc}, or pass --manifest FILE")
+            return 2
     if not manifest.is_file():
         echo(f"Demo manifest {manifest} not found: pass --manifest FILE")
         return 2
@@ -40,8 +77,7 @@ def run_demo(
         task_duration_s=(10.0, 30.0),
         queue_delay_s=(0.0, 2.0),
     )
-    if out_dir.exists() and (out_dir / "state.db").exists():
-        shutil.rmtree(out_dir)  # each demo is a fresh run (its key and task ids are new)
+    prepare_out_dir(out_dir)
     with Simulator(config) as sim:
         echo(f"Simulator running at {sim.base_url}")
         settings = resolve_settings(

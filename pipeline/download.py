@@ -14,9 +14,13 @@ becomes ``_``; a leading ``.`` becomes ``_``), ``n`` is the output's index in th
 ``bin``) reduced to ``[a-z0-9]{1,8}``. The resolved path must sit directly in ``DIR/files/``;
 two rows whose names collide after cleaning get ``-<row index>`` appended.
 
-Each download streams to ``<name>.part`` (opened with ``O_EXCL | O_NOFOLLOW``), is fsynced, then
-renamed over ``<name>``; only then does the ``files`` table say ``DOWNLOADED`` with the file's sha256,
-size and path (relative to ``DIR``). A kill leaves at most a ``.part``, which the next run replaces.
+``DIR/files`` must be a real directory inside the run (a symbolic link there is refused, exit 2);
+it is opened once per pass and every name below is created, renamed and read relative to that
+descriptor. Each download streams to ``<name>.part`` (opened with ``O_EXCL | O_NOFOLLOW``), is
+fsynced, then renamed over ``<name>`` (a link planted at the name is replaced, never followed); a
+disk that is full or read-only stops the pass with its fix. Only then does the ``files`` table
+say ``DOWNLOADED`` with the file's sha256, size and path (relative to ``DIR``). A kill leaves at
+most a ``.part``, which the next run replaces.
 
 ``files.status`` values::
 
@@ -36,11 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import mimetypes
 import os
 import re
+import stat
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,8 +57,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from pipeline.client import RetryPolicy
-from pipeline.errors import RhbatchError, UsageError
-from pipeline.store import RunStore
+from pipeline.errors import RhbatchError, StateError, UsageError
+from pipeline.safetext import escape_controls
+from pipeline.store import RunStore, refuse_entry, storage_error
 
 FILES_DIR = "files"
 PART_SUFFIX = ".part"
@@ -247,28 +254,68 @@ class _Item:
         return f"row {self.number} ({self.row_id}) output {self.n}{node}"
 
 
-def _sha256_of(path: Path) -> str | None:
+def _sha256_of(name: str, dir_fd: int) -> str | None:
+    """The sha256 of the regular file ``name`` in the directory ``dir_fd`` (None: no such file, or
+    a link, which is never followed)."""
     digest = hashlib.sha256()
     try:
-        with path.open("rb") as fh:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as fh:
             while chunk := fh.read(HASH_CHUNK_BYTES):
                 digest.update(chunk)
     except OSError:
         return None
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
+def _fsync_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
+
+
+def open_files_dir(run_dir: Path) -> int:
+    """``DIR/files`` as an open directory descriptor, made if missing.
+
+    It must be a real directory directly inside the run: a symbolic link there (or anything but a
+    directory) is refused, so no download can land outside the run. Every file is then created,
+    renamed and checked relative to this descriptor, never through the path again.
+    """
+    path = run_dir / FILES_DIR
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
         pass
-    finally:
+    except OSError as exc:
+        raise storage_error(exc, path, run_dir, doing="create") from None
+    try:
+        info = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise storage_error(exc, path, run_dir, doing="open") from None
+        fd = -1
+    if fd < 0 or stat.S_ISLNK(info.st_mode):
+        if stat.S_ISLNK(info.st_mode):
+            target = escape_controls(os.readlink(path))
+            raise refuse_entry(path, f"a symbolic link (to {target})")
+        raise StateError(f"{escape_controls(path)} is not a directory, where rhbatch saves "
+                         "downloads: move it away and run the same command again")
+    opened = os.fstat(fd)
+    real = Path(os.path.realpath(path))
+    if ((opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino)
+            or real.parent != Path(os.path.realpath(run_dir))):
         os.close(fd)
+        raise StateError(f"{escape_controls(path)} resolves to {escape_controls(real)}, outside "
+                         "the run: make it a plain directory inside the run and run the same "
+                         "command again")
+    return fd
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -300,6 +347,7 @@ class _Downloader:
         self.total = total
         self.on_file = on_file
         self.files_dir = store.run_dir / FILES_DIR
+        self.dir_fd = -1  # DIR/files, opened by download_run_async (open_files_dir)
         self.summary = DownloadSummary()
         self._claimed: set[str] = set()
 
@@ -352,8 +400,8 @@ class _Downloader:
         if item.status == DOWNLOADED and item.path and item.sha256:
             target = self.store.run_dir / item.path
             found = None
-            if inside(target, self.files_dir) and target.is_file() and not target.is_symlink():
-                found = await asyncio.to_thread(_sha256_of, target)
+            if inside(target, self.files_dir):
+                found = await asyncio.to_thread(_sha256_of, target.name, self.dir_fd)
             if found == item.sha256:
                 self.summary.skipped += 1
                 self._emit(item, "SKIPPED")
@@ -452,32 +500,38 @@ class _Downloader:
         if self.name_taken(rel, item):
             name = f"{name.rsplit('.', 1)[0]}-{item.row_idx}.{ext}"
             rel = f"{FILES_DIR}/{name}"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
         target = self.files_dir / name
         part = self.files_dir / (name + PART_SUFFIX)
         if not (inside(target, self.files_dir) and inside(part, self.files_dir)):
             raise RefusedDownloadError(f"{item.label}: the file name {name!r} leaves {self.files_dir}")
         self._claimed.add(rel)
         try:
-            digest, size = await self._stream_to(part, response, item)
+            digest, size = await self._stream_to(part.name, response, item)
             if length is not None and not encoded and size != length:
                 raise TransientDownloadError(
                     f"{item.label}: got {size} bytes of the {length} announced"
                 )
-            os.replace(part, target)
-            await asyncio.to_thread(_fsync_dir, self.files_dir)
+            # renamed inside DIR/files (the descriptor), over whatever is at the name, link or not
+            os.replace(part.name, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            await asyncio.to_thread(_fsync_fd, self.dir_fd)
+        except OSError as exc:  # disk full, read-only: the pass stops with the fix, said once
+            with contextlib.suppress(OSError):
+                os.unlink(part.name, dir_fd=self.dir_fd)
+            raise storage_error(exc, part, self.store.run_dir) from None
         except BaseException:
             with contextlib.suppress(OSError):
-                part.unlink()
+                os.unlink(part.name, dir_fd=self.dir_fd)
             raise
         finally:
             self._claimed.discard(rel)
         return rel, digest, size
 
-    async def _stream_to(self, part: Path, response: httpx.Response, item: _Item) -> tuple[str, int]:
+    async def _stream_to(self, part: str, response: httpx.Response, item: _Item) -> tuple[str, int]:
         with contextlib.suppress(FileNotFoundError):
-            part.unlink()  # a leftover of a killed run (or a planted symlink): never written through
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            # a leftover of a killed run (or a planted symlink): unlinked, never written through
+            os.unlink(part, dir_fd=self.dir_fd)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=self.dir_fd)
         digest = hashlib.sha256()
         size = 0
         with os.fdopen(fd, "wb") as fh:
@@ -579,18 +633,31 @@ async def download_run_async(
     ) as client:
         downloader = _Downloader(store, client, max_bytes=max_bytes, policy=policy or DOWNLOAD_POLICY,
                                  deadline_s=deadline_s, total=len(rows), on_file=on_file)
+        if not len(rows):
+            return downloader.summary
+        downloader.dir_fd = open_files_dir(store.run_dir)
         position = 0
+        fatal: list[RhbatchError] = []
 
         async def worker() -> None:
             nonlocal position
-            while position < len(rows):
+            while position < len(rows) and not fatal:
                 i = position
                 position += 1
                 item = downloader.load(rows[i], ns[i])
-                if item is not None:
+                if item is None:
+                    continue
+                try:
                     await downloader.handle(item)
+                except RhbatchError as exc:  # disk full, ...: every other file would fail alike
+                    fatal.append(exc)
 
-        await asyncio.gather(*(worker() for _ in range(min(jobs, max(1, len(rows))))))
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(jobs, len(rows)))))
+        finally:
+            os.close(downloader.dir_fd)
+        if fatal:
+            raise fatal[0]
     return downloader.summary
 
 

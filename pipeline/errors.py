@@ -34,6 +34,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.safetext import clean_text, escape_controls
+
+MSG_SHOWN_CHARS = 500  # of a service ``msg`` in an error message
 
 
 class Kind(enum.Enum):
@@ -101,12 +106,7 @@ _CODES = [
     ),
     Code(804, "APIKEY_TASK_IS_RUNNING", Kind.STATE),
     Code(805, "APIKEY_TASK_STATUS_ERROR", Kind.TASK_FAILED),
-    Code(
-        806,
-        "APIKEY_USER_NOT_FOUND",
-        Kind.RUN_FATAL,
-        "wrong key or wrong site: a .ai key needs RUNNINGHUB_BASE_URL=https://www.runninghub.ai",
-    ),
+    Code(806, "APIKEY_USER_NOT_FOUND", Kind.RUN_FATAL, ""),  # the fix names a site: site_fix()
     Code(807, "APIKEY_TASK_NOT_FOUND", Kind.TASK_GONE),
     Code(808, "APIKEY_UPLOAD_FAILED", Kind.TRANSIENT),
     Code(809, "APIKEY_FILE_SIZE_EXCEEDED", Kind.ROW_FATAL, "input files must be 30 MB or smaller"),
@@ -147,7 +147,11 @@ _CODES = [
     Code(1504, "model timeout", Kind.TASK_FAILED),
     Code(1505, "real-person generation prohibited", Kind.ROW_FATAL),
     Code(1520, "TASK_USER_CONCURRENT_LIMIT", Kind.CAPACITY),
+    # rhbatch's own, never sent by RunningHub: the task outlived --task-timeout and was cancelled
+    Code(9100, "RHBATCH_TASK_TIMEOUT", Kind.TASK_FAILED,
+         "raise --task-timeout if such tasks are expected, then `rhbatch retry DIR --code 9100`"),
 ]
+TASK_TIMEOUT_CODE = 9100
 
 CODES: dict[int, Code] = {c.code: c for c in _CODES}
 
@@ -280,19 +284,72 @@ class TaskGoneError(ApiError):
 
 
 class SubmitUnknownError(ApiError):
-    """A create request left this machine and no usable answer came back: never resend it."""
+    """A create request left this machine and no usable answer came back: never resend it.
+
+    ``stop_run`` holds the fix when every later create would fare the same (a redirect, a refused
+    key): the row is unknown and the run stops.
+    """
 
     row_fatal = True
 
+    def __init__(self, message: str, *, stop_run: str | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.stop_run = stop_run
 
-def api_error_for(code: int, msg: str, data: Any = None, *, where: str) -> ApiError:
-    """Build the right ApiError subclass for a non-zero business ``code``."""
+
+#: RunningHub's two sites; a key belongs to one of them (runninghub-api.md §1).
+SITES = {"ai": "https://www.runninghub.ai", "cn": "https://www.runninghub.cn"}
+
+
+def site_of(base_url: str | None) -> str | None:
+    """``"ai"`` or ``"cn"`` for a base URL on one of RunningHub's sites, else None."""
+    try:
+        host = (urlsplit(base_url).hostname or "") if base_url else ""
+    except ValueError:
+        return None
+    for site in SITES:
+        if host == f"runninghub.{site}" or host.endswith(f".runninghub.{site}"):
+            return site
+    return None
+
+
+def site_fix(base_url: str | None) -> str:
+    """The fix for 806 (key unknown): a key works only on its own site, so name the other site of
+    the one in use (both when the base URL is neither, as with the simulator or a proxy)."""
+    site = site_of(base_url)
+    if site is None:
+        return (f"wrong key or wrong site: check RUNNINGHUB_API_KEY; a runninghub.ai key needs "
+                f"RUNNINGHUB_BASE_URL={SITES['ai']}, a runninghub.cn key "
+                f"RUNNINGHUB_BASE_URL={SITES['cn']}")
+    other = "cn" if site == "ai" else "ai"
+    return (f"wrong key or wrong site: this key is unknown to runninghub.{site}: check "
+            f"RUNNINGHUB_API_KEY, or for a runninghub.{other} key set "
+            f"RUNNINGHUB_BASE_URL={SITES[other]} (or --base-url)")
+
+
+def code_fix(code: int, base_url: str | None = None) -> str:
+    """How to fix ``code`` ("" when nothing to say), for the base URL in use."""
+    if code == 806:
+        return site_fix(base_url)
+    known = CODES.get(code)
+    return known.fix if known else ""
+
+
+def api_error_for(code: int, msg: str, data: Any = None, *, where: str,
+                  base_url: str | None = None) -> ApiError:
+    """Build the right ApiError subclass for a non-zero business ``code``.
+
+    ``base_url`` is the site the request went to (the fix for 806 names the other one). The
+    service's ``msg`` is shown with its control characters escaped; ``.msg`` keeps it as sent.
+    """
     kind = classify(code)
     known = CODES.get(code)
     name = known.name if known else "unknown code"
-    fix = f": {known.fix}" if known and known.fix else ""
-    shown_msg = msg if msg and msg != name else ""
-    text = f"RunningHub {where} answered {code} {name}{' (' + shown_msg + ')' if shown_msg else ''}{fix}"
+    fixed = code_fix(code, base_url)
+    fix = f": {fixed}" if fixed else ""
+    shown_msg = clean_text(msg, MSG_SHOWN_CHARS) if msg and msg != name else ""
+    text = (f"RunningHub {escape_controls(where)} answered {code} {name}"
+            f"{' (' + shown_msg + ')' if shown_msg else ''}{fix}")
     cls: type[ApiError] = {
         Kind.CAPACITY: CapacityError,
         Kind.TRANSIENT: TransientApiError,

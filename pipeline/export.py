@@ -7,10 +7,17 @@ Formats:
 - ``csv``: the same fields flattened; ``inputs.COLUMN`` for each input column, nested values as JSON
   text. A text cell that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``,
   ``@``, tab or carriage return) is prefixed with ``'``; ``nodeInfoList`` keeps the exact values.
+  Text from the service (``taskId``, ``error``, ...) has its control characters written as visible
+  escapes (``\\n``, ``\\x1b``), so a newline in a task id cannot forge a line and an escape
+  sequence cannot reach a terminal that shows the file; ``inputs.*`` cells are the user's own text,
+  kept exactly. JSON text (``jsonl`` lines, nested CSV values) escapes every control character,
+  U+2028 and U+2029 included, so each record is one line.
 - ``parquet``: the CSV columns with native scalar types.
 
 Every write goes to a temporary file in the same directory and is renamed over the target, so a
-reader (or a kill) never sees half a file. Any of these files fed back to ``rhbatch run``
+reader (or a kill) never sees half a file. The temporary file is made by ``mkstemp`` (``O_EXCL``,
+``O_NOFOLLOW``) and renamed over the target's name, so a symbolic link planted at
+``results.jsonl`` is replaced, never written through. Any of these files fed back to ``rhbatch run``
 reproduces the same tasks: the loader reads ``workflowId``, ``nodeInfoList`` and ``options`` and
 ignores the result fields.
 """
@@ -18,15 +25,18 @@ ignores the result fields.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StorageError, UsageError
-from pipeline.store import RunStore, row_record
+from pipeline.safetext import escape_controls
+from pipeline.store import DISK_FULL_FIX, RunStore, row_record, storage_error
 
 FORMATS = ("jsonl", "csv", "parquet")
 NESTED = ("options", "nodeInfoList", "fileUrls", "outputs", "failedReason", "files")
@@ -38,10 +48,13 @@ RESULT_COLUMNS = [
     "taskId",
     "fileUrls",
     "coins",
+    "money",
+    "thirdPartyMoney",
     "taskCostTime",
     "error_code",
     "error",
     "attempts",
+    "reconciled",
     "submitted_at",
     "finished_at",
     "nodeInfoList",
@@ -92,19 +105,30 @@ def flat_record(record: dict[str, Any], columns: list[str]) -> dict[str, Any]:
         out[f"inputs.{column}"] = inputs.get(column)
     for key in RESULT_COLUMNS[3:]:
         value = record.get(key)
-        out[key] = json.dumps(value, ensure_ascii=False) if key in NESTED else value
+        out[key] = json_text(value) if key in NESTED else value
     return out
 
 
-def _csv_cell(value: Any) -> Any:
+# What json.dumps(ensure_ascii=False) leaves raw: DEL, C1 controls, the line/paragraph separators.
+_JSON_RAW = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def json_text(value: Any) -> str:
+    """``value`` as one line of JSON with no raw control character (non-ASCII text kept)."""
+    text = json.dumps(value, ensure_ascii=False)
+    return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text) if _JSON_RAW.search(text) else text
+
+
+def _csv_cell(value: Any, exact: bool = False) -> Any:
+    """A CSV cell; text other than the user's own (``exact``) has its controls escaped."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return escape_cell(value)
+        return escape_cell(value if exact else escape_controls(value))
     if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False)
+        return json_text(value)
     return value
 
 
@@ -116,10 +140,27 @@ def temporary_prefix(name: str) -> str:
     return f".{name}."
 
 
+def _write_error(exc: OSError, target: Path, run_dir: Path | None) -> StorageError:
+    """The one message for a results file that cannot be written, with the fix for its cause."""
+    if run_dir is not None:  # results.* of a run: the run's own fixes (free space, copy the run)
+        return storage_error(exc, target, run_dir, fallback=WRITE_FIX)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = DISK_FULL_FIX.replace(" to resume", "")
+    else:
+        fix = "choose a writable place for it with -o FILE"
+    return StorageError(f"Cannot write {escape_controls(target)}: {exc.strerror or exc}: {fix}")
+
+
 class _AtomicFile:
-    def __init__(self, target: Path, mode: str = "w"):
+    """A file written under a temporary name beside ``target`` and renamed over it when complete.
+
+    ``run_dir``: the run the file belongs to (its fixes name the run), None for ``export -o``.
+    """
+
+    def __init__(self, target: Path, mode: str = "w", run_dir: Path | None = None):
         self.target = target
         self.mode = mode
+        self.run_dir = run_dir
 
     def __enter__(self) -> Any:
         try:
@@ -127,7 +168,7 @@ class _AtomicFile:
             fd, self.tmp = tempfile.mkstemp(prefix=temporary_prefix(self.target.name),
                                             dir=self.target.parent)
         except OSError as exc:
-            raise StorageError(f"Cannot write {self.target}: {exc.strerror}: {WRITE_FIX}") from None
+            raise _write_error(exc, self.target, self.run_dir) from None
         if "b" in self.mode:
             self.handle: Any = os.fdopen(fd, self.mode)
         else:
@@ -149,14 +190,23 @@ class _AtomicFile:
                 os.unlink(self.tmp)
             except OSError:
                 pass
-            raise StorageError(f"Cannot write {self.target}: {exc.strerror}: {WRITE_FIX}") from None
+            raise _write_error(exc, self.target, self.run_dir) from None
+
+
+def _run_dir_of(store: RunStore, target: Path) -> Path | None:
+    """``store``'s run directory when ``target`` is one of its files, else None."""
+    try:
+        inside = Path(os.path.realpath(target.parent)) == Path(os.path.realpath(store.run_dir))
+    except OSError:
+        inside = False
+    return store.run_dir if inside else None
 
 
 def write_jsonl(store: RunStore, target: Path) -> int:
     count = 0
-    with _AtomicFile(target) as fh:
+    with _AtomicFile(target, run_dir=_run_dir_of(store, target)) as fh:
         for record in iter_records(store):
-            fh.write(json.dumps(record, ensure_ascii=False))
+            fh.write(json_text(record))
             fh.write("\n")
             count += 1
     return count
@@ -165,13 +215,14 @@ def write_jsonl(store: RunStore, target: Path) -> int:
 def write_csv(store: RunStore, target: Path) -> int:
     columns = input_columns(store)
     header = RESULT_COLUMNS[:3] + [f"inputs.{c}" for c in columns] + RESULT_COLUMNS[3:]
+    exact = [h.startswith("inputs.") for h in header]
     count = 0
-    with _AtomicFile(target) as fh:
+    with _AtomicFile(target, run_dir=_run_dir_of(store, target)) as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
         for record in iter_records(store):
             flat = flat_record(record, columns)
-            writer.writerow([_csv_cell(flat.get(h)) for h in header])
+            writer.writerow([_csv_cell(flat.get(h), x) for h, x in zip(header, exact, strict=True)])
             count += 1
     return count
 
@@ -183,7 +234,7 @@ def write_parquet(store: RunStore, target: Path) -> int:
     columns = input_columns(store)
     records = [flat_record(r, columns) for r in iter_records(store)]
     table = pa.Table.from_pylist(records) if records else pa.table({"row": pa.array([], pa.int64())})
-    with _AtomicFile(target, "wb") as fh:
+    with _AtomicFile(target, "wb", run_dir=_run_dir_of(store, target)) as fh:
         pq.write_table(table, fh)
     return len(records)
 

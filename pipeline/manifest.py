@@ -8,8 +8,14 @@ Formats, chosen by extension:
   1); when a row does not start on line ``number + 1`` the message also gives its CSV line.
 - ``.json``: an array of row objects, or ``{"workflowId", "bindings": {COLUMN: "NODE.FIELD"},
   "defaults": {COLUMN or NODE.FIELD: value}, "rows": [...]}``.
-- ``.jsonl`` / ``.ndjson``: one row object per line.
+- ``.jsonl`` / ``.ndjson``: one row object per line; lines end at ``\\n`` (or ``\\r\\n``) only, so
+  U+2028, U+2029, U+0085 and the other breaks ``str.splitlines`` knows stay inside their strings.
 - ``.parquet``: read with pyarrow.
+
+The path must name a regular file: a directory, a device (``/dev/zero``), a FIFO or a socket is
+refused from ``stat`` alone, and the file is opened without blocking. In JSON, JSONL and the JSON
+of a CSV ``nodeInfoList`` / ``options`` cell, a key given twice in one object is an error (JSON
+would keep the last one silently).
 
 An output manifest written by rhbatch (``results.jsonl`` / ``.csv`` / ``.parquet``: it has a
 ``nodeInfoList`` and a ``status`` or ``taskId`` column) loads back as a manifest: each row sends
@@ -41,11 +47,26 @@ Validation: every row, as the object ``{row_id, workflowId, nodeInfoList, <optio
 it. rhbatch also enforces, whatever the schema: ``workflowId`` is digits and not 0, ``row_id`` is
 unique and matches ``[A-Za-z0-9._:-]{1,128}``, every nodeInfoList item has nodeId, fieldName and a
 scalar fieldValue, and no two rows send the same request (``allow_duplicates`` keeps them, with
-derived ids suffixed ``-2``, ``-3``...). When the schema is a plain object schema (``properties``,
-``patternProperties``, ``additionalProperties``, ``required``), each distinct value of each column,
+derived ids suffixed ``-2``, ``-3``...). Integers sent as ``seed`` / ``noise_seed`` are 0 to
+2**64-1 (ComfyUI's seed range); any other integer, sent or not, fits in a signed 64 bits.
+NaN and infinity are refused in every node input (CSV ``nan`` / ``inf`` in a number column, JSON
+``NaN`` / ``Infinity``): strict JSON cannot carry them; a NaN in a metadata column of a JSON or
+Parquet file reads as empty (pandas' missing value). Column names may not hold control characters
+(a NUL, ESC, U+2028, ...), and every message shows such characters escaped (``\\x00``).
+
+When the schema is a plain object schema (``properties``, ``patternProperties``,
+``additionalProperties``, ``required``), each distinct value of each column,
 each distinct nodeInfoList item and each option value is validated once, which keeps a
 million-row manifest within seconds; any other schema is applied to each row object in turn.
-Every problem is reported together in one :class:`ManifestError`.
+Every problem is reported together in one :class:`ManifestProblems` (a ManifestError), grouped by
+kind: binding problems (which column feeds which node input, bindings, defaults), then value
+problems (cells, types, the schema, row ids, duplicates); each kind lists its first
+:data:`PROBLEMS_SHOWN_PER_KIND` and counts the rest. A problem in one row or column does not hide
+the others: the schema is checked for every value that could be read, and the error carries the
+rows whose workflow id is valid (with their readable node inputs) so that the checks made after
+loading (preflight against the workflow, input files) report in the same pass. Two rows are
+duplicates only when both requests are complete and identical: a row with a missing or unreadable
+node input, workflow id, nodeInfoList or options is never called a duplicate of another.
 
 Row ids: a ``row_id`` column, or ``"r" + sha256(canonical JSON of [workflowId, nodeInfoList sorted
 by (nodeId, fieldName) as [nodeId, fieldName, fieldValue] triples, options])[:16 hex]``, which is
@@ -64,7 +85,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
+import stat
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
@@ -77,6 +101,7 @@ import jsonschema
 from jsonschema import Draft202012Validator
 
 from pipeline.errors import InputError, ManifestError, Problem, SchemaError
+from pipeline.safetext import escape_controls
 
 SCHEMA_FILE = "manifest.schema.json"
 OPTION_FIELDS = ("instanceType", "usePersonalQueue", "addMetadata", "retainSeconds", "webhookUrl",
@@ -87,11 +112,14 @@ SPECIAL_COLUMNS = frozenset({"row_id", "workflowId", "nodeInfoList", "options", 
 RESULT_FIELDS = frozenset({
     "row", "status", "taskId", "fileUrls", "outputs", "coins", "taskCostTime", "error_code",
     "error", "failedReason", "attempts", "submitted_at", "finished_at", "files", "inputs",
+    "money", "thirdPartyMoney", "reconciled",
 })
 JSON_TOP_KEYS = ("workflowId", "bindings", "defaults", "rows", "description")
 MAX_CELL_BYTES = 1 << 20  # one cell or value, UTF-8
 MAX_JSON_DEPTH = 32  # nesting a manifest value may have (nodeInfoList needs 3)
-MAX_PROBLEMS_KEPT = 1000
+# Problems listed per kind (binding, value, preflight, file); the rest of each kind are counted.
+PROBLEMS_SHOWN_PER_KIND = 50
+MAX_PROBLEMS_KEPT = PROBLEMS_SHOWN_PER_KIND
 SHOWN_VALUE_CHARS = 60
 CSV_FIELD_LIMIT_CHARS = 64 << 20  # larger than MAX_CELL_BYTES so oversized cells get our message
 CSV_CHUNK_ROWS = 65536
@@ -103,7 +131,16 @@ INT_RE = re.compile(r"[+-]?(?:0|[1-9][0-9]*)")
 NUMBER_RE = re.compile(r"[+-]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 COLUMN_TARGET_RE = re.compile(r"([0-9]+(?::[0-9]+)*)\.(\S(?:.*\S)?)", re.S)  # auto-bound columns
 TARGET_RE = re.compile(r"([^\s.=]+)\.(\S(?:.*\S)?)", re.S)  # --bind, bindings, defaults
+NONFINITE_RE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.I)  # what float() reads as NaN or infinity
 BOOL_TEXT = {"true": True, "false": False}
+# Integers: ComfyUI's documented range for a seed (KSampler seed, KSamplerAdvanced noise_seed: 0 to
+# 0xffffffffffffffff); any other integer must fit in a signed 64-bit integer, the widest that
+# RunningHub's JSON reader and a Parquet manifest (int64) hold. (SQLite sets no limit here: rows are
+# stored as JSON text.)
+SEED_FIELDS = frozenset({"seed", "noise_seed"})
+SEED_RANGE = (0, 2**64 - 1)
+INT64_RANGE = (-(2**63), 2**63 - 1)
+MAX_INT_DIGITS = 40  # longer integer literals are out of every range (and slow to convert)
 # Root keywords that still let a row schema be checked one column at a time.
 DECOMPOSABLE_ROOT_KEYS = frozenset({
     "$schema", "$id", "$defs", "definitions", "$comment", "title", "description", "examples",
@@ -167,6 +204,54 @@ class Manifest:
     unbound: list[str]  # columns kept as metadata only, never sent
     fingerprint: str  # sha256 over every row's (row_id, canonical content), in order
     duplicates: list[tuple[int, int]] = field(default_factory=list)  # (row number, earlier number)
+    # an rhbatch output manifest (results.*): its recorded nodeInfoList is sent, and its input
+    # columns are the earlier run's inputs, kept as metadata
+    from_results: bool = False
+
+
+@dataclass(frozen=True)
+class ProblemGroup:
+    """The problems of one kind: the first :data:`PROBLEMS_SHOWN_PER_KIND`, and how many in all."""
+
+    kind: str | None  # "binding", "value", "preflight", "file"; None for a file that cannot be read
+    problems: tuple[Problem, ...]
+    total: int
+
+    def more_line(self) -> Problem | None:
+        """The line that counts the problems not listed, or None when every one is."""
+        more = self.total - len(self.problems)
+        if more <= 0:
+            return None
+        what = f"{self.kind} problems" if self.kind else "problems like these"
+        return Problem(None, None, f"... and {more:,} more {what}")
+
+
+class ManifestProblems(ManifestError):
+    """Every problem found in a manifest, by kind; ``total`` counts them all.
+
+    ``problems`` is what is shown: each group's listed problems followed by its "... and N more"
+    line. ``manifest``, when the file could be read as rows, holds the rows that the checks made
+    after loading can still judge (see :func:`load_manifest`).
+    """
+
+    def __init__(self, source: str, groups: Sequence[ProblemGroup], manifest: Manifest | None = None):
+        groups = [g for g in groups if g.total]
+        shown: list[Problem] = []
+        for group in groups:
+            shown.extend(group.problems)
+            more = group.more_line()
+            if more is not None:
+                shown.append(more)
+        total = sum(g.total for g in groups)
+        listed = "\n".join(f"  {p}" for p in shown)
+        InputError.__init__(
+            self, f"{source}: {total:,} problem{'s' if total != 1 else ''}, nothing was submitted:"
+                  f"\n{listed}")
+        self.source = source
+        self.problems = shown
+        self.groups = tuple(groups)
+        self.total = total
+        self.manifest = manifest
 
 
 def make_row(
@@ -184,19 +269,19 @@ def make_row(
 
 
 def default_schema_path() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "schemas" / SCHEMA_FILE, here.parent / "schemas" / SCHEMA_FILE):
-        if candidate.is_file():
-            return candidate
-    raise SchemaError(f"The default schema {SCHEMA_FILE} is missing from the installation: "
-                      "reinstall rhbatch")
+    from pipeline import resources
+
+    try:
+        return resources.schema_path(SCHEMA_FILE)
+    except resources.ResourceMissing as exc:
+        raise SchemaError(str(exc)) from None
 
 
 def parse_binding(text: str) -> tuple[str, str, str]:
     """``"seed=3.seed"`` -> ``("seed", "3", "seed")``; raises InputError saying how to write it."""
     column, sep, target = text.partition("=")
     match = TARGET_RE.fullmatch(target.strip())
-    if not sep or not column.strip() or not match:
+    if not sep or not column.strip() or not match or _has_controls(text):
         raise InputError(
             f"--bind {text!r} is not COLUMN=NODE.FIELD: write e.g. --bind seed=3.seed (the column, "
             "'=', the node id, a dot, then the input name from the workflow's API JSON)"
@@ -208,11 +293,12 @@ def parse_binding(text: str) -> tuple[str, str, str]:
 
 
 class _Problems:
-    """Collects problems; keeps the first MAX_PROBLEMS_KEPT and counts the rest."""
+    """Collects problems of one kind; keeps the first MAX_PROBLEMS_KEPT and counts the rest."""
 
-    def __init__(self, source: str, lines: Sequence[int] | None = None):
+    def __init__(self, source: str, lines: Sequence[int] | None = None, kind: str | None = None):
         self.source = source
         self.lines = lines
+        self.kind = kind
         self.kept: list[Problem] = []
         self.seen: set[tuple[int | None, str | None, str]] = set()
         self.count = 0
@@ -227,22 +313,32 @@ class _Problems:
             if row is not None and self.lines is not None and row <= len(self.lines) \
                     and self.lines[row - 1] != row + 1:
                 message = f"{message} (CSV line {self.lines[row - 1]})"
-            self.kept.append(Problem(row, column, message))
+            self.kept.append(_problem(row, column, message))
 
     def __bool__(self) -> bool:
         return self.count > 0
 
+    def group(self) -> ProblemGroup:
+        return ProblemGroup(self.kind, tuple(self.kept), self.count)
+
     def raise_if_any(self) -> None:
         if self.count:
-            problems = list(self.kept)
-            if self.count > len(problems):
-                problems.append(Problem(None, None, f"... and {self.count - len(problems)} more "
-                                                    "problems like these"))
-            raise ManifestError(self.source, problems)
+            raise ManifestProblems(escape_controls(self.source), [self.group()])
+
+
+def _problem(row: int | None, column: str | None, message: str) -> Problem:
+    """A Problem whose column name and message show every control character escaped (``\\x00``),
+    so user text with a NUL, an escape sequence or a line separator cannot hide in a message."""
+    return Problem(row, None if column is None else escape_controls(column), escape_controls(message))
 
 
 def _fail(source: str, message: str, row: int | None = None, column: str | None = None) -> ManifestError:
-    return ManifestError(source, [Problem(row, column, message)])
+    return ManifestError(escape_controls(source), [_problem(row, column, message)])
+
+
+def _has_controls(text: str) -> bool:
+    """Whether ``text`` holds a character that messages show escaped (a NUL, ESC, U+2028, ...)."""
+    return escape_controls(text) != text
 
 
 def _show(value: Any) -> str:
@@ -278,6 +374,11 @@ def _type_message(value: Any, types: Any) -> str:
         return f"{_show(value)} has the wrong type: change it or the schema"
     words = " or ".join(_TYPE_WORDS.get(n, (n, ""))[0] for n in names)
     fix = _TYPE_WORDS.get(names[0], ("", "change it"))[1] if len(names) == 1 else "change it"
+    if isinstance(value, str):  # "12" in JSON: the digits are right, the quotes make it text
+        parsed = next((p for p in (_PARSERS[n](value) for n in names if n in _PARSERS)
+                       if p is not None), None)
+        if parsed is not None:
+            fix = f"remove the quotes (write {_ENC(parsed)}, not {_ENC(value)})"
     return f"{_show(value)} is not {words} (the schema requires it): {fix}"
 
 
@@ -342,9 +443,74 @@ class _Table:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
+# What a path may be instead of a file, and what to do about it. A FIFO would block the open (or
+# the read) until some other process writes, and a device like /dev/zero never ends.
+_NOT_A_FILE = (
+    (stat.S_ISDIR, "a directory", "name the {what} file inside it"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)", "write the {what} to a file and name that file "
+                    "(rhbatch reads it more than once)"),
+    (stat.S_ISSOCK, "a socket", "write the {what} to a file and name that file"),
+    (stat.S_ISCHR, "a device", "name a {what} file"),
+    (stat.S_ISBLK, "a device", "name a {what} file"),
+)
+
+
+def _file_problem(source: str, mode: int, what: str) -> InputError | None:
+    for test, kind, fix in _NOT_A_FILE:
+        if test(mode):
+            return InputError(escape_controls(f"{source} is {kind}, not a {what} file: "
+                                              f"{fix.format(what=what)}"))
+    if not stat.S_ISREG(mode):
+        return InputError(escape_controls(f"{source} is not a regular file: name a {what} file"))
+    return None
+
+
+def _unreadable(source: str, exc: OSError) -> InputError:
+    if isinstance(exc, FileNotFoundError):
+        return InputError(escape_controls(f"{source}: no such file: check the path"))
+    return InputError(escape_controls(f"{source}: cannot be read ({exc.strerror}): check the path and "
+                                      "its permissions"))
+
+
+def check_manifest_path(path: str | Path, what: str = "manifest") -> None:
+    """Raise :class:`InputError` unless ``path`` is a regular file (not a directory, a device, a
+    FIFO or a socket). Only ``stat`` is called: it never blocks and never reads."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise _unreadable(str(path), exc) from None
+    problem = _file_problem(str(path), info.st_mode, what)
+    if problem is not None:
+        raise problem
+
+
+def read_file_bytes(path: str | Path, what: str = "manifest") -> bytes:
+    """The whole of a regular file; :class:`InputError` for anything else. Opened without blocking
+    and checked on the open file, so neither a FIFO nor a device (``/dev/zero``) can hang it."""
+    source = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _unreadable(source, exc) from None
+    with os.fdopen(fd, "rb") as fh:
+        problem = _file_problem(source, os.fstat(fd).st_mode, what)
+        if problem is not None:
+            raise problem
+        return fh.read()
+
+
+def _read_text(path: Path, source: str) -> str:
+    return _decode(read_file_bytes(path), source)
+
+
 def _decode(data: bytes, source: str) -> str:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    head = data[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") * 4 >= len(head) > 0:
+        # UTF-16: a NUL byte beside every ASCII letter; read as UTF-8 it would make NUL-laden names
+        raise _fail(source, "the file is UTF-16 text, not UTF-8: re-save it as UTF-8 (in a "
+                    "spreadsheet: Save As > CSV UTF-8)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -369,7 +535,7 @@ def _sniff(text: str) -> str:
 
 
 def _read_csv(path: Path, source: str, delimiter: str | None) -> _Table:
-    text = _decode(path.read_bytes(), source)
+    text = _read_text(path, source)
     if not text.strip():
         raise _fail(source, "the file is empty: write a header line (e.g. workflowId,6.text,3.seed) "
                     "and at least one row")
@@ -463,19 +629,91 @@ _DEEP = (f"is nested more than {MAX_JSON_DEPTH} levels deep: a row is a flat obj
          "values (only nodeInfoList and options hold lists or objects)")
 
 
-def _loads(text: str, source: str) -> Any:
+class _Repeated(dict):  # type: ignore[type-arg]
+    """A JSON object in which a key appeared more than once; ``repeated`` lists those keys.
+    ``json`` would keep the last value silently; the loader reports them instead."""
+
+    repeated: list[str]
+
+
+_KEEP_ONE = "keep one of them (JSON would keep only the last one, silently)"
+
+
+class _JsonReader:
+    """``json.loads`` that marks objects with a repeated key (see :class:`_Repeated`); ``found``
+    says whether the text read since the last :meth:`clear` had one, so only then is it walked."""
+
+    def __init__(self) -> None:
+        self.found = False
+        self.decode = json.JSONDecoder(object_pairs_hook=self._object).decode
+
+    def _object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        seen: set[str] = set()
+        again: dict[str, None] = {}
+        for key, _ in pairs:
+            if key in seen:
+                again[key] = None
+            seen.add(key)
+        repeated = _Repeated(obj)
+        repeated.repeated = list(again)
+        self.found = True
+        return repeated
+
+    def clear(self) -> None:
+        self.found = False
+
+
+def _repeats(value: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """(path, key) for every key repeated in an object inside ``value``, in document order."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, _Repeated):
+            out.extend((path, key) for key in item.repeated)
+        if isinstance(item, dict):
+            stack.extend(((*path, k), v) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(item))))
+    return out
+
+
+def _add_repeats(problems: _Problems, number: int | None, record: Any) -> None:
+    """A problem for every repeated key in one row object (row ``number``)."""
+    for path, key in _repeats(record):
+        if not path:
+            problems.add(number, key, f"appears more than once in this row: {_KEEP_ONE}")
+        else:
+            problems.add(number, str(path[0]), f"has the key {_show(key)} more than once: {_KEEP_ONE}")
+
+
+def _json_error(exc: ValueError) -> str:
+    text = str(exc)
+    if "integer string conversion" in text:  # Python's own limit, sys.get_int_max_str_digits()
+        return (f"a number has more than {sys.get_int_max_str_digits()} digits, far outside any "
+                "integer RunningHub takes (at most 20 digits)")
+    return text
+
+
+def _loads(text: str, source: str) -> tuple[Any, bool]:
+    """The JSON value of a whole file, and whether an object in it repeats a key."""
+    reader = _JsonReader()
     try:
-        data = json.loads(text)
+        data = reader.decode(text)
     except RecursionError:
         raise _fail(source, f"the JSON {_DEEP}") from None
     except ValueError as exc:
-        raise _fail(source, f"not valid JSON: {exc}: fix the syntax at that place") from None
+        raise _fail(source, f"not valid JSON: {_json_error(exc)}: fix the syntax at that place") from None
     if _too_deep(data):
         raise _fail(source, f"the JSON {_DEEP}")
-    return data
+    return data, reader.found
 
 
-def _records_table(records: list[Any], source: str, lines: list[int] | None = None) -> _Table:
+def _records_table(records: list[Any], source: str, lines: list[int] | None = None,
+                   repeats: bool = False) -> _Table:
     problems = _Problems(source)
     order: dict[str, None] = {}
     for number, record in enumerate(records, start=1):
@@ -484,6 +722,8 @@ def _records_table(records: list[Any], source: str, lines: list[int] | None = No
             problems.add(number, None, f"is {_show(record)}, not an object of column values{where}: "
                          'write {"column": value, ...}')
             continue
+        if repeats:
+            _add_repeats(problems, number, record)
         for key in record:
             if key not in order:
                 order[key] = None
@@ -494,17 +734,25 @@ def _records_table(records: list[Any], source: str, lines: list[int] | None = No
 
 
 def _read_json(path: Path, source: str) -> _Table:
-    data = _loads(_decode(path.read_bytes(), source), source)
+    data, repeats = _loads(_read_text(path, source), source)
     shape = ('expected an array of row objects, or an object {"workflowId": ..., "bindings": '
              '{...}, "defaults": {...}, "rows": [...]}')
     if isinstance(data, list):
         if not data:
             raise _fail(source, "the JSON array has no rows: add at least one row object")
-        return _records_table(data, source)
+        return _records_table(data, source, repeats=repeats)
     if not isinstance(data, dict):
         raise _fail(source, f"the JSON is {_show(data)}; {shape}")
     unknown = [k for k in data if k not in JSON_TOP_KEYS]
     problems = _Problems(source)
+    if repeats:  # the rows' own repeats are reported by _records_table, with their row numbers
+        for where, key in _repeats({k: v for k, v in data.items() if k != "rows"}):
+            problems.add(None, ".".join(map(str, (*where, key))), f"is given more than once: "
+                         f"{_KEEP_ONE}")
+        if isinstance(data, _Repeated):
+            for key in data.repeated:
+                problems.add(None, key, f"appears more than once in the file's top-level object: "
+                             f"{_KEEP_ONE}")
     if unknown:
         problems.add(None, None, f"unknown top-level key(s) {', '.join(map(repr, unknown))}: "
                      f"allowed are {', '.join(JSON_TOP_KEYS)}")
@@ -525,33 +773,43 @@ def _read_json(path: Path, source: str) -> _Table:
         defaults = {}
     problems.raise_if_any()
     assert isinstance(rows, list)
-    table = _records_table(rows, source)
+    table = _records_table(rows, source, repeats=repeats)
     table.workflow_id, table.bindings, table.defaults = data.get("workflowId"), bindings, defaults
     return table
 
 
 def _read_jsonl(path: Path, source: str) -> _Table:
-    text = _decode(path.read_bytes(), source)
+    text = _read_text(path, source)
     problems = _Problems(source)
     records: list[Any] = []
     lines: list[int] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    reader = _JsonReader()
+    # Lines end at "\n" only (a "\r" before it is dropped): U+2028, U+2029, U+0085, \x0b, \x0c and
+    # \x1c-\x1e, which str.splitlines() also breaks at, are text inside JSON strings (json.dumps
+    # writes U+2028/U+2029/U+0085 as they are), so a results.jsonl holding them reads back whole.
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if line.endswith("\r"):
+            line = line[:-1]
+        if not line.strip(" \t"):  # blank: JSON whitespace only
             continue
         records.append(None)
         lines.append(line_no)
         try:
-            value = json.loads(line)
+            value = reader.decode(line)
         except RecursionError:
             problems.add(len(records), None, f"(line {line_no}) {_DEEP}")
             continue
         except ValueError as exc:
-            problems.add(len(records), None, f"line {line_no} is not valid JSON ({exc}): write one "
-                         "complete JSON object per line")
+            problems.add(len(records), None, f"line {line_no} is not valid JSON ({_json_error(exc)}): "
+                         "write one complete JSON object per line")
             continue
         if (isinstance(value, dict) and any(isinstance(v, dict | list) for v in value.values())
                 and _too_deep(value)):
             problems.add(len(records), None, f"(line {line_no}) {_DEEP}")
+            continue
+        if reader.found:
+            _add_repeats(problems, len(records), value)
+            reader.clear()
             continue
         records[-1] = value
     problems.raise_if_any()
@@ -604,8 +862,8 @@ def _read(path: Path, source: str) -> _Table:
         return _read_jsonl(path, source)
     if suffix in (".parquet", ".pq"):
         return _read_parquet(path, source)
-    raise InputError(f"{source}: unknown manifest format {suffix or '(no extension)'!r}: name the file "
-                     ".csv, .tsv, .json, .jsonl, .ndjson or .parquet")
+    raise InputError(escape_controls(f"{source}: unknown manifest format {suffix or '(no extension)'!r}: "
+                                     "name the file .csv, .tsv, .json, .jsonl, .ndjson or .parquet"))
 
 
 # -- the schema -----------------------------------------------------------------------------
@@ -733,12 +991,14 @@ class _Rules:
                 for s in self.subschemas(key))
         return known
 
-    def value_errors(self, key: str, value: Any) -> list[str]:
-        """Messages for ``value`` as the row object's ``key`` (decomposable schemas only)."""
+    def value_errors(self, key: str, value: Any, exact: bool = False) -> list[str]:
+        """Messages for ``value`` as the row object's ``key`` (decomposable schemas only). Values
+        judged by kind share one verdict, whose message shows the first value; ``exact`` gives the
+        message for this very value."""
         subs = self.subschemas(key)
-        if self.by_kind(key):
-            if all(s is True for s in subs):
-                return []
+        if self.by_kind(key) and all(s is True for s in subs):
+            return []
+        if self.by_kind(key) and not exact:
             cache_key: Any = (key, _kind(value))
         elif value is None or isinstance(value, str | int | float | bool):
             cache_key = (key, value.__class__, value)
@@ -757,11 +1017,11 @@ class _Rules:
             self._cache[cache_key] = known
         return known
 
-    def item_errors(self, node: str, name: str, value: Any) -> list[str]:
-        """Messages for one nodeInfoList item, against the item schema."""
+    def item_errors(self, node: str, name: str, value: Any, exact: bool = False) -> list[str]:
+        """Messages for one nodeInfoList item, against the item schema (``exact``: as above)."""
         if self.items is None or self.items is True:
             return []
-        if self.items_by_kind:
+        if self.items_by_kind and not exact:
             cache_key: Any = ("item", node, name, _kind(value))
         else:
             cache_key = ("item", node, name, value.__class__, value)
@@ -787,6 +1047,8 @@ class _Rules:
 
 def _parse_int(text: str) -> int | None:
     t = text.strip()
+    if len(t) > MAX_INT_DIGITS:
+        return None  # out of every range anyway (the message says so), and slow to convert
     if INT_RE.fullmatch(t):
         return int(t)
     if NUMBER_RE.fullmatch(t):
@@ -808,6 +1070,26 @@ def _parse_bool(text: str) -> bool | None:
 _PARSERS = {"integer": _parse_int, "number": _parse_number, "boolean": _parse_bool}
 
 
+def _int_range(field_name: str | None) -> tuple[int, int]:
+    return SEED_RANGE if field_name in SEED_FIELDS else INT64_RANGE
+
+
+def _range_message(shown: str, field_name: str | None) -> str:
+    if field_name in SEED_FIELDS:
+        return (f"{shown} is outside the seed range 0 to {SEED_RANGE[1]} (2**64-1, ComfyUI's largest "
+                "seed): use a seed in that range, e.g. 42")
+    return (f"{shown} is outside -2**63 to 2**63-1 ({INT64_RANGE[0]} to {INT64_RANGE[1]}), the widest "
+            "integer RunningHub and a Parquet manifest carry: use a smaller number")
+
+
+def _int_problem(value: Any, field_name: str | None) -> str | None:
+    """Why an integer cannot be sent as ``field_name`` (None when it can, or is no integer)."""
+    if value.__class__ is not int:
+        return None
+    low, high = _int_range(field_name)
+    return None if low <= value <= high else _range_message(_show(value), field_name)
+
+
 def _infer(distinct: Iterable[str]) -> str:
     stripped = [t.strip() for t in distinct]
     if not stripped:
@@ -815,6 +1097,11 @@ def _infer(distinct: Iterable[str]) -> str:
     if all(INT_RE.fullmatch(t) for t in stripped):
         return "integer"
     if all(NUMBER_RE.fullmatch(t) for t in stripped):
+        return "number"
+    # nan / inf among numbers: a float column whose NaN cells are refused, not a text column that
+    # would send "nan" as text
+    if any(NUMBER_RE.fullmatch(t) for t in stripped) \
+            and all(NUMBER_RE.fullmatch(t) or NONFINITE_RE.fullmatch(t) for t in stripped):
         return "number"
     if all(t.lower() in BOOL_TEXT for t in stripped):
         return "boolean"
@@ -829,6 +1116,7 @@ class _Column:
     name: str  # as in the file (for output manifests, ``inputs.`` removed)
     values: list[Any]
     target: tuple[str, str] | None = None  # (nodeId, fieldName) when it feeds nodeInfoList
+    bad: bool = False  # some cell is _BAD (reported), or empty in a bound column (reported)
 
 
 _encode_text = json.encoder.encode_basestring  # type: ignore[attr-defined]
@@ -866,6 +1154,12 @@ def content_key(workflow_id: str, node_info_list: Iterable[dict[str, Any]],
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _nothing_sent(names: Sequence[str]) -> str:
+    return ("no column sends a node input: name columns NODE.FIELD (e.g. 6.text), bind one with "
+            f"--bind COLUMN=NODE.FIELD (columns: {', '.join(names) or 'none'}), or give a "
+            "nodeInfoList column")
+
+
 class _Builder:
     def __init__(self, source: str, table: _Table, rules: _Rules, binds: list[tuple[str, str, str]],
                  workflow_id: str | None, allow_duplicates: bool):
@@ -875,16 +1169,21 @@ class _Builder:
         self.binds = binds
         self.workflow_id = workflow_id
         self.allow_duplicates = allow_duplicates
-        self.problems = _Problems(source, table.lines)
+        self.binding = _Problems(source, table.lines, "binding")  # columns, bindings, defaults
+        self.problems = _Problems(source, table.lines, "value")  # cells, schema, ids, duplicates
+        self.unsendable: set[int] = set()  # rows (0-based) whose request is not complete
+        self.is_output = False
         self.cells = dict(zip(table.columns, table.cells, strict=True))
+        self.json_reader = _JsonReader()  # for JSON text in CSV cells (nodeInfoList, options)
 
     # ---- columns
 
     def layout(self) -> tuple[list[_Column], list[tuple[str, str, Any]], dict[str, Any]]:
         """Input columns (with targets), constant node defaults, and option defaults."""
-        table, problems = self.table, self.problems
+        table, problems = self.table, self.binding
         names = table.columns
         is_output = "nodeInfoList" in self.cells and ("status" in self.cells or "taskId" in self.cells)
+        self.is_output = is_output
         columns: list[_Column] = []
         if is_output:
             for name in names:
@@ -903,16 +1202,28 @@ class _Builder:
         else:
             columns = [_Column(n, self.cells[n]) for n in names if n not in SPECIAL_COLUMNS]
         by_name = {c.name: c for c in columns}
+        for column in columns:
+            if _has_controls(column.name):
+                problems.add(None, column.name, "the name holds a control character: retype the "
+                             "name, with letters, digits and punctuation only")
 
         bind_map: dict[str, tuple[str, str]] = {}
         for bound_name, target in table.bindings.items():
             match = TARGET_RE.fullmatch(target) if isinstance(target, str) else None
-            if match is None:
+            if match is None or _has_controls(target):
                 problems.add(None, bound_name, f'bindings: {_show(target)} is not "NODE.FIELD": write '
                              'e.g. "6.text"')
                 continue
             bind_map[bound_name] = (match.group(1), match.group(2))
+        bound_by_flag: dict[str, tuple[str, str]] = {}
         for bound_name, node, name in self.binds:
+            earlier = bound_by_flag.setdefault(bound_name, (node, name))
+            if earlier != (node, name):
+                problems.add(None, bound_name, f"--bind {bound_name}={'.'.join(earlier)} and --bind "
+                             f"{bound_name}={node}.{name} both bind this column, and a column feeds one "
+                             "node input: keep one --bind (to send one value to two inputs, copy the "
+                             "column under another name and bind the copy)")
+                continue
             bind_map[bound_name] = (node, name)
         column_defaults: dict[str, Any] = {}
         node_defaults: list[tuple[str, str, Any]] = []
@@ -926,7 +1237,10 @@ class _Builder:
             elif key in by_name or key in bind_map:
                 column_defaults[key] = value
             elif (match := TARGET_RE.fullmatch(key)) is not None:
-                node_defaults.append((match.group(1), match.group(2), value))
+                if (message := _int_problem(value, match.group(2))) is not None:
+                    problems.add(None, f"defaults.{key}", message)
+                else:
+                    node_defaults.append((match.group(1), match.group(2), value))
             else:
                 problems.add(None, f"defaults.{key}", 'names neither a column nor a "NODE.FIELD": '
                              'write e.g. "3.steps": 20')
@@ -959,7 +1273,7 @@ class _Builder:
                              f"{fed[column.target]!r} feeds already: bind each node input once")
             fed.setdefault(column.target, column.name)
         node_defaults = [d for d in node_defaults if (d[0], d[1]) not in fed]
-        problems.raise_if_any()
+        # no raise here: the cells are read and checked too, so that one pass reports everything
         for column in columns:
             self._type_column(column, column_defaults.get(column.name))
         return columns, node_defaults, option_defaults
@@ -968,8 +1282,13 @@ class _Builder:
         """Turn cells into typed values: None for empty, _BAD for a reported cell."""
         values = column.values
         problems = self.problems
+        reported = problems.count
         declared = self.rules.declared_type(
             column.name, *(['.'.join(column.target)] if column.target else []))
+        field_name = column.target[1] if column.target else None
+        if (message := _int_problem(default, field_name)) is not None:
+            problems.add(None, f"defaults.{column.name}", message)
+            default = None
         if self.table.text:
             distinct = set(values)
             distinct.discard("")
@@ -981,6 +1300,7 @@ class _Builder:
                     and (column.target is None or not any(t.startswith("=") for t in distinct)):
                 distinct = set()  # plain text, kept as is: only "" needs mapping (to None)
             mapping: dict[str, Any] = {"": None}
+            low, high = _int_range(field_name)
             for text in distinct:
                 if len(text) > MAX_CELL_BYTES // 4 and len(text.encode("utf-8")) > MAX_CELL_BYTES:
                     mapping[text] = _BAD
@@ -991,7 +1311,9 @@ class _Builder:
                     mapping[text] = _BAD if formula else text
                     continue
                 value = parser(text)
-                mapping[text] = _BAD if value is None else value
+                if value is None or (value.__class__ is int and not low <= value <= high):
+                    value = _BAD  # reported below, with _cell_message
+                mapping[text] = value
             values = list(map(mapping.get, values, values))
             if _BAD in mapping.values():
                 for i, (text, value) in enumerate(zip(column.values, values, strict=True)):
@@ -1016,13 +1338,28 @@ class _Builder:
                             else:
                                 value = None
                         elif fix_float and value.is_integer():
-                            value = int(value)
+                            if _int_problem(int(value), field_name):  # shown as written: 1e+300
+                                problems.add(i + 1, column.name, _range_message(_show(value),
+                                                                                field_name))
+                                value = _BAD
+                            else:
+                                value = int(value)
                     elif isinstance(value, dict | list) and column.target is not None:
                         problems.add(i + 1, column.name, f"{_show(value)} is not a single value: "
                                      f"{'.'.join(column.target)} takes text, a number or true/false")
                         value = _BAD
                     out.append(value)
                 values = out
+            if int in kinds or fix_float:
+                low, high = _int_range(field_name)
+                ints = [v for v in values if v.__class__ is int]
+                if ints and (min(ints) < low or max(ints) > high):
+                    values = list(values)
+                    for i, value in enumerate(values):
+                        message = _int_problem(value, field_name)
+                        if message:
+                            problems.add(i + 1, column.name, message)
+                            values[i] = _BAD
         if column.target is not None and None in values:
             if default is not None:
                 values = [default if v is None else v for v in values]
@@ -1036,6 +1373,10 @@ class _Builder:
         elif default is not None and None in values:
             values = [default if v is None else v for v in values]
         column.values = values
+        if problems.count != reported:  # this column's cells were reported: skip them from now on
+            column.bad = True
+            if column.target is not None:
+                self.unsendable.update(i for i, v in enumerate(values) if v is _BAD or v is None)
 
     def _cell_message(self, text: str, kind: str, column: _Column) -> str:
         size = len(text.encode("utf-8"))
@@ -1047,9 +1388,14 @@ class _Builder:
                     "value; paste values only, or use a JSON or JSONL manifest for text that "
                     'starts with "="')
         what = f"{'.'.join(column.target)}" if column.target else f'column "{column.name}"'
+        if kind == "integer" and (_parse_int(text) is not None or INT_RE.fullmatch(text.strip())):
+            return _range_message(_show(text), column.target[1] if column.target else None)
         if kind == "integer":
             return f"{_show(text)} is not a whole number ({what} takes whole numbers): write digits " \
                    "only, e.g. 42"
+        if kind == "number" and NONFINITE_RE.fullmatch(text.strip()):
+            return (f"{_show(text)} is not a finite number ({what} takes numbers, and NaN or infinity "
+                    "cannot be sent as JSON): write a number, e.g. 7.5")
         if kind == "number":
             return f"{_show(text)} is not a number ({what} takes numbers): write e.g. 7.5"
         return f"{_show(text)} is not true or false ({what} takes true/false): write true or false"
@@ -1131,17 +1477,23 @@ class _Builder:
             return None
         out: list[dict[str, Any]] = []
         for i in range(n_rows):
+            reported = problems.count
             options = dict(option_defaults)
             cell = cells[i] if cells is not None else None
             if isinstance(cell, str):
                 cell = cell.strip()
                 if cell:
+                    self.json_reader.clear()
                     try:
-                        cell = json.loads(cell)
+                        cell = self.json_reader.decode(cell)
                     except (ValueError, RecursionError):
                         problems.add(i + 1, "options", f"{_show(cell)} is not JSON: write an object "
                                      'like {"instanceType": "plus"}, or use an instanceType column')
                         cell = None
+                    if self.json_reader.found:
+                        for _, key in _repeats(cell):
+                            problems.add(i + 1, "options", f"has the key {_show(key)} more than once: "
+                                         f"{_KEEP_ONE}")
                 else:
                     cell = None
             if isinstance(cell, dict):
@@ -1163,6 +1515,8 @@ class _Builder:
                     problems.add(i + 1, name, f"{_show(value)} differs from the options cell's "
                                  f"{_show(options[name])}: keep one")
                 options[name] = value
+            if problems.count != reported:
+                self.unsendable.add(i)
             out.append(options or _EMPTY_OPTIONS)
         return out
 
@@ -1170,14 +1524,25 @@ class _Builder:
         problems = self.problems
         example = '[{"nodeId": "6", "fieldName": "text", "fieldValue": "a cat"}]'
         if isinstance(cell, str):
+            reader = self.json_reader
+            reader.clear()
             try:
-                cell = json.loads(cell)
+                cell = reader.decode(cell)
             except RecursionError:
                 problems.add(number, "nodeInfoList", f"is JSON that {_DEEP}")
                 return None
             except json.JSONDecodeError as exc:
                 problems.add(number, "nodeInfoList", f"is not valid JSON ({exc.msg} at character "
                              f"{exc.pos + 1}): write a list like {example}")
+                return None
+            except ValueError as exc:
+                problems.add(number, "nodeInfoList", f"is not valid JSON ({_json_error(exc)}): write a "
+                             f"list like {example}")
+                return None
+            if reader.found:
+                for _, key in _repeats(cell):
+                    problems.add(number, "nodeInfoList", f"has the key {_show(key)} more than once: "
+                                 f"{_KEEP_ONE}")
                 return None
         if not isinstance(cell, list | tuple):
             problems.add(number, "nodeInfoList", f"{_show(cell)} is not a list: write a list like "
@@ -1201,15 +1566,20 @@ class _Builder:
             node, name, value = item["nodeId"], item["fieldName"], item["fieldValue"]
             if isinstance(node, int) and not isinstance(node, bool):
                 node = str(node)
-            if not isinstance(node, str) or not node or not isinstance(name, str) or not name:
+            if not isinstance(node, str) or not node or not isinstance(name, str) or not name \
+                    or _has_controls(node) or _has_controls(name):
                 problems.add(number, "nodeInfoList", f"item {k} has nodeId {_show(node)} and fieldName "
-                             f"{_show(name)}: both must be non-empty text")
+                             f"{_show(name)}: both must be non-empty text without control characters")
                 ok = False
                 continue
             if value is None or isinstance(value, dict | list) or (
                     isinstance(value, float) and not math.isfinite(value)):
                 problems.add(number, "nodeInfoList", f"item {k} ({node}.{name}) has fieldValue "
                              f"{_show(value)}: send text, a number or true/false")
+                ok = False
+                continue
+            if (message := _int_problem(value, name)) is not None:
+                problems.add(number, "nodeInfoList", f"item {k} ({node}.{name}): {message}")
                 ok = False
                 continue
             if isinstance(value, str) and len(value) > MAX_CELL_BYTES // 4 \
@@ -1236,9 +1606,14 @@ class _Builder:
         columns, node_defaults, option_defaults = self.layout()
         bound = [c for c in columns if c.target is not None]
         workflow_ids = self.workflow_ids()
+        if None in workflow_ids:
+            self.unsendable.update(i for i, wid in enumerate(workflow_ids) if wid is None)
         options_list = self.options_for(n, option_defaults)
         row_ids = self._text_or_value("row_id")
         explicit_cells = self.cells.get("nodeInfoList")
+        unsendable = self.unsendable
+        # a problem with the columns or bindings changes every row's request: no row is compared
+        compare = not self.binding
 
         # Node inputs fed by columns: one shared item dict and canonical fragment per distinct value.
         item_columns: list[list[dict[str, Any]]] = []
@@ -1281,10 +1656,8 @@ class _Builder:
         duplicates: list[tuple[int, int]] = []
         wf_json: dict[str, str] = {}
         nothing_sent = not bound and not node_defaults and explicit_cells is None
-        if nothing_sent:
-            problems.add(None, None, "no column sends a node input: name columns NODE.FIELD (e.g. "
-                         f"6.text), bind one with --bind COLUMN=NODE.FIELD (columns: "
-                         f"{', '.join(names) or 'none'}), or give a nodeInfoList column")
+        if nothing_sent and not (self.binding and (self.binds or table.bindings)):
+            problems.add(None, None, _nothing_sent(names))  # (a broken binding says it better)
         zipped_items = zip(*item_columns, strict=True) if item_columns else iter(lambda: (), None)
         zipped_fragments = zip(*sorted_fragment_columns, strict=True) if sorted_fragment_columns \
             else iter(lambda: (), None)
@@ -1302,12 +1675,15 @@ class _Builder:
                 explicit = self.explicit_list(explicit_cells[i], number)
                 if explicit is not None:
                     explicit_by_row[i] = explicit
+                else:
+                    unsendable.add(i)
             if explicit is not None:
                 given = {(e["nodeId"], e["fieldName"]) for e in explicit}
                 for target in sorted(given & targets_fed):
                     column_name = next(c.name for c in bound if c.target == target)
                     problems.add(number, column_name, f"sets {'.'.join(target)}, which this row's "
                                  "nodeInfoList sets too: keep one of them")
+                    unsendable.add(i)
                 node_info_list = explicit + column_items + tuple(
                     c for c in constant_items if (c["nodeId"], c["fieldName"]) not in given)
                 merged = [((e["nodeId"], e["fieldName"]),
@@ -1330,6 +1706,7 @@ class _Builder:
                     problems.add(number, "nodeInfoList", "is empty and no column sends a node input: "
                                  'write a list like [{"nodeId": "6", "fieldName": "text", '
                                  '"fieldValue": "a cat"}]')
+                    unsendable.add(i)
             wf_text = wf_json.get(wf)
             if wf_text is None:
                 wf_text = wf_json[wf] = _ENC(wf)
@@ -1356,7 +1733,8 @@ class _Builder:
                                      f"{earlier_id}: row ids must be unique")
             else:
                 row_id = "r" + digest[:8].hex()
-            earlier = first_by_content.setdefault(digest, number)
+            earlier = first_by_content.setdefault(digest, number) \
+                if compare and i not in unsendable else number
             if earlier != number:
                 if not self.allow_duplicates:
                     problems.add(number, None, f"sends the same workflow, node inputs and options as "
@@ -1380,16 +1758,35 @@ class _Builder:
                                  f"{other}'s: give the rows a row_id column")
         self.validate(columns, workflow_ids, options_list, row_ids, explicit_by_row, constant_items,
                       rows)
-        problems.raise_if_any()
-        return Manifest(
-            source=self.source,
-            rows=rows,
-            columns=names,
-            bound={c.name: ".".join(c.target) for c in bound},  # type: ignore[arg-type]
-            unbound=[c.name for c in columns if c.target is None],
-            fingerprint=fingerprint.hexdigest(),
-            duplicates=duplicates,
-        )
+
+        def manifest(kept: list[Row]) -> Manifest:
+            return Manifest(
+                source=self.source,
+                rows=kept,
+                columns=names,
+                bound={c.name: ".".join(c.target) for c in bound},  # type: ignore[arg-type]
+                unbound=[c.name for c in columns if c.target is None],
+                fingerprint=fingerprint.hexdigest(),
+                duplicates=duplicates,
+                from_results=self.is_output,
+            )
+
+        if self.binding or problems:
+            raise ManifestProblems(escape_controls(self.source),
+                                   [self.binding.group(), problems.group()],
+                                   manifest([self._checkable(row) for row in rows
+                                             if workflow_ids[row.index] is not None]))
+        return manifest(rows)
+
+    def _checkable(self, row: Row) -> Row:
+        """``row`` as the checks after loading may judge it: without its unreadable values."""
+        if row.index not in self.unsendable:
+            return row
+        items = [i for i in row.node_info_list if i["fieldValue"] is not _BAD
+                 and i["fieldValue"] is not None]
+        inputs = {k: v for k, v in row.inputs.items() if v is not _BAD}
+        return make_row(row.index, row.number, row.row_id, row.workflow_id, items, inputs,
+                        row.options)
 
     # ---- schema
 
@@ -1398,10 +1795,13 @@ class _Builder:
                  explicit_by_row: dict[int, tuple[dict[str, Any], ...]],
                  constant_items: tuple[dict[str, Any], ...], rows: list[Row]) -> None:
         rules, problems = self.rules, self.problems
-        if problems:
-            return  # fix the shape first; schema messages about broken rows would only add noise
+        # Values already reported (unreadable cells, empty node inputs, rows whose request is not
+        # complete) are not judged again: the schema's message about them would only add noise.
+        unsendable = self.unsendable
         if not rules.decomposable:
             for row in rows:
+                if row.index in unsendable or (problems and any(v is _BAD for v in row.inputs.values())):
+                    continue
                 obj = {"row_id": row.row_id, "workflowId": row.workflow_id,
                        "nodeInfoList": [dict(x) for x in row.node_info_list], **row.options,
                        **row.inputs}
@@ -1413,55 +1813,14 @@ class _Builder:
                         where = sources[path[1]]
                     problems.add(row.number, where, message)
             return
-        # Columns: each distinct value once.
-        for column in columns:
-            values = column.values
-            by_kind = rules.by_kind(column.name) and (column.target is None or rules.items_by_kind)
-            try:
-                mixed = len(set(map(type, values))) > 1
-                if by_kind:  # one representative value per kind
-                    distinct = set({(_kind(v) if mixed else _kind(v)): ((type(v), v) if mixed else v)
-                                    for v in values}.values()) if float in set(map(type, values)) \
-                        else set({type(v): ((type(v), v) if mixed else v) for v in values}.values())
-                    bad_kinds: set[Any] = set()
-                else:
-                    distinct = set(zip(map(type, values), values, strict=True)) if mixed else set(values)
-                keyed = True
-            except TypeError:  # lists or objects in a metadata column
-                keyed = False
-            if keyed:
-                bad: dict[Any, list[str]] = {}
-                for entry in distinct:
-                    value = entry[1] if mixed else entry
-                    messages = list(rules.value_errors(column.name, value))
-                    if column.target is not None and value is not None:
-                        messages += rules.item_errors(*column.target, value)
-                    if messages:
-                        bad[entry] = messages
-                        if by_kind:
-                            bad_kinds.add(_kind(value))
-                if bad and by_kind:  # every value of a bad kind fails the same way
-                    for i, value in enumerate(values):
-                        if _kind(value) in bad_kinds:
-                            messages = list(rules.value_errors(column.name, value))
-                            if column.target is not None and value is not None:
-                                messages += rules.item_errors(*column.target, value)
-                            for message in messages:
-                                problems.add(i + 1, column.name, message)
-                elif bad:
-                    keys = zip(map(type, values), values, strict=True) if mixed else values
-                    for i, key in enumerate(keys):
-                        for message in bad.get(key, ()):
-                            problems.add(i + 1, column.name, message)
-            else:
-                for i, value in enumerate(values):
-                    for message in rules.value_errors(column.name, value):
-                        problems.add(i + 1, column.name, message)
+        self.validate_columns(columns)
         for item in constant_items:
             for message in rules.item_errors(item["nodeId"], item["fieldName"], item["fieldValue"]):
                 problems.add(None, f"defaults.{item['nodeId']}.{item['fieldName']}", message)
         for i, explicit in explicit_by_row.items():
             if rules.items is None:
+                if i in unsendable:
+                    continue
                 for message in rules.list_errors(rows[i].node_info_list):
                     problems.add(i + 1, "nodeInfoList", message)
                 continue
@@ -1471,6 +1830,8 @@ class _Builder:
                                  f"{message}")
         if rules.items is None and not explicit_by_row:
             for row in rows:
+                if row.index in unsendable:
+                    continue
                 for message in rules.list_errors(row.node_info_list):
                     problems.add(row.number, "nodeInfoList", message)
         # Special keys and options.
@@ -1480,6 +1841,8 @@ class _Builder:
                 continue
             column_values = special_values if special_values is not None else [r.row_id for r in rows]
             for value in set(column_values):
+                if value is None:  # a missing or invalid workflow id, reported already
+                    continue
                 messages = rules.value_errors(key, value)
                 if messages:
                     for i, v in enumerate(column_values):
@@ -1506,6 +1869,65 @@ class _Builder:
             for key in missing:
                 problems.add(i + 1, key, "is missing: add this column (the schema requires it)")
 
+    def validate_columns(self, columns: list[_Column]) -> None:
+        """Each distinct value of each column against the (decomposable) schema, once."""
+        rules, problems = self.rules, self.problems
+        for column in columns:
+            values = column.values
+            by_kind = rules.by_kind(column.name) and (column.target is None or rules.items_by_kind)
+
+            def judged(value: Any, column: _Column = column) -> bool:
+                """Whether ``value`` is still to be judged (not reported already)."""
+                return not column.bad or not (value is _BAD or (value is None and column.target))
+
+            try:
+                mixed = len(set(map(type, values))) > 1
+                if by_kind:  # one representative value per kind
+                    distinct = set({(_kind(v) if mixed else _kind(v)): ((type(v), v) if mixed else v)
+                                    for v in values}.values()) if float in set(map(type, values)) \
+                        else set({type(v): ((type(v), v) if mixed else v) for v in values}.values())
+                    bad_kinds: set[Any] = set()
+                else:
+                    distinct = set(zip(map(type, values), values, strict=True)) if mixed else set(values)
+                keyed = True
+            except TypeError:  # lists or objects in a metadata column
+                keyed = False
+            if keyed and column.bad:
+                distinct = {e for e in distinct if judged(e[1] if mixed else e)}
+            if keyed:
+                bad: dict[Any, list[str]] = {}
+                for entry in distinct:
+                    value = entry[1] if mixed else entry
+                    messages = list(rules.value_errors(column.name, value))
+                    if column.target is not None and value is not None:
+                        messages += rules.item_errors(*column.target, value)
+                    if messages:
+                        bad[entry] = messages
+                        if by_kind:
+                            bad_kinds.add(_kind(value))
+                if bad and by_kind:  # every value of a bad kind fails the same way
+                    for i, value in enumerate(values):
+                        if _kind(value) in bad_kinds:
+                            # the message shows this row's own value (past the problems shown, the
+                            # kind's shared message is as good and much cheaper)
+                            exact = len(problems.kept) < MAX_PROBLEMS_KEPT
+                            messages = list(rules.value_errors(column.name, value, exact))
+                            if column.target is not None and value is not None:
+                                messages += rules.item_errors(*column.target, value, exact)
+                            for message in messages:
+                                problems.add(i + 1, column.name, message)
+                elif bad:
+                    keys = zip(map(type, values), values, strict=True) if mixed else values
+                    for i, key in enumerate(keys):
+                        for message in bad.get(key, ()):
+                            problems.add(i + 1, column.name, message)
+            else:
+                for i, value in enumerate(values):
+                    if not judged(value):
+                        continue
+                    for message in rules.value_errors(column.name, value):
+                        problems.add(i + 1, column.name, message)
+
     @staticmethod
     def _source_of(item: dict[str, Any], columns: list[_Column]) -> str:
         for column in columns:
@@ -1525,7 +1947,10 @@ def load_manifest(
     """Read, type, bind and validate every row of ``path``.
 
     Raises InputError for a bad ``--bind`` / ``--workflow-id`` or an unreadable file, SchemaError
-    for a bad schema, and ManifestError listing every problem in the manifest at once.
+    for a bad schema, and ManifestError listing every problem in the manifest at once: a
+    :class:`ManifestProblems` whose ``manifest``, once the file could be read as rows, holds every
+    row with a valid workflow id, without its unreadable node inputs, for the checks that follow
+    (:func:`pipeline.prepare.load_and_prepare` adds theirs to the same error).
     """
     path = Path(path)
     source = str(path)
@@ -1537,8 +1962,7 @@ def load_manifest(
                              f"the workflow's URL, e.g. {EXAMPLE_WORKFLOW_ID}")
     schema, schema_file = _load_schema(schema_path)
     rules = _Rules(schema, schema_file)
-    if not path.is_file():
-        raise InputError(f"{source}: no such file")
+    check_manifest_path(path)
     # Millions of new dicts and tuples and no reference cycles: the cyclic collector would rescan
     # them over and over (it doubles the load time of a large manifest), so it waits until the end.
     collecting = gc.isenabled()
@@ -1549,3 +1973,35 @@ def load_manifest(
     finally:
         if collecting:
             gc.enable()
+
+
+def column_problems(columns: Sequence[tuple[str, Sequence[Any]]], *, text: bool) -> list[Problem]:
+    """What :func:`load_manifest` (default schema, no ``--bind``) would say about these columns'
+    values, for code that writes manifests (``rhbatch sweep``) and must write only what loads.
+
+    Each column is ``(name, values)``: its distinct values, at least one. A problem's ``row`` is the
+    1-based position of the value in its column (``None`` for the manifest as a whole, e.g. no
+    column sends a node input). With ``text`` each value is read back as the CSV cell :mod:`csv`
+    writes for it (``str(value)``, booleans as ``true`` / ``false``) and typed as a CSV column is;
+    without it values keep their types (JSONL, Parquet). Like the loader, schema rules are
+    judged only once the values read back cleanly.
+    """
+    def cell(value: Any) -> Any:
+        if not text:
+            return value
+        return "true" if value is True else "false" if value is False else str(value)
+
+    names = [name for name, _ in columns]
+    cells = [[cell(value) for value in values] for _, values in columns]
+    table = _Table(names, cells, max(map(len, cells), default=0), text)
+    builder = _Builder("manifest", table, _Rules(*_load_schema(None)), [], None, True)
+    try:
+        typed, node_defaults, _ = builder.layout()
+        if not any(c.target for c in typed) and not node_defaults:
+            builder.problems.add(None, None, _nothing_sent(names))
+        if not builder.problems and not builder.binding:
+            builder.validate_columns(typed)
+    except ManifestError as exc:
+        return list(exc.problems)
+    return list(ManifestProblems("manifest", [builder.binding.group(),
+                                              builder.problems.group()]).problems)

@@ -432,6 +432,21 @@ def column_names(bound: Mapping[str, str] | None) -> dict[str, str]:
     return names
 
 
+def targets_named(column: str, workflows: Iterable[Mapping[str, Any]], limit: int = 2) -> list[str]:
+    """The bindable ``NODE.FIELD`` inputs a column called ``column`` probably meant: fields with
+    that name in any case (for ``KSampler.cfg`` or ``my:cfg``, the part after the last ``.`` or
+    ``:``), in node order, at most ``limit``: ``cfg`` -> ``["3.cfg"]``."""
+    name = re.split(r"[.:]", column.strip())[-1].casefold()
+    found: list[str] = []
+    for api_json in workflows:
+        for field in describe_workflow(api_json):
+            if field.bindable and field.name.casefold() == name and field.target not in found:
+                found.append(field.target)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
 def show_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -1,11 +1,15 @@
 """Before the first coin: check every row against its workflow, upload input files, spot drift.
 
-``prepare_rows`` runs after the manifest has loaded and before anything is stored or submitted:
+``prepare_rows`` runs after the manifest has loaded and before anything is stored or submitted
+(``load_and_prepare`` runs both, so that what loading found and what these checks find are
+reported together, each kind capped at ``PROBLEMS_SHOWN_PER_KIND`` with a count of the rest):
 
 1. find each workflow's API JSON: ``--workflow-json [ID=]FILE`` first, then the run's cache, then
    ``getJsonApiFormat`` (when a key is available);
 2. preflight every row (:func:`pipeline.preflight.check_rows`) and every referenced file
-   (:func:`pipeline.uploads.find_uploads`), raising one ManifestError with all problems;
+   (:func:`pipeline.uploads.find_uploads`), raising one ManifestError with all problems; columns
+   that feed no node are a warning naming the input each probably meant (``cfg``: ``3.cfg``),
+   or with ``strict`` a problem;
 3. upload the referenced files once per content hash and substitute the returned fileNames, so
    the stored ``nodeInfoList`` is exactly what is sent;
 4. report drift: when reproducing from another run's output manifest whose run directory recorded
@@ -15,21 +19,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.config import Settings, redact
-from pipeline.errors import InputError, ManifestError, Problem, RunStopped, TransientApiError
-from pipeline.manifest import Manifest, Row, make_row
+from pipeline.errors import InputError, Problem, RunStopped, TransientApiError
+from pipeline.manifest import (
+    PROBLEMS_SHOWN_PER_KIND,
+    Manifest,
+    ManifestProblems,
+    ProblemGroup,
+    Row,
+    make_row,
+)
 from pipeline.preflight import (
     WorkflowCache,
     check_rows,
     fetch_workflows,
     load_workflow_file,
+    targets_named,
     workflow_hash,
 )
+from pipeline.safetext import escape_controls
 from pipeline.uploads import UPLOAD_CACHE_FILE, UploadCache, find_uploads, substitute, upload_all
 
 WORKFLOW_CACHE_DIR = "workflows"
@@ -81,6 +94,32 @@ def _with_client(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
         ) from None
 
 
+def load_and_prepare(
+    load: Callable[[], Manifest],
+    *,
+    settings: Settings | None,
+    workflow_files: Sequence[str] = (),
+    run_dir: Path | None = None,
+    preflight: bool = True,
+    upload: bool = True,
+    strict: bool = False,
+) -> tuple[Manifest, Prepared]:
+    """Load a manifest with ``load`` and prepare its rows, reporting in one pass: a manifest whose
+    rows break the schema or its bindings is still preflighted (the rows that can be judged) and
+    its input files checked, and one ManifestError lists every problem, capped per kind."""
+    try:
+        manifest = load()
+        earlier: Sequence[ProblemGroup] = ()
+    except ManifestProblems as exc:
+        if exc.manifest is None:  # not a table of rows at all: nothing more to check
+            raise
+        manifest, earlier = exc.manifest, exc.groups
+    prepared = prepare_rows(manifest, settings=settings, workflow_files=workflow_files,
+                            run_dir=run_dir, preflight=preflight, upload=upload, strict=strict,
+                            earlier=earlier)
+    return manifest, prepared
+
+
 def prepare_rows(
     manifest: Manifest,
     *,
@@ -89,8 +128,11 @@ def prepare_rows(
     run_dir: Path | None = None,
     preflight: bool = True,
     upload: bool = True,
+    strict: bool = False,
+    earlier: Sequence[ProblemGroup] = (),
 ) -> Prepared:
-    """Check and ready ``manifest``'s rows; raises ManifestError with every problem found."""
+    """Check and ready ``manifest``'s rows; raises ManifestError with every problem found, those
+    of ``earlier`` (what loading found) first. ``strict`` refuses columns that feed no node."""
     rows = manifest.rows
     ids = sorted({r.workflow_id for r in rows})
     prepared = Prepared(rows=rows)
@@ -109,12 +151,22 @@ def prepare_rows(
     for wid, api_json in workflows.items():
         prepared.hashes[wid] = workflow_hash(api_json)
     still_missing = [w for w in ids if w not in workflows]
-    problems: list[Problem] = []
-    total = 0
+    groups = list(earlier)
+    unsent = unsent_columns(manifest, workflows.values())
+    if unsent and strict:
+        groups = _with_binding_problems(groups, [
+            Problem(None, column, f"feeds no node, so it would never be sent (--strict refuses "
+                                  f"it): {_send_fix(column, hint)}")
+            for column, hint in unsent])
+    elif unsent:
+        prepared.warnings.append(
+            "columns that feed no node are not sent: "
+            + ", ".join(f"{c} (did you mean {' or '.join(h)}?)" if h else c for c, h in unsent)
+            + "; to send one, bind it with --bind COLUMN=NODE.FIELD or rename it to NODE.FIELD "
+              "(--strict refuses such columns)")
     if preflight and not still_missing:
-        found = check_rows(rows, workflows, bound=manifest.bound)
-        problems.extend(found)
-        total += found.total
+        found = check_rows(rows, workflows, bound=manifest.bound, limit=PROBLEMS_SHOWN_PER_KIND)
+        groups.append(ProblemGroup("preflight", tuple(found), found.total))
         prepared.checked = True
     elif preflight:
         prepared.skipped = (
@@ -122,13 +174,11 @@ def prepare_rows(
             "FILE (or set RUNNINGHUB_API_KEY) to check node ids, field names and value types"
         )
     base_dir = Path(manifest.source).resolve().parent
-    paths, upload_problems = find_uploads(rows, base_dir, workflows or None, bound=manifest.bound)
-    problems.extend(upload_problems)
-    total += upload_problems.total
-    if problems:
-        if total > len(problems):
-            problems.append(Problem(None, None, f"... {total - len(problems)} more problems"))
-        raise ManifestError(manifest.source, problems)
+    paths, upload_problems = find_uploads(rows, base_dir, workflows or None, bound=manifest.bound,
+                                          limit=PROBLEMS_SHOWN_PER_KIND)
+    groups.append(ProblemGroup("file", tuple(upload_problems), upload_problems.total))
+    if any(g.total for g in groups):
+        raise ManifestProblems(escape_controls(manifest.source), groups)
     if paths and upload:
         if settings is None or not settings.api_key or run_dir is None:
             raise InputError(
@@ -147,6 +197,34 @@ def prepare_rows(
         ]
     prepared.warnings.extend(drift_warnings(Path(manifest.source), prepared.hashes))
     return prepared
+
+
+def unsent_columns(manifest: Manifest, workflows: Iterable[Mapping[str, Any]] = ()
+                   ) -> list[tuple[str, list[str]]]:
+    """The columns that feed no node (and are never sent), each with the workflow inputs it
+    probably meant (``cfg`` -> ``3.cfg``). An output manifest has none: its input columns are the
+    earlier run's inputs, kept as metadata, and its recorded nodeInfoList is what is sent."""
+    if manifest.from_results or not manifest.unbound:
+        return []
+    known = list(workflows)
+    return [(column, targets_named(column, known)) for column in manifest.unbound]
+
+
+def _send_fix(column: str, hint: Sequence[str]) -> str:
+    target = hint[0] if len(hint) == 1 else "NODE.FIELD"
+    fix = f"bind it with --bind {column}={target}, or rename the column to {target}"
+    return fix + (f" ({' or '.join(hint)}?)" if len(hint) > 1 else "")
+
+
+def _with_binding_problems(groups: list[ProblemGroup], problems: list[Problem]) -> list[ProblemGroup]:
+    """``groups`` with ``problems`` added to the binding group (listed first), capped as usual."""
+    for i, group in enumerate(groups):
+        if group.kind == "binding":
+            listed = (*group.problems, *problems)[:PROBLEMS_SHOWN_PER_KIND]
+            groups[i] = ProblemGroup("binding", listed, group.total + len(problems))
+            return groups
+    return [ProblemGroup("binding", tuple(problems[:PROBLEMS_SHOWN_PER_KIND]), len(problems)),
+            *groups]
 
 
 def drift_warnings(manifest_path: Path, hashes: dict[str, str]) -> list[str]:

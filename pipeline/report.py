@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -46,6 +47,7 @@ from urllib.parse import quote
 
 from pipeline.download import FILES_DIR, inside
 from pipeline.errors import StorageError, UsageError, code_name
+from pipeline.safetext import escape_controls
 from pipeline.store import FAILED, STATES, SUBMIT_UNKNOWN, RunStore
 
 REPORT_FILE = "report.html"
@@ -67,7 +69,17 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    """``value`` as HTML text: markup escaped, and every control character but the line breaks and
+    tabs a ``<pre>`` or a tooltip shows written as a visible escape (``\\x1b``), so an escape
+    sequence from the service shows as text, never as a raw byte in the page."""
+    text = "" if value is None else str(value)
+    if _HTML_CONTROLS.search(text):
+        text = _HTML_CONTROLS.sub(lambda m: escape_controls(m.group()), text)
+    return html.escape(text, quote=True)
+
+
+# Control characters that are not whitespace HTML shows (HTML forbids most of them in a page).
+_HTML_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def shown(value: Any) -> str:
@@ -420,7 +432,36 @@ def _card(value: str, label: str) -> str:
     return f'<div class="card"><div class="v">{esc(value)}</div><div class="k">{esc(label)}</div></div>'
 
 
+def _amount(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.2f}"
+
+
+def _billing_html(spending: Any) -> str:
+    """Coins and money billed by how the tasks ended; tasks whose cost was never reported."""
+    rows = [(status, spending.by_status.get(status)) for status in ("SUCCESS", FAILED, "CANCELLED")]
+    rows = [(status, b) for status, b in rows if b and b["tasks"]]
+    money = spending.money or spending.third_party_money
+    parts = ['<div><h3>Billed by outcome</h3><table><tr><th>outcome</th><th>coins</th>']
+    if money:
+        parts.append("<th>money</th><th>third-party money</th>")
+    parts.append("</tr>")
+    for status, bucket in rows:
+        parts.append(f'<tr><td class="s-{esc(status)}">{esc(status)}</td>'
+                     f'<td class="num">{_amount(bucket["coins"])}</td>')
+        if money:
+            parts.append(f'<td class="num">{_amount(bucket["money"])}</td>'
+                         f'<td class="num">{_amount(bucket["third_party_money"])}</td>')
+        parts.append("</tr>")
+    parts.append("</table>")
+    if spending.unpriced:
+        parts.append(f'<p class="note">{spending.unpriced:,} task(s) ran without a reported cost: '
+                     "shown as unknown, not counted as 0.</p>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
 def _summary_html(store: RunStore, facts: RunFacts, file_counts: dict[str, int]) -> str:
+    spending = store.spending()
     median = statistics.median(facts.task_times) if facts.task_times else None
     span = None
     if facts.first_submit is not None and facts.last_finish is not None:
@@ -432,7 +473,7 @@ def _summary_html(store: RunStore, facts: RunFacts, file_counts: dict[str, int])
         _card(f"{facts.total:,}", "rows"),
         _card(f"{ok:,}", "succeeded"),
         _card(f"{sum(facts.counts.get(s, 0) for s in PROBLEM_STATES):,}", "failed / cancelled / unknown"),
-        _card(f"{facts.coins:,.2f}", "coins spent"),
+        _card(f"{spending.coins:,.2f}", "coins spent"),
         _card(_fmt_s(median), "median task time"),
         _card(_fmt_s(_p90(facts.task_times)), "p90 task time"),
         _card(rate, "rows finished per hour"),
@@ -444,6 +485,7 @@ def _summary_html(store: RunStore, facts: RunFacts, file_counts: dict[str, int])
                 for s in facts.counts if facts.counts[s] or s in ("SUCCESS", FAILED)),
         "</tr></table></div>",
     ]
+    parts.append(_billing_html(spending))
     if file_counts:
         parts.append('<div><h3>Output files</h3><table><tr>')
         parts.append("".join(f"<th>{esc(s)}</th>" for s in file_counts))

@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from typing import Any
 from pipeline import export
 from pipeline import store as st
 from pipeline.client import AccountStatus, RetryPolicy, RunningHubClient, build_payload
-from pipeline.config import RedactingFilter, Settings
+from pipeline.config import RedactingFilter, Settings, _show_url
 from pipeline.errors import ManifestChangedError, RunFatalError, StateError, StorageError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.prepare import prepare_rows
@@ -81,8 +84,21 @@ def dry_run_payloads(manifest: Manifest, settings: Settings) -> Iterator[dict[st
         }
 
 
+class _RunLogHandler(logging.FileHandler):
+    """``DIR/rhbatch.log``, opened without following a link (a planted symlink is refused, never
+    appended to). A write that fails (disk full, read-only) is dropped quietly: the same trouble
+    reaches the user once, with its fix, from the write that matters (the run state, results)."""
+
+    def _open(self) -> Any:
+        fd = st.open_in_run_dir(Path(self.baseFilename), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+
 def attach_log(run_dir: Path, verbose: bool = False) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
+    handler = _RunLogHandler(run_dir / LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -231,11 +247,15 @@ class RunOptions:
     on_warning: Callable[[str], None] = lambda warning: None
     policy: RetryPolicy | None = None
     max_coins: float | None = None
+    max_money: float | None = None
     expected_task_coins: float | None = None
+    on_notice: Callable[[str], None] = lambda notice: None
+    submit_only: frozenset[int] | None = None  # retry: only these rows are submitted
     verbose: bool = False
     handle_signals: bool = True
     download: bool = False
     webhook_listen: str | None = None
+    base_url_moved: bool = False  # --base-url-moved: accept (and record) a new base URL
 
 
 async def _drive(store: st.RunStore, settings: Settings, options: RunOptions) -> RunSummary:
@@ -247,7 +267,8 @@ async def _drive(store: st.RunStore, settings: Settings, options: RunOptions) ->
     runners: list[Runner] = []
     host, port = parse_listen(options.webhook_listen)
     receiver = WebhookReceiver(
-        host, port, lambda task_id: runners[0].hint_finished(task_id) if runners else False
+        host, port,
+        lambda task_id, token=None: runners[0].hint_finished(task_id, token) if runners else False,
     )
     await receiver.start()
     public = settings.task_options.get("webhookUrl")
@@ -274,7 +295,10 @@ async def _drive_loop(
             settings,
             on_event=options.on_event,
             max_coins=options.max_coins,
+            max_money=options.max_money,
             expected_task_coins=options.expected_task_coins,
+            submit_only=None if options.submit_only is None else set(options.submit_only),
+            webhook_tokens=register is not None,
         )
         if register is not None:
             register(runner)
@@ -337,12 +361,107 @@ def check_key(store: st.RunStore, settings: Settings) -> None:
         )
 
 
+BASE_URL_META = "base_url"
+
+
+def _same_service(a: str, b: str) -> bool:
+    """Whether two base URLs name the same service (scheme and host case, a final / ignored)."""
+    from urllib.parse import urlsplit
+
+    def norm(url: str) -> tuple[str, str, str]:
+        parts = urlsplit(url.strip())
+        return parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/")
+
+    return norm(a) == norm(b)
+
+
+def check_base_url(store: st.RunStore, settings: Settings, moved: bool = False, *,
+                   record: bool = True) -> str | None:
+    """A run's tasks live on the service that created them: refuse to follow them elsewhere.
+
+    The first run records its base URL (credentials masked; there are none, ``resolve_settings``
+    refuses them). Another base URL later is a StateError unless ``moved`` (``--base-url-moved``):
+    then the new one is recorded and the line saying so is returned for the log and the user.
+    ``record=False`` only checks (``retry`` checks before it requeues anything).
+    """
+    current = _show_url(settings.base_url)
+    recorded = store.get_meta(BASE_URL_META)
+    if recorded is not None and _same_service(recorded, current):
+        return None
+    if recorded is not None and not moved:
+        raise StateError(
+            f"{store.run_dir} was run against {recorded} and this command uses {current}; the "
+            "run's tasks live on that service and would look lost to this one: set "
+            f"RUNNINGHUB_BASE_URL (or --base-url) back to {recorded}, or, if the service really "
+            f"moved, pass --base-url-moved to continue the run at {current}"
+        )
+    if record:
+        store.set_meta(**{BASE_URL_META: current})
+    if recorded is None:
+        return None
+    return (f"base URL moved (--base-url-moved): {recorded} -> {current}; the run continues "
+            f"at {current}")
+
+
+@contextlib.contextmanager
+def _signals_held(active: bool) -> Iterator[None]:
+    """While the final results are written, Ctrl-C and SIGTERM are noted, not obeyed: the write
+    takes seconds on a large run, and a results file cut short is worse than a short wait."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        log.warning("still writing the results file; it is current in a moment")
+
+    before = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+BUDGET_META = "budget"
+
+
+def resolve_budget(store: st.RunStore, options: RunOptions) -> RunOptions:
+    """The run's limits: a limit given now replaces the stored one (with a notice); one not given
+    keeps what the run was started or last resumed with, so a resume or a retry never forgets it."""
+    stored = store.get_meta(BUDGET_META) or {}
+    given = {"max_coins": options.max_coins, "max_money": options.max_money,
+             "expected_task_coins": options.expected_task_coins}
+    flags = {"max_coins": "--max-coins", "max_money": "--max-money",
+             "expected_task_coins": "--expected-coins"}
+    merged = dict(stored)
+    for name, value in given.items():
+        if value is None:
+            continue
+        before = stored.get(name)
+        if before is not None and before != value:
+            options.on_notice(f"{flags[name]} is now {value:g} (this run had {before:g})")
+        merged[name] = value
+    for name, value in merged.items():
+        if given.get(name) is None and value is not None and name != "expected_task_coins":
+            options.on_notice(f"{flags[name]} {value:g} kept from the run's earlier start")
+    if merged != stored:
+        store.set_meta(**{BUDGET_META: merged})
+    return dataclasses.replace(options, max_coins=merged.get("max_coins"),
+                               max_money=merged.get("max_money"),
+                               expected_task_coins=merged.get("expected_task_coins"))
+
+
 def _execute(store: st.RunStore, settings: Settings, created: bool, options: RunOptions
              ) -> RunSummary:
     """Recover, drive and write the results of an open run (caller holds the lock)."""
     check_key(store, settings)
+    options = resolve_budget(store, options)
     handler = attach_log(store.run_dir, options.verbose)
     try:
+        moved = check_base_url(store, settings, options.base_url_moved)
+        if moved:
+            log.warning("%s", moved)
+            options.on_notice(moved)
         remove_stale_temporaries(store.run_dir)
         recovered = store.recover()
         if recovered:
@@ -354,7 +473,8 @@ def _execute(store: st.RunStore, settings: Settings, created: bool, options: Run
                  store.counts())
         options.on_open(store, created)
         summary = asyncio.run(_drive(store, settings, options))
-        export.write_results(store)
+        with _signals_held(options.handle_signals):
+            export.write_results(store)  # a Ctrl-C now waits for it: results stay whole
         log.info("run ended: %s exit %d", summary.counts, summary.exit_code)
         return summary
     finally:
@@ -476,6 +596,37 @@ def select_rows(store: st.RunStore, selection: Selection) -> list[int]:
     return [int(i) for i in chosen["idx"]]
 
 
+@dataclass
+class RetryPlan:
+    """What ``rhbatch retry`` would send: the rows, their bodies, and what they may cost."""
+
+    rows: list[dict[str, Any]]
+    expected_coins_per_task: float | None
+    pending_left: int  # rows still PENDING that the selection does not name (``run``'s business)
+
+    @property
+    def expected_coins(self) -> float | None:
+        per = self.expected_coins_per_task
+        return None if per is None else per * len(self.rows)
+
+
+def plan_retry(store: st.RunStore, settings: Settings, selection: Selection) -> RetryPlan:
+    """The rows ``selection`` names with the exact bodies a retry would send (no key)."""
+    import json
+
+    chosen = set(select_rows(store, selection))
+    rows = []
+    for row in store.iter_rows():
+        if row["idx"] in chosen:
+            body = build_payload(row["workflow_id"], json.loads(row["node_info_list"]),
+                                 {**settings.task_options, **json.loads(row["options"])})
+            rows.append({"row": row["number"], "row_id": row["row_id"], "status": row["status"],
+                         "idx": row["idx"], "body": body})
+    priced = store.priced_rows()
+    spent = store.spending().coins
+    return RetryPlan(rows, spent / priced if priced else None, store.counts()[st.PENDING])
+
+
 def retry_rows(
     run_dir: str | Path,
     settings: Settings,
@@ -484,22 +635,39 @@ def retry_rows(
     dry_run: bool = False,
     options: RunOptions | None = None,
     **option_values: Any,
-) -> tuple[int, RunSummary | None]:
-    """Start the selected rows again inside the same run (history kept), then drive the run."""
+) -> tuple[RetryPlan, RunSummary | None]:
+    """Start the selected rows again inside the same run (history kept), then drive the run.
+
+    Only the selected rows are submitted: rows still PENDING are left for ``rhbatch run``. The
+    run's budget holds (a limit given here replaces the stored one). ``dry_run`` reads the run
+    without the lock and changes nothing.
+    """
     options = dataclasses.replace(options or RunOptions(), **option_values)
     run_dir = Path(run_dir)
-    if not dry_run:
-        settings.require_key()
+    if dry_run:
+        reader = st.RunStore.open(run_dir, readonly=True)
+        try:
+            return plan_retry(reader, settings, selection), None
+        finally:
+            reader.close()
+    settings.require_key()
     with st.RunLock(run_dir):
         store = st.RunStore.open(run_dir)
         try:
+            check_key(store, settings)  # before anything is requeued: a refused retry changes nothing
+            check_base_url(store, settings, options.base_url_moved, record=False)
             store.recover()
-            chosen = select_rows(store, selection)
-            if dry_run:
-                return len(chosen), None
+            plan = plan_retry(store, settings, selection)
+            chosen = [r["idx"] for r in plan.rows]
+            if plan.pending_left:
+                options.on_notice(
+                    f"{plan.pending_left} row(s) are still PENDING and are not part of this retry: "
+                    f"`rhbatch run MANIFEST --out {run_dir}` submits them"
+                )
             store.requeue(chosen)
             log.info("retry: %d row(s) requeued", len(chosen))
-            return len(chosen), _execute(store, settings, False, options)
+            options = dataclasses.replace(options, submit_only=frozenset(chosen))
+            return plan, _execute(store, settings, False, options)
         finally:
             store.close()
 
@@ -509,7 +677,7 @@ def cost_per_task(run_dir: str | Path) -> float | None:
     store = st.RunStore.open(run_dir, readonly=True)
     try:
         priced = store.priced_rows()
-        return store.spent_coins() / priced if priced else None
+        return store.spending().coins / priced if priced else None
     finally:
         store.close()
 
@@ -537,8 +705,13 @@ class RunStatus:
     total: int
     coins: float
     source: str | None
-    unknown: list[tuple[int, str, str]]  # (row number, row_id, why)
+    unknown: list[tuple[int, str, str]]  # (row number, row_id, why), the first STATUS_UNKNOWN_SHOWN
     groups: dict[Any, dict[str, int]] | None = None
+    spending: st.Spending | None = None
+    reconciled: dict[str, int] = dataclasses.field(default_factory=dict)  # how -> rows
+
+
+STATUS_UNKNOWN_SHOWN = 20
 
 
 def run_status(run_dir: str | Path, by: Sequence[str] = ()) -> RunStatus:
@@ -549,9 +722,10 @@ def run_status(run_dir: str | Path, by: Sequence[str] = ()) -> RunStatus:
             (r["number"], r["row_id"], r["error"] or "")
             for r in store.conn.execute(
                 "SELECT number, row_id, error FROM rows WHERE status = 'SUBMIT_UNKNOWN' "
-                "ORDER BY idx LIMIT 50"
+                "ORDER BY idx LIMIT ?", (STATUS_UNKNOWN_SHOWN,)
             )
         ]
+        reconciled = store.reconciled_counts()
         groups = _group_counts(store, list(by)) if by else None
         counts = store.counts()
         return RunStatus(
@@ -562,6 +736,8 @@ def run_status(run_dir: str | Path, by: Sequence[str] = ()) -> RunStatus:
             source=store.get_meta("manifest_source"),
             unknown=unknown,
             groups=groups,
+            spending=store.spending(),
+            reconciled=reconciled,
         )
     finally:
         store.close()

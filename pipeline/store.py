@@ -34,18 +34,21 @@ Schema changes are named migrations applied in order and recorded in ``PRAGMA us
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RunLockedError, StateError, StorageError
+from pipeline.safetext import escape_controls
 
 STATE_DB = "state.db"
 LOCK_FILE = ".lock"
@@ -117,6 +120,22 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # What every task cost, whatever its end (failed and cancelled tasks are billed too), with
+        # money apart from coins; earlier attempts keep their cost, so totals never forget a task;
+        # the per-attempt webhook token and how an unknown create was reconciled.
+        "002_cost_of_every_attempt",
+        """
+        ALTER TABLE rows ADD COLUMN money REAL;
+        ALTER TABLE rows ADD COLUMN third_party_money REAL;
+        ALTER TABLE rows ADD COLUMN usage TEXT;
+        ALTER TABLE rows ADD COLUMN attempt_token TEXT;
+        ALTER TABLE rows ADD COLUMN reconciled TEXT;
+        ALTER TABLE attempts_log ADD COLUMN coins REAL;
+        ALTER TABLE attempts_log ADD COLUMN money REAL;
+        ALTER TABLE attempts_log ADD COLUMN third_party_money REAL;
+        """,
+    ),
 ]
 
 
@@ -137,17 +156,171 @@ class ActiveTask:
     started_at: float | None
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What one task cost as the service reported it; None where it did not say (never 0)."""
+
+    coins: float | None = None
+    money: float | None = None
+    third_party_money: float | None = None
+    seconds: float | None = None
+    children: list[dict[str, Any]] | None = None  # child tasks' usage, as reported
+
+    @classmethod
+    def of_outputs(cls, outputs: Sequence[dict[str, Any]]) -> Cost:
+        """v1 ``outputs`` repeat the task's cost on every file: the largest figure is the task's."""
+
+        def most(name: str) -> float | None:
+            values = [o[name] for o in outputs if o.get(name) is not None]
+            return max(values) if values else None
+
+        return cls(most("consumeCoins"), most("consumeMoney"), most("thirdPartyConsumeMoney"),
+                   most("taskCostTime"))
+
+    @property
+    def known(self) -> bool:
+        return self.coins is not None or self.money is not None or self.third_party_money is not None
+
+
+@dataclass
+class Spending:
+    """Coins and money billed, per final status, over every attempt of a run."""
+
+    coins: float = 0.0
+    money: float = 0.0
+    third_party_money: float = 0.0
+    by_status: dict[str, dict[str, float]] = field(default_factory=dict)
+    unpriced: int = 0  # tasks that ran (they have an id) whose cost the service never reported
+    max_coins: float | None = None  # the dearest task so far
+    max_money: float | None = None
+
+    def add(self, status: str, n: int, coins: float | None, money: float | None,
+            third: float | None, unpriced: int, max_coins: float | None,
+            max_money: float | None) -> None:
+        bucket = self.by_status.setdefault(
+            status, {"tasks": 0, "coins": 0.0, "money": 0.0, "third_party_money": 0.0,
+                     "unpriced": 0})
+        bucket["tasks"] += n
+        bucket["coins"] += coins or 0.0
+        bucket["money"] += money or 0.0
+        bucket["third_party_money"] += third or 0.0
+        bucket["unpriced"] += unpriced
+        self.coins += coins or 0.0
+        self.money += money or 0.0
+        self.third_party_money += third or 0.0
+        if status in FINAL:
+            self.unpriced += unpriced
+        else:
+            bucket["unpriced"] -= unpriced  # live tasks have not been billed yet
+        if max_coins is not None:
+            self.max_coins = max(self.max_coins or 0.0, max_coins)
+        if max_money:
+            self.max_money = max(self.max_money or 0.0, max_money)
+
+    @property
+    def all_money(self) -> float:
+        return self.money + self.third_party_money
+
+
+DISK_FULL_FIX = "free some disk space, then run the same command again to resume"
+
+
+def _unwritable_fix(run_dir: Path, how: str = "writable again ({dir})") -> str:
+    shown = escape_controls(run_dir)
+    return (f"make the run directory {how.format(dir=shown)} and run the same command again, or "
+            f"copy the run elsewhere (cp -a {shown} COPY) and resume there with --out COPY")
+
+
+def os_fix(exc: OSError, run_dir: Path,
+           fallback: str = "check the disk, then run the same command again to resume") -> str:
+    """The fix for a filesystem error in ``run_dir``: one per kind of trouble, said once."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DISK_FULL_FIX
+    if exc.errno == errno.EROFS:
+        return _unwritable_fix(run_dir, "writable again (remount {dir} read-write)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return _unwritable_fix(run_dir, "writable for this user ({dir})")
+    return fallback
+
+
+def storage_error(exc: OSError, path: Path, run_dir: Path | None = None, *,
+                  doing: str = "write", **fallback: str) -> StorageError:
+    """``exc`` (an OSError on ``path`` in ``run_dir``) as a StorageError with its fix
+    (``fallback=`` is the fix for any other errno)."""
+    shown = escape_controls(path)
+    return StorageError(f"Cannot {doing} {shown}: {exc.strerror or exc}: "
+                        f"{os_fix(exc, run_dir or path.parent, **fallback)}")
+
+
 def _translate(exc: sqlite3.Error, path: Path) -> StorageError:
     text = str(exc)
     if "full" in text:
-        fix = "free some disk space, then run the same command again to resume"
+        fix = DISK_FULL_FIX
     elif "readonly" in text or "read-only" in text:
-        fix = "make the run directory writable again, then run the same command to resume"
+        fix = _unwritable_fix(path.parent)
     elif "locked" in text:
         fix = "another program holds the database; stop it and resume"
     else:
         fix = "the run state could not be written; check the disk, then resume"
-    return StorageError(f"Run state {path}: {text}: {fix}")
+    return StorageError(f"Run state {escape_controls(path)}: {text}: {fix}")
+
+
+def refuse_entry(path: Path, what: str) -> StateError:
+    """The error for ``path`` in a run directory that rhbatch must not write through."""
+    shown = escape_controls(path)
+    if what.startswith("a symbolic link"):
+        return StateError(
+            f"{shown} is {what}: rhbatch never writes through a link in a run directory (the "
+            f"write would land outside it): remove the link (rm {shown}) and run the same "
+            "command again"
+        )
+    return StateError(f"{shown} is {what}, where rhbatch keeps a file of its own: move it away "
+                      "and run the same command again")
+
+
+def open_in_run_dir(path: Path, flags: int, mode: int = 0o644) -> int:
+    """Open (or create) the regular file ``path`` of a run directory without following a link.
+
+    A symbolic link or anything but a regular file at ``path`` is refused with
+    :func:`refuse_entry`: the PID written into ``.lock`` or the lines appended to ``rhbatch.log``
+    must never land in a file outside the run. (Hard links are left alone: backups make them, and
+    the kernel's protected_hardlinks stops links to files the user could not write anyway.)
+    """
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        before = None
+    except OSError as exc:
+        raise storage_error(exc, path, doing="open") from None
+    if before is not None:
+        what = _odd_entry(path, before)
+        if what:
+            raise refuse_entry(path, what)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # made a link since the lstat
+            raise refuse_entry(path, "a symbolic link") from None
+        raise storage_error(exc, path, doing="open") from None
+    what = _odd_entry(path, os.fstat(fd))
+    if what:
+        os.close(fd)
+        raise refuse_entry(path, what)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _odd_entry(path: Path, info: os.stat_result) -> str:
+    """How the entry at ``path`` differs from a plain file of the run ("" when it does not)."""
+    if stat.S_ISLNK(info.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return "a symbolic link"
+        return f"a symbolic link (to {escape_controls(target)})"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    return ""
 
 
 class RunLock:
@@ -158,10 +331,7 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StorageError(f"Cannot open {self.path}: {exc.strerror}") from None
+        fd = open_in_run_dir(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -220,6 +390,7 @@ class RunStore:
             if create:
                 run_dir.mkdir(parents=True, exist_ok=True)
             if readonly:
+                cls._upgrade(path)
                 conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
             else:
                 conn = sqlite3.connect(path, timeout=30, isolation_level=None)
@@ -234,6 +405,20 @@ class RunStore:
             raise _translate(exc, path) from None
         except OSError as exc:
             raise StorageError(f"Cannot create run directory {run_dir}: {exc.strerror}") from None
+
+    @classmethod
+    def _upgrade(cls, path: Path) -> None:
+        """Before a read-only open: apply pending migrations if the file can be written (they
+        only add columns, safe beside a reader); a read-only copy of an old run stays as it is."""
+        probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            version = probe.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            probe.close()
+        if version >= len(MIGRATIONS) or not os.access(path, os.W_OK):
+            return
+        writer = cls.open(path.parent)
+        writer.close()
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -387,11 +572,12 @@ class RunStore:
             )
             return cur.rowcount
 
-    def mark_submitting(self, idx: int) -> None:
+    def mark_submitting(self, idx: int, token: str | None = None) -> None:
+        """Durable (fsync'd) before the create leaves; ``token`` is the attempt's webhook token."""
         self._write(
             "UPDATE rows SET status = 'SUBMITTING', attempts = attempts + 1, error = NULL, "
-            "error_code = NULL, updated_at = ? WHERE idx = ?",
-            (time.time(), idx),
+            "error_code = NULL, attempt_token = ?, reconciled = NULL, updated_at = ? WHERE idx = ?",
+            (token, time.time(), idx),
         )
 
     def mark_submitted(self, idx: int, task_id: str, status: str, at: float) -> None:
@@ -427,23 +613,57 @@ class RunStore:
             durable=False,
         )
 
-    def mark_success(self, idx: int, outputs: list[dict[str, Any]], at: float) -> None:
-        coins = [o["consumeCoins"] for o in outputs if o.get("consumeCoins") is not None]
-        times = [o["taskCostTime"] for o in outputs if o.get("taskCostTime") is not None]
+    def mark_success(self, idx: int, outputs: list[dict[str, Any]], at: float,
+                     cost: Cost | None = None) -> None:
+        cost = cost if cost is not None else Cost.of_outputs(outputs)
         self._write(
-            "UPDATE rows SET status = 'SUCCESS', outputs = ?, coins = ?, task_cost_s = ?, "
-            "finished_at = ?, error = NULL, error_code = NULL, failed_reason = NULL, "
-            "updated_at = ? WHERE idx = ?",
+            "UPDATE rows SET status = 'SUCCESS', outputs = ?, coins = ?, money = ?, "
+            "third_party_money = ?, usage = ?, task_cost_s = ?, finished_at = ?, error = NULL, "
+            "error_code = NULL, failed_reason = NULL, updated_at = ? WHERE idx = ?",
             (
                 _dumps(outputs),
-                max(coins) if coins else None,
-                max(times) if times else None,
+                cost.coins,
+                cost.money,
+                cost.third_party_money,
+                None if cost.children is None else _dumps(cost.children),
+                cost.seconds,
                 at,
                 time.time(),
                 idx,
             ),
             durable=False,
         )
+
+    def set_cost(self, idx: int, cost: Cost) -> None:
+        """What a task that ended cost, learnt after its end was recorded (failed, cancelled)."""
+        self._write(
+            "UPDATE rows SET coins = ?, money = ?, third_party_money = ?, usage = ?, "
+            "task_cost_s = COALESCE(?, task_cost_s), updated_at = ? WHERE idx = ?",
+            (cost.coins, cost.money, cost.third_party_money,
+             None if cost.children is None else _dumps(cost.children), cost.seconds,
+             time.time(), idx),
+            durable=False,
+        )
+
+    def mark_reconciled(self, idx: int, task_id: str, status: str, how: str, at: float) -> None:
+        """An unknown create proven to be ``task_id`` (by ``how``): the row follows that task."""
+        started = at if status == RUNNING else None
+        self._write(
+            "UPDATE rows SET status = ?, task_id = ?, submitted_at = COALESCE(submitted_at, ?), "
+            "started_at = ?, error = NULL, reconciled = ?, updated_at = ? WHERE idx = ? "
+            "AND status = 'SUBMIT_UNKNOWN'",
+            (status, task_id, at, started, how, time.time(), idx),
+        )
+
+    def unknown_tokens(self) -> dict[str, int]:
+        """Webhook tokens of the attempts whose create is unknown: token -> row index."""
+        return {
+            r[0]: r[1]
+            for r in self.conn.execute(
+                "SELECT attempt_token, idx FROM rows WHERE status = 'SUBMIT_UNKNOWN' "
+                "AND attempt_token IS NOT NULL"
+            )
+        }
 
     def mark_failed(
         self,
@@ -454,15 +674,23 @@ class RunStore:
         failed_reason: Any = None,
         at: float | None = None,
         status: str = FAILED,
+        cost: Cost | None = None,
     ) -> None:
+        cost = cost or Cost()
         self._write(
             "UPDATE rows SET status = ?, error_code = ?, error = ?, failed_reason = ?, "
-            "finished_at = ?, updated_at = ? WHERE idx = ?",
+            "coins = ?, money = ?, third_party_money = ?, usage = ?, "
+            "task_cost_s = COALESCE(?, task_cost_s), finished_at = ?, updated_at = ? WHERE idx = ?",
             (
                 status,
                 code,
                 error,
                 None if failed_reason is None else _dumps(failed_reason),
+                cost.coins,
+                cost.money,
+                cost.third_party_money,
+                None if cost.children is None else _dumps(cost.children),
+                cost.seconds,
                 at if at is not None else time.time(),
                 time.time(),
                 idx,
@@ -477,15 +705,18 @@ class RunStore:
             for idx in indexes:
                 conn.execute(
                     "INSERT OR REPLACE INTO attempts_log (row_idx, attempt, task_id, status, "
-                    "error_code, error, submitted_at, finished_at) SELECT idx, attempts, task_id, "
-                    "status, error_code, error, submitted_at, finished_at FROM rows WHERE idx = ?",
+                    "error_code, error, submitted_at, finished_at, coins, money, "
+                    "third_party_money) SELECT idx, attempts, task_id, status, error_code, error, "
+                    "submitted_at, finished_at, coins, money, third_party_money FROM rows "
+                    "WHERE idx = ?",
                     (idx,),
                 )
                 conn.execute(
                     "UPDATE rows SET status = 'PENDING', task_id = NULL, error = NULL, "
                     "error_code = NULL, failed_reason = NULL, outputs = NULL, coins = NULL, "
-                    "task_cost_s = NULL, submitted_at = NULL, started_at = NULL, "
-                    "finished_at = NULL, updated_at = ? WHERE idx = ?",
+                    "money = NULL, third_party_money = NULL, usage = NULL, attempt_token = NULL, "
+                    "reconciled = NULL, task_cost_s = NULL, submitted_at = NULL, "
+                    "started_at = NULL, finished_at = NULL, updated_at = ? WHERE idx = ?",
                     (now, idx),
                 )
                 conn.execute("DELETE FROM files WHERE row_idx = ?", (idx,))
@@ -528,9 +759,28 @@ class RunStore:
         """Rows whose cost is known (for the expected cost of the next task)."""
         return int(self.conn.execute("SELECT COUNT(*) FROM rows WHERE coins IS NOT NULL").fetchone()[0])
 
+    def reconciled_counts(self) -> dict[str, int]:
+        """Rows whose unknown create was resolved to a task, by how (e.g. "webhook")."""
+        return {how: n for how, n in self.conn.execute(
+            "SELECT reconciled, COUNT(*) FROM rows WHERE reconciled IS NOT NULL GROUP BY reconciled")}
+
     def spent_coins(self) -> float:
-        value = self.conn.execute("SELECT SUM(coins) FROM rows").fetchone()[0]
-        return float(value or 0.0)
+        """Coins billed for every task of the run whose cost is known, earlier attempts included."""
+        return self.spending().coins
+
+    def spending(self) -> Spending:
+        """What the run has cost so far, every attempt counted, split by how each task ended."""
+        out = Spending()
+        for source in ("rows", "attempts_log"):
+            for status, n, coins, money, third, unpriced, max_coins, max_money in self.conn.execute(
+                f"SELECT status, COUNT(*), SUM(coins), SUM(money), SUM(third_party_money), "  # noqa: S608
+                f"SUM(task_id IS NOT NULL AND coins IS NULL AND money IS NULL "
+                f"AND third_party_money IS NULL), MAX(coins), "
+                f"MAX(COALESCE(money, 0) + COALESCE(third_party_money, 0)) FROM {source} "
+                "GROUP BY status"
+            ):
+                out.add(status, n, coins, money, third, unpriced or 0, max_coins, max_money)
+        return out
 
 
 def row_record(row: sqlite3.Row, files: Sequence[sqlite3.Row] = ()) -> dict[str, Any]:
@@ -548,11 +798,14 @@ def row_record(row: sqlite3.Row, files: Sequence[sqlite3.Row] = ()) -> dict[str,
         "fileUrls": [o.get("fileUrl") for o in outputs if o.get("fileUrl")],
         "outputs": outputs,
         "coins": row["coins"],
+        "money": row["money"],
+        "thirdPartyMoney": row["third_party_money"],
         "taskCostTime": row["task_cost_s"],
         "error_code": row["error_code"],
         "error": row["error"],
         "failedReason": _loads(row["failed_reason"]),
         "attempts": row["attempts"],
+        "reconciled": row["reconciled"],
         "submitted_at": _iso(row["submitted_at"]),
         "finished_at": _iso(row["finished_at"]),
     }

@@ -21,7 +21,8 @@ Spec format
       steps: "3.steps"
     constants:                           # one value, the same in every row
       steps: 20
-      study: "cfg-sampler"               # unbound: a plain metadata column
+      study: "cfg-sampler"               # listed under metadata: a column that is not sent
+    metadata: [study]                    # names kept as columns, never sent
     axes:                                # one axis node: the combination tree
       product:
         - prompt: {file: prompts.txt}
@@ -32,8 +33,8 @@ Spec format
     allow_duplicates: false              # optional, default false
 
 Top-level keys: ``workflowId`` and ``axes`` are required; ``version``, ``description``,
-``bindings``, ``constants``, ``derive_seed`` and ``allow_duplicates`` are optional; any other key is
-an error.
+``bindings``, ``constants``, ``derive_seed``, ``allow_duplicates`` and ``metadata`` are optional;
+any other key is an error.
 
 Axis nodes
 ----------
@@ -53,8 +54,9 @@ An axis node is a mapping with exactly one key:
       Python's ``range`` (``{range: [0, 1000]}`` is 0..999); ``step`` may be negative, not 0;
     * ``{linspace: [a, b, n]}``: ``n`` evenly spaced floats from ``a`` to ``b`` inclusive,
       rounded to 12 significant digits so ``7.5`` is ``7.5`` and not ``7.499999999999999``;
-    * ``{file: path}``: one value per non-empty line of a UTF-8 text file (lines are stripped of
-      surrounding whitespace; blank lines are skipped);
+    * ``{file: path}``: one value per non-empty line of a UTF-8 text file (lines end at a newline
+      only, not at U+2028 or a form feed inside a prompt; they are stripped of surrounding
+      whitespace; blank lines are skipped);
     * ``{file: path.csv, column: name}``: one value per data row of a CSV column (empty cells are
       kept as ``""``, so columns of one CSV zip together row by row).
 
@@ -76,9 +78,15 @@ Names, bindings and columns
 ---------------------------
 ``bindings`` maps a name to the node input ``NODE.FIELD`` it feeds. A name that itself contains a
 ``.`` (``"6.text": [a cat, a dog]``) is bound to itself. Every binding must name an axis or a
-constant, and two names may not feed the same input. Names that are not bound are metadata: they
-become plain columns that are not sent to RunningHub. ``row_id``, ``workflowId``, ``nodeInfoList``,
-``product`` and ``zip`` are reserved.
+constant, and two names may not feed the same input. A node id is digits, optionally
+``:``-separated (``6``, ``57:35``): the manifest sends only such ``NODE.FIELD`` columns. Every
+other name must be listed under ``metadata: [name, ...]``: it becomes a plain column that is not
+sent to RunningHub (a label, a take number). A name that is neither bound nor listed is an error
+naming it and both fixes, since an axis that feeds no node varies nothing RunningHub sees (unless
+no name is bound at all: then the spec is refused for sending nothing). Names hold no
+control characters. ``row_id``, ``workflowId``, ``nodeInfoList``, ``product`` and ``zip`` are
+reserved, and so are the names a manifest reads as task options (``options``, ``instanceType``,
+``usePersonalQueue``, ``addMetadata``, ``retainSeconds``, ``webhookUrl``, ``webappId``).
 
 Each output row has, in this order:
 
@@ -126,6 +134,16 @@ The file is written to a temporary file in the same directory and moved into pla
 ``os.replace``, so a reader sees the old file or the whole new one. Re-expanding a spec gives a
 byte-identical CSV or JSONL file and a Parquet file with identical rows. Expansion streams: memory
 does not grow with the number of rows (except as noted under Duplicates).
+
+What is written passes ``rhbatch validate`` as it is: before writing, every distinct value is put
+to the manifest loader itself, and a value it would refuse in the chosen format is a spec error
+naming the axis or constant (a seed outside ComfyUI's range, a string for a whole-number input,
+a value over 1 MiB; in a CSV also text starting with ``=``, which reads as a spreadsheet formula,
+and an empty string in a bound column, which reads as a missing value: ``.jsonl`` and
+``.parquet`` keep both). ``workflowId`` must be digits, not 0. Files named ``@path`` are checked by
+validate and run, against the manifest's directory. The repeated rows of a spec with
+``allow_duplicates: true`` and no ``derive_seed`` are the same request twice, so validate and run
+keep them only with ``--allow-duplicates`` too: paying twice is agreed to where it happens.
 """
 
 from __future__ import annotations
@@ -135,6 +153,7 @@ import copy
 import csv
 import difflib
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -150,7 +169,16 @@ from typing import IO, Any
 import jsonschema
 import yaml
 
-from pipeline.errors import StorageError, SweepError
+from pipeline.errors import InputError, StorageError, SweepError
+from pipeline.manifest import (
+    COLUMN_TARGET_RE,
+    EXAMPLE_WORKFLOW_ID,
+    OPTION_FIELDS,
+    WORKFLOW_ID_RE,
+    column_problems,
+    read_file_bytes,
+)
+from pipeline.safetext import escape_controls
 
 __all__ = [
     "DEFAULT_MAX_ROWS",
@@ -183,9 +211,12 @@ TOP_KEYS = (
     "axes",
     "derive_seed",
     "allow_duplicates",
+    "metadata",
 )
 COMBINATORS = ("product", "zip")
 RESERVED_NAMES = ("row_id", "workflowId", "nodeInfoList", *COMBINATORS)
+# Columns a manifest reads as task options, never as metadata: a sweep writes none of them.
+OPTION_NAMES = ("options", *OPTION_FIELDS)
 SOURCE_KINDS = ("range", "linspace", "file")
 FILE_TYPES = ("string", "integer", "number")
 
@@ -227,7 +258,8 @@ class _Ctx:
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, path: PathParts, message: str) -> None:
-        self.problems.append((_fmt_path(path), message))
+        # Control characters in names and values are shown escaped (\\x00), never raw.
+        self.problems.append((escape_controls(_fmt_path(path)), escape_controls(message)))
 
     def raise_if_any(self) -> None:
         if not self.problems:
@@ -331,13 +363,15 @@ def _load(path: str | Path) -> tuple[dict[str, Any], _Plan]:
     spec_path = Path(path)
     source = str(path)
     try:
-        text = spec_path.read_text(encoding="utf-8")
+        text = _read_text(spec_path, "sweep spec", "utf-8")
     except FileNotFoundError as exc:
         raise SweepError(f"{source}: sweep spec not found; check the path") from exc
     except UnicodeDecodeError as exc:
         raise SweepError(f"{source}: not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
     except OSError as exc:
         raise SweepError(f"{source}: cannot read the sweep spec: {exc.strerror}") from exc
+    except InputError as exc:  # a directory, a device, a FIFO
+        raise SweepError(str(exc)) from None
     spec: Any
     if spec_path.suffix.lower() == ".json":
         try:
@@ -361,6 +395,15 @@ def _load(path: str | Path) -> tuple[dict[str, Any], _Plan]:
     return spec, plan
 
 
+def _read_text(path: Path, what: str, encoding: str) -> str:
+    """A regular file's text with newlines as ``read_text`` gives them (``\\r\\n`` and ``\\r`` read as
+    ``\\n``). Raises FileNotFoundError, OSError, UnicodeDecodeError, or InputError for a directory, a
+    device or a FIFO, which are refused without blocking."""
+    path.stat()  # not found: FileNotFoundError, as it is
+    text = read_file_bytes(path, what).decode(encoding)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _absolutize_files(spec: dict[str, Any], plan: _Plan) -> dict[str, Any]:
     result = copy.deepcopy(spec)
     for leaf in _leaves(plan.root):
@@ -374,12 +417,14 @@ def _absolutize_files(spec: dict[str, Any], plan: _Plan) -> dict[str, Any]:
 
 @cache
 def _schema() -> dict[str, Any]:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "schemas" / _SCHEMA_FILE, here.parent / "schemas" / _SCHEMA_FILE):
-        if candidate.is_file():
-            schema: dict[str, Any] = json.loads(candidate.read_text(encoding="utf-8"))
-            return schema
-    raise SweepError(f"{_SCHEMA_FILE} is missing from the installation; reinstall rhbatch")
+    from pipeline import resources
+
+    try:
+        candidate = resources.schema_path(_SCHEMA_FILE)
+    except resources.ResourceMissing as exc:
+        raise SweepError(str(exc)) from None
+    schema: dict[str, Any] = json.loads(candidate.read_text(encoding="utf-8"))
+    return schema
 
 
 def _schema_check(ctx: _Ctx, spec: Any) -> None:
@@ -401,6 +446,15 @@ class _Leaf:
     values: Sequence[Scalar]  # a list, or a range (lazy)
     origin: str = ""  # the file the values came from, if any
     lines: list[int] | None = None  # the file line of each value, for messages
+    source: str = "list"  # list, value, range, linspace or file: where a value is, for messages
+
+    def where(self, i: int) -> tuple[PathParts, str]:
+        """The spec path of value ``i``, and a note naming its file line."""
+        if self.source == "list":
+            return (*self.path, i), ""
+        if self.source == "file":
+            return (*self.path, "file"), f" ({self.origin} line {self.lines[i] if self.lines else '?'})"
+        return self.path, ""  # one value, or a range / linspace (whose path names it)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -509,6 +563,14 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
                 f"expected the workflow id as a string, got {_type_name(wf)}; "
                 'write e.g. workflowId: "1904136902449209346"',
             )
+        if workflow_id and not WORKFLOW_ID_RE.fullmatch(workflow_id):
+            # the manifest would refuse it in every row
+            ctx.add(
+                ("workflowId",),
+                f"{_show(wf)} is not a workflow id; use the digits from the workflow's URL, "
+                f'e.g. workflowId: "{EXAMPLE_WORKFLOW_ID}" (not 0)',
+            )
+            workflow_id = ""
 
     allow_duplicates = spec.get("allow_duplicates", False)
     if not isinstance(allow_duplicates, bool):
@@ -528,8 +590,23 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
                 f"invalid name {_show(name)}; names are non-empty strings without surrounding spaces",
             )
             return False
+        if escape_controls(name) != name:
+            ctx.add(
+                path,
+                f"the name {_show(name)} holds a control character; names become column "
+                "names in the manifest: use letters, digits and punctuation only",
+            )
+            return False
         if name in RESERVED_NAMES:
             ctx.add(path, f"'{name}' is reserved; choose another name")
+            return False
+        if name in OPTION_NAMES:
+            ctx.add(
+                path,
+                f"'{name}' is reserved: a manifest reads a column '{name}' as a task option, "
+                "not as metadata; choose another name (task options are flags of rhbatch run, "
+                "e.g. --instance-type)",
+            )
             return False
         if "." in name and not _valid_target(name):
             ctx.add(
@@ -537,6 +614,9 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
                 f"'{name}' has a '.' but is not NODE.FIELD; write NODE.FIELD "
                 "(e.g. 6.text) or use a name without '.'",
             )
+            return False
+        if "." in name and not COLUMN_TARGET_RE.fullmatch(name):
+            ctx.add(path, _node_id_message(name))
             return False
         if name in defined:
             ctx.add(
@@ -616,6 +696,9 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
                 f'name, e.g. {name}: "3.{name}"',
             )
             continue
+        if not COLUMN_TARGET_RE.fullmatch(target) or escape_controls(target) != target:
+            ctx.add(path, _node_id_message(target))
+            continue
         if "." in str(name):
             ctx.add(
                 path,
@@ -651,6 +734,7 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
             f"'{seed_name}' is not bound to a node input; add bindings: "
             f'{{{seed_name}: "NODE.seed"}} (e.g. "3.seed")',
         )
+    _check_unsent(ctx, spec, defined, column_of, {seed_name, *raw_bindings})
 
     ctx.raise_if_any()
     assert root is not None
@@ -704,9 +788,57 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
     )
 
 
+def _check_unsent(ctx: _Ctx, spec: dict[str, Any], defined: dict[str, PathParts],
+                  column_of: dict[str, str], reported: set[Any]) -> None:
+    """Every axis and constant is sent, or is listed under ``metadata`` as a column kept unsent:
+    an axis that feeds no node would vary nothing that RunningHub sees. Names in ``reported``
+    (the derived seed, names with a binding) have their own message when they are not bound."""
+    raw = spec.get("metadata", [])
+    declared: dict[str, None] = {}
+    if not isinstance(raw, list):
+        ctx.add(("metadata",), f"expected a list of names, got {_type_name(raw)}; write e.g. "
+                "metadata: [study]")
+        raw = []
+    for i, name in enumerate(raw):
+        path: PathParts = ("metadata", i)
+        if not isinstance(name, str) or name not in defined:
+            shown = _show(name) if _is_scalar(name) else _type_name(name)
+            ctx.add(path, f"{shown} names no axis or constant; list the names to keep as columns "
+                    "that are not sent, or remove it")
+        elif name in column_of:
+            ctx.add(path, f"'{name}' is bound to {column_of[name]}, so it is sent; remove it from "
+                    "metadata, or remove its binding")
+        elif name in declared:
+            ctx.add(path, f"'{name}' is listed twice; keep one")
+        declared[name] = None
+    if not column_of:
+        return  # nothing is sent at all: the manifest check says so, with the fix
+    for name, path in defined.items():
+        if name in column_of or name in declared or name in reported:
+            continue
+        ctx.add(
+            path,
+            f"'{name}' is neither bound to a node input nor listed under metadata, so its values "
+            f"would never be sent; bind it (bindings: {{{name}: \"NODE.FIELD\"}}; rhbatch inspect "
+            f"lists the workflow's inputs), or add metadata: [{name}] to keep it as a column "
+            "that is not sent",
+        )
+
+
 def _valid_target(target: str) -> bool:
     node, dot, fieldname = target.partition(".")
     return bool(dot and node.strip() and fieldname.strip()) and target == target.strip()
+
+
+def _node_id_message(target: str) -> str:
+    # The sweep writes each bound name as a column NODE.FIELD, and a manifest sends such a column
+    # only when its node id is digits (6, 57:35): any other column is metadata, silently not sent.
+    node = target.partition(".")[0]
+    return (
+        f"{_show(target)}: the node id {_show(node)} is not digits (like 6 or 57:35), so the manifest "
+        "would keep this column as metadata and never send it; use the node's id from the "
+        "workflow's API JSON (rhbatch inspect lists them)"
+    )
 
 
 def _int_out_of_range(value: Any) -> bool:
@@ -855,7 +987,7 @@ def _compile_leaf(ctx: _Ctx, name: str, raw: Any, path: PathParts) -> _Leaf | No
     if _int_out_of_range(raw):
         ctx.add(path, f"{raw} does not fit in 64 bits; use a value below 2**63")
         return None
-    return _Leaf(name, path, [raw])
+    return _Leaf(name, path, [raw], source="value")
 
 
 def _is_int(value: Any) -> bool:
@@ -882,7 +1014,7 @@ def _compile_range(ctx: _Ctx, name: str, raw: Any, path: PathParts) -> _Leaf | N
     if _int_out_of_range(values[0]) or _int_out_of_range(values[-1]):
         ctx.add(path, "values do not fit in 64 bits; keep them within ±2**63")
         return None
-    return _Leaf(name, path, values)
+    return _Leaf(name, path, values, source="range")
 
 
 def _compile_linspace(ctx: _Ctx, name: str, raw: Any, path: PathParts) -> _Leaf | None:
@@ -901,11 +1033,11 @@ def _compile_linspace(ctx: _Ctx, name: str, raw: Any, path: PathParts) -> _Leaf 
         ctx.add(path, f"n is {n}; give at least 1 value")
         return None
     if n == 1:
-        return _Leaf(name, path, [a])
+        return _Leaf(name, path, [a], source="linspace")
     digits = LINSPACE_SIGNIFICANT_DIGITS
     values = [float(f"{a + (b - a) * i / (n - 1):.{digits}g}") for i in range(n)]
     values[0], values[-1] = a, b
-    return _Leaf(name, path, values)
+    return _Leaf(name, path, values, source="linspace")
 
 
 def _compile_file(ctx: _Ctx, name: str, raw: dict[str, Any], path: PathParts) -> _Leaf | None:
@@ -923,7 +1055,10 @@ def _compile_file(ctx: _Ctx, name: str, raw: dict[str, Any], path: PathParts) ->
         return None
     file_path = ctx.base_dir / rel
     try:
-        text = file_path.read_text(encoding="utf-8-sig")
+        text = _read_text(file_path, "values", "utf-8-sig")
+    except InputError as exc:  # a directory, a device, a FIFO
+        ctx.add((*path, "file"), str(exc))
+        return None
     except FileNotFoundError:
         ctx.add(
             (*path, "file"),
@@ -939,15 +1074,17 @@ def _compile_file(ctx: _Ctx, name: str, raw: dict[str, Any], path: PathParts) ->
 
     # (value, line number) pairs, line numbers 1-based as editors count.
     raw_values: list[tuple[str, int]] = []
+    # Lines end at "\n" only: U+2028, U+0085, \x0c and the other breaks str.splitlines() knows are
+    # text inside a value (a prompt pasted from a web page may hold them).
     if column is None:
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 raw_values.append((line.strip(), lineno))
         if not raw_values:
             ctx.add((*path, "file"), f"{rel} has no values (no non-empty lines); add one value per line")
             return None
     else:
-        reader = csv.reader(text.splitlines())
+        reader = csv.reader(io.StringIO(text, newline=""))  # quoted cells may span lines
         header = next(reader, None)
         if not header:
             ctx.add(
@@ -997,7 +1134,9 @@ def _compile_file(ctx: _Ctx, name: str, raw: dict[str, Any], path: PathParts) ->
             ctx.add((*path, "file"), f"{rel} line {lineno}: {number} does not fit in 64 bits")
             return None
         values.append(number)
-    return _Leaf(name, path, values, origin=rel, lines=[lineno for _, lineno in raw_values])
+    return _Leaf(
+        name, path, values, origin=rel, lines=[lineno for _, lineno in raw_values], source="file"
+    )
 
 
 def _unify_leaf_types(ctx: _Ctx, leaf: _Leaf) -> type | None:
@@ -1243,6 +1382,64 @@ def _iter_tuples(plan: _Plan) -> Iterator[tuple[Any, ...]]:
         yield (row_id, *out(row))
 
 
+CSV_ONLY_HINT = "; or write the sweep to .jsonl or .parquet, which keep the value as it is"
+
+
+def _check_written_values(plan: _Plan, fmt: str) -> None:
+    """Refuse, naming the axis or constant, any value that ``rhbatch validate`` would refuse in the
+    manifest written as ``fmt``.
+
+    Why refuse rather than rewrite: the fix belongs in the spec, and a refused spec writes nothing,
+    while a written manifest that its own validate refuses row by row helps nobody. Rewriting could
+    not be right either: a CSV has no way to say that ``=1+1`` is text rather than a formula saved
+    by a spreadsheet, and a seed outside ComfyUI's range has no correct replacement. The loader
+    itself (:func:`pipeline.manifest.column_problems`) judges each distinct value once, so the two
+    cannot disagree. Left to validate and run: files named ``@path``, which are resolved against
+    the manifest's directory when it is run and may be put in place after the expansion.
+    """
+    entries: list[tuple[str, list[Any], list[tuple[PathParts, str]]]] = []  # column, values, where
+    for leaf in _leaves(plan.root):
+        if isinstance(leaf.values, range):  # integers in order: the ends are the extremes
+            picks = sorted({0, len(leaf.values) - 1})
+        else:
+            first: dict[tuple[type, Any], int] = {}
+            for i, value in enumerate(leaf.values):
+                first.setdefault((type(value), value), i)
+            picks = list(first.values())
+        entries.append((plan.column_of.get(leaf.name, leaf.name), [leaf.values[i] for i in picks],
+                        [leaf.where(i) for i in picks]))
+    for name, value in plan.constants.items():
+        entries.append((plan.column_of.get(name, name), [value], [(("constants", name), "")]))
+    if plan.seed_name:
+        entries.append((plan.column_of[plan.seed_name], [0, 2**32 - 1], [(("derive_seed",), "")] * 2))
+    columns = [(column, values) for column, values, _ in entries]
+    where = {column: places for column, _, places in entries}
+
+    def refused(text: bool) -> dict[tuple[str | None, int | None], Any]:
+        out: dict[tuple[str | None, int | None], Any] = {}
+        for problem in column_problems(columns, text=text):
+            places = where.get(problem.column or "")
+            i = None if places is None or problem.row is None else problem.row - 1
+            out.setdefault((problem.column if i is not None else None, i), problem)
+        return out
+
+    typed = refused(text=False)
+    csv_only = {k: p for k, p in refused(text=True).items() if k not in typed} if fmt == ".csv" else {}
+    ctx = _Ctx(source=plan.source, base_dir=plan.base_dir)
+    for found, hint in ((typed, ""), (csv_only, CSV_ONLY_HINT)):
+        for (column, index), problem in found.items():
+            if column is None or index is None:
+                ctx.add((), f"rhbatch validate would refuse the {fmt} manifest: {problem}{hint}")
+                continue
+            path, note = where[column][index]
+            ctx.add(
+                path,
+                f"rhbatch validate would refuse this value{note} in the {fmt} manifest "
+                f'(column "{column}": {problem.message}){hint}',
+            )
+    ctx.raise_if_any()
+
+
 def _fixed_columns(plan: _Plan) -> dict[int, Any]:
     """Output column index -> value, for the columns that are the same in every row."""
     fixed: dict[str, Any] = {"workflowId": plan.workflow_id}
@@ -1279,6 +1476,7 @@ def expand_sweep(
             f"name the output .csv, .jsonl or .parquet"
         )
     _, plan = _load(spec_path)
+    _check_written_values(plan, fmt)
     rows = plan.length
     if rows > max_rows and not force:
         raise SweepError(

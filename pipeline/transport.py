@@ -31,6 +31,8 @@ from typing import Any
 import aiohttp
 import httpx
 
+from pipeline.client import AnswerTooLarge
+
 # Header names httpx sets that aiohttp must compute itself from what it actually sends.
 _HOP_BY_HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive"})
 LARGE_BODY = 256 * 1024  # uploads; every API call is a few hundred bytes of JSON
@@ -97,12 +99,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=timeout,
                 proxy=self._proxy(request.url),
             ) as answer:
-                content = await answer.read()
+                content = await _read_body(answer, request)
                 version = answer.version or aiohttp.HttpVersion11
                 return httpx.Response(
                     answer.status,
                     headers=list(answer.raw_headers),
-                    content=content,
+                    # a stream, not content=: httpx would decode bytes at once, with no bound;
+                    # the client reads the raw body and decodes it within its cap
+                    stream=_RawBody(content),
                     request=request,
                     extensions={"reason_phrase": (answer.reason or "").encode("latin-1", "replace"),
                                 "http_version": f"HTTP/{version.major}.{version.minor}".encode()},
@@ -124,6 +128,33 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+class _RawBody(httpx.AsyncByteStream):
+    """A body already read (within the cap), handed to httpx undecoded."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    async def __aiter__(self):  # type: ignore[override]
+        yield self._data
+
+
+async def _read_body(answer: aiohttp.ClientResponse, request: httpx.Request) -> bytes:
+    """The raw body, refused past the caller's ``rhbatch_max_bytes`` (announced or as it arrives)."""
+    cap = request.extensions.get("rhbatch_max_bytes")
+    if cap is None:
+        return await answer.read()
+    if answer.content_length is not None and answer.content_length > cap:
+        raise AnswerTooLarge(f"answer announces {answer.content_length} bytes", request=request)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in answer.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > cap:
+            raise AnswerTooLarge(f"answer over {cap} bytes", request=request)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _say(exc: BaseException) -> str:

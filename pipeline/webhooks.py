@@ -1,12 +1,16 @@
 """A built-in receiver for RunningHub's ``TASK_END`` webhooks: an early hint, never the authority.
 
 ``rhbatch run --webhook-listen HOST:PORT`` starts an HTTP server (loopback by default) whose only
-route is ``/rhbatch/<token>``, with a fresh unguessable token per run. Each task is created with
-``webhookUrl`` pointing there (or at ``--webhook-url`` + the same path, for a tunnel or proxy that
-forwards to the listener). A delivery makes the run poll that task's ``outputs`` at once; the
-outputs answer decides the row's state, so a lost, repeated, late or forged webhook changes nothing
-but how soon a task's end is noticed. ``eventData`` may be a JSON string (v1) or an object (v2);
-only ``taskId`` is used.
+route is ``/rhbatch/<token>/<attempt>``, with a fresh unguessable token per run and one more per
+create attempt. Each task is created with ``webhookUrl`` pointing there (or at ``--webhook-url`` +
+the same path, for a tunnel or proxy that forwards to the listener). A delivery makes the run poll
+that task's ``outputs`` at once; the outputs answer decides the row's state, so a lost, repeated,
+late or forged webhook changes nothing but how soon a task's end is noticed.
+
+The attempt part is what reconciles a create that ended in doubt: the delivery to that attempt's
+URL names the task that create made, so once a poll under the run's key confirms the task exists,
+the row follows it instead of waiting in SUBMIT_UNKNOWN (and it is never resent). ``eventData``
+may be a JSON string (v1) or an object (v2); only ``taskId`` is used.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 class WebhookReceiver:
     """Accepts TASK_END deliveries and passes each task id to ``on_task_end``."""
 
-    def __init__(self, host: str, port: int, on_task_end: Callable[[str], object]):
+    def __init__(self, host: str, port: int, on_task_end: Callable[..., object]):
         self.host = host
         self.port = port
         self.on_task_end = on_task_end
@@ -55,6 +59,7 @@ class WebhookReceiver:
     async def start(self) -> None:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post(self.path, self._handle)
+        app.router.add_post(self.path + "/{attempt}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -94,6 +99,7 @@ class WebhookReceiver:
             self.rejected += 1
             return web.json_response({"ok": False, "error": "no taskId"}, status=400)
         self.deliveries += 1
-        known = self.on_task_end(str(task_id))
+        attempt = request.match_info.get("attempt")
+        known = self.on_task_end(str(task_id), attempt) if attempt else self.on_task_end(str(task_id))
         log.debug("webhook for task %s (%s)", task_id, "ours" if known else "not live")
         return web.json_response({"ok": True})

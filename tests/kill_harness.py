@@ -96,7 +96,8 @@ def run_with_kills(
     result.unknown_reported = len(unknown)
     if unknown:
         retry = subprocess.run(
-            _command(["retry", str(run_dir), "--unknown", "--accept-double-pay", *flags[:-1]]),
+            _command(["retry", str(run_dir), "--unknown", "--accept-double-pay",
+                      *[f for f in flags if f != "-q"]]),
             env=env, capture_output=True, text=True, timeout=deadline_s,
         )
         result.exit_codes.append(retry.returncode)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ DATA = Path(__file__).parent / "data"
 BAD = DATA / "bad"
 GOOD = DATA / "good"
 MIB = 1 << 20
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # shown escaped, never raw
 
 
 def _env(sim, key: str) -> dict[str, str]:
@@ -135,10 +137,95 @@ MANIFESTS: list[tuple[str, list[str], list[str]]] = [
         "valid"]),
 ]
 
+# Issue #12, odd inputs: each is refused with its row, column and fix, and also run (below).
+ODD_INPUTS: list[tuple[str, list[str], list[str]]] = [
+    # a key given twice in one JSON object (JSON would keep the last one silently)
+    ("jsonl_duplicate_key.jsonl", [], [
+        'row 2, column "6.text": appears more than once in this row: keep one of them (JSON would '
+        "keep only the last one, silently)", "1 problem,"]),
+    ("json_duplicate_key.json", [], [
+        'row 1, column "3.seed": appears more than once in this row: keep one of them']),
+    ("json_duplicate_binding.json", [], [
+        'column "bindings.prompt": is given more than once: keep one of them (JSON would keep only '
+        "the last one, silently)"]),
+    ("json_duplicate_nested_key.json", [], [
+        "row 1, column \"nodeInfoList\": has the key 'fieldValue' more than once: keep one of them"]),
+    ("nli_duplicate_key.csv", [], [
+        "row 1, column \"nodeInfoList\": has the key 'nodeId' more than once: keep one of them"]),
+    ("options_duplicate_key.csv", [], [
+        "row 1, column \"options\": has the key 'retainSeconds' more than once: keep one of them"]),
+    # integers: a seed is 0 to 2**64-1, any other integer fits in 64 bits
+    ("seed_2_70.csv", [], [
+        "row 2, column \"3.seed\": '1180591620717411303424' is outside the seed range 0 to "
+        "18446744073709551615 (2**64-1, ComfyUI's largest seed): use a seed in that range, e.g. 42",
+        "1 problem,"]),
+    ("seed_negative.csv", [], [
+        "row 1, column \"3.seed\": '-1' is outside the seed range 0 to 18446744073709551615"]),
+    ("seed_2_70.json", [], [
+        'row 1, column "3.seed": 1180591620717411303424 is outside the seed range 0 to '
+        "18446744073709551615"]),
+    ("noise_seed_negative.jsonl", [], [
+        'row 1, column "10.noise_seed": -5 is outside the seed range 0 to 18446744073709551615 '
+        "(2**64-1, ComfyUI's largest seed): use a seed in that range"]),
+    ("int64_overflow.csv", [], [
+        "row 1, column \"9.count\": '9223372036854775808' is outside -2**63 to 2**63-1 "
+        "(-9223372036854775808 to 9223372036854775807), the widest integer RunningHub and a Parquet "
+        "manifest carry: use a smaller number"]),
+    ("nli_seed_too_big.json", [], [
+        'row 1, column "nodeInfoList": item 1 (3.seed): 18446744073709551616 is outside the seed '
+        "range 0 to 18446744073709551615"]),
+    ("seed_5000_digits.csv", [], [  # was a crash: Python will not convert 5000 digits
+        "row 1, column \"3.seed\": '99999999999999999999999999999999999999999999999999999999"
+        "9...' is outside the seed range 0 to 18446744073709551615"]),
+    ("defaults_seed_too_big.json", [], [
+        'column "defaults.3.seed": 18446744073709551616 is outside the seed range 0 to '
+        "18446744073709551615"]),
+    ("seed_float_huge.json", [], [
+        'row 1, column "3.seed": 1e+300 is outside the seed range 0 to 18446744073709551615']),
+    # NaN and infinity cannot be sent as strict JSON
+    ("cfg_nan.csv", [], [
+        "row 2, column \"3.cfg\": 'nan' is not a finite number (3.cfg takes numbers, and NaN or "
+        "infinity cannot be sent as JSON): write a number, e.g. 7.5", "1 problem,"]),
+    ("float_column_inf.csv", [], [
+        "row 2, column \"9.strength\": 'inf' is not a finite number (9.strength takes numbers, and "
+        "NaN or infinity cannot be sent as JSON): write a number, e.g. 7.5"]),
+    ("json_infinity_cfg.json", [], ['row 1, column "3.cfg": is -Infinity (an empty cell?): write a '
+                                    "number"]),
+    ("json_nan_nli.json", [], ['row 1, column "nodeInfoList": item 1 (3.cfg) has fieldValue NaN: '
+                               "send text, a number or true/false"]),
+    # a number in quotes
+    ("seed_quoted.json", [], [
+        "row 1, column \"3.seed\": '12' is not a whole number (the schema requires it): remove the "
+        'quotes (write 12, not "12")']),
+    ("cfg_quoted.jsonl", [], [
+        "row 1, column \"3.cfg\": '7.5' is not a number (the schema requires it): remove the quotes "
+        '(write 7.5, not "7.5")']),
+    # control characters are shown escaped, never raw
+    ("nul_header.csv", [], [
+        'column "3.se\\x00ed": the name holds a control character: retype the name, with letters, '
+        "digits and punctuation only"]),
+    ("escape_in_json_key.jsonl", [], [
+        'column "6.te\\x1b[2Jxt": the name holds a control character: retype the name']),
+    ("utf16_no_bom.csv", [], ["the file is UTF-16 text, not UTF-8: re-save it as UTF-8 (in a "
+                              "spreadsheet: Save As > CSV UTF-8)"]),
+    # --bind
+    ("bind_twice.csv", ["--bind", "prompt=6.text", "--bind", "prompt=7.text"], [
+        'column "prompt": --bind prompt=6.text and --bind prompt=7.text both bind this column, and a '
+        "column feeds one node input: keep one --bind (to send one value to two inputs, copy the "
+        "column under another name and bind the copy)"]),
+    ("bind_target_is_column.csv", ["--bind", "prompt=6.text"], [
+        'column "6.text": feeds 6.text, which column \'prompt\' feeds already: bind each node input '
+        "once"]),
+    ("two_columns_one_target.csv", ["--bind", "prompt=6.text", "--bind", "subject=6.text"], [
+        'column "subject": feeds 6.text, which column \'prompt\' feeds already: bind each node '
+        "input once"]),
+]
+MANIFESTS += ODD_INPUTS
+
 # The ones also pushed through `run --out` against a simulator.
 RUN_SUBSET = {"ragged.csv", "duplicate_row_id.csv", "float_seed.csv", "nan_seed.json",
               "formula_cell.csv", "nli_invalid_json.csv", "column_and_nli.csv", "bind_pair.csv",
-              "latin1.csv", "jsonl_nested_value.jsonl"}
+              "latin1.csv", "jsonl_nested_value.jsonl", *(c[0] for c in ODD_INPUTS)}
 
 SWEEPS: list[tuple[str, list[str]]] = [
     ("sweep_unknown_key.yaml", ["seeds: unknown key 'seeds' (did you mean 'derive_seed'?); allowed "
@@ -153,6 +240,40 @@ SWEEPS: list[tuple[str, list[str]]] = [
     ("sweep_duplicate_value.yaml", ["axes.seed: duplicate value 1 (items 0 and 2); remove one, or "
                                     "set allow_duplicates: true"]),
 ]
+
+# Issue #12: what `rhbatch validate` would refuse in the written manifest is a spec error.
+ODD_SWEEPS: list[tuple[str, list[str]]] = [
+    ("sweep_workflow_not_digits.yaml", [
+        'workflowId: "12ab" is not a workflow id; use the digits from the workflow\'s URL, e.g. '
+        'workflowId: "1904136902449209346" (not 0)']),
+    ("sweep_formula_csv.yaml", [
+        'axes.prompt[1]: rhbatch validate would refuse this value in the .csv manifest (column '
+        '"6.text": \'=1+1\' starts with "=": a spreadsheet formula was saved instead of its value;',
+        "; or write the sweep to .jsonl or .parquet, which keep the value as it is"]),
+    ("sweep_empty_prompt_csv.yaml", [
+        'axes.prompt[1]: rhbatch validate would refuse this value in the .csv manifest (column '
+        '"6.text": is empty, so 6.text has no value to send:',
+        "; or write the sweep to .jsonl or .parquet, which keep the value as it is"]),
+    ("sweep_seed_negative.yaml", [
+        'axes.seed.range: rhbatch validate would refuse this value in the .csv manifest (column '
+        '"3.seed": -2 is outside the seed range 0 to 18446744073709551615 (2**64-1, ComfyUI\'s '
+        "largest seed): use a seed in that range, e.g. 42)"]),
+    ("sweep_seed_text.yaml", [
+        'axes.seed[0]: rhbatch validate would refuse this value in the .csv manifest (column '
+        '"3.seed": \'one\' is not a whole number (the schema requires it): write digits only',
+        "axes.seed[1]: rhbatch validate would refuse this value in the .csv manifest (column "
+        '"3.seed": \'two\' is not a whole number']),
+    ("sweep_node_not_digits.yaml", [
+        'bindings.prompt: "clip.text": the node id "clip" is not digits (like 6 or 57:35), so the '
+        "manifest would keep this column as metadata and never send it; use the node's id"]),
+    ("sweep_option_name.yaml", [
+        "constants.instanceType: 'instanceType' is reserved: a manifest reads a column "
+        "'instanceType' as a task option, not as metadata; choose another name"]),
+    ("sweep_control_name.yaml", [
+        'axes["6.te\\u0007xt"]: the name "6.te\\u0007xt" holds a control character; names become '
+        "column names in the manifest: use letters, digits and punctuation only"]),
+]
+SWEEPS += ODD_SWEEPS
 
 
 def _values(case):
@@ -175,8 +296,11 @@ def _cases(cases):
 
 def test_the_corpus_is_big_enough():
     assert len(MANIFESTS) + len(SWEEPS) >= 30
+    assert len(ODD_INPUTS) + len(ODD_SWEEPS) >= 20
     for case in MANIFESTS:
         assert (BAD / _values(case)[0]).is_file(), case
+    for name, _ in SWEEPS:
+        assert (BAD / name).is_file(), name
 
 
 @pytest.mark.parametrize("case", _cases(MANIFESTS))
@@ -189,6 +313,7 @@ def test_validate_refuses_a_bad_manifest_with_exit_2_and_sends_nothing(case, mak
     assert result.stderr.startswith("Error: "), result.output
     for text in expected:
         assert text in result.stderr, f"{text!r} not in:\n{result.stderr}"
+    assert RAW_CONTROL.search(result.stderr) is None, repr(result.stderr)
     assert result.stdout == ""
     assert sim.audit.requests() == []
 
@@ -208,7 +333,14 @@ def test_run_refuses_a_bad_manifest_before_any_request(case, make_sim, api_key, 
         assert text in result.stderr, f"{text!r} not in:\n{result.stderr}"
     assert "nothing was submitted" in result.stderr
     assert sim.audit.requests() == []
-    assert not (out / "state.db").exists()  # fixing the file and running again starts clean
+    assert_no_state_left(out)
+
+
+def assert_no_state_left(out: Path) -> None:
+    """Fixing the file and running again starts clean: no state.db, no results, no log. (run
+    takes its lock in DIR before it reads the manifest, so DIR and its .lock may exist.)"""
+    assert not (out / "state.db").exists()
+    assert not out.exists() or {p.name for p in out.iterdir()} <= {".lock"}, list(out.iterdir())
 
 
 @pytest.mark.parametrize("case", SWEEPS, ids=[c[0] for c in SWEEPS])

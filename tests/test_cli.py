@@ -190,10 +190,17 @@ def test_retry_selectors(finished):
     failed = [r for r in records if r["status"] == "FAILED"]
     high_cfg_failed = [r for r in failed if r["inputs"]["3.cfg"] >= 7]
 
+    by_row = {r["row_id"]: r for r in records}
+
     def count(*args: str) -> int:
         res = invoke(["retry", str(run_dir), "--dry-run", *args])
         assert res.exit_code == 0, res.output
-        return int(res.stdout.split()[0])
+        planned = [json.loads(line) for line in res.stdout.splitlines()]
+        for item in planned:  # the exact body a retry would send: what the row sent before
+            assert item["body"]["nodeInfoList"] == by_row[item["row_id"]]["nodeInfoList"]
+            assert item["status"] == by_row[item["row_id"]]["status"]
+        assert f"Dry run: {len(planned)} row(s) would be retried" in res.stderr
+        return len(planned)
 
     assert count() == len(failed)
     assert count("--status", "FAILED") == len(failed)
@@ -395,17 +402,35 @@ def test_disk_trouble_mid_run_is_exit_3_with_the_fix_and_the_run_resumes(trouble
             proc.kill()
             proc.communicate()
     assert proc.returncode == 3, err[-3000:]
+    # the trouble reaches the user once, with its fix: one Error line, no repeat, no traceback
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, err[-3000:]
     if trouble == "full":
-        assert "free some disk space, then run the same command again to resume" in err, err[-3000:]
+        assert errors[0].endswith(": free some disk space, then run the same command again to "
+                                  "resume"), err[-3000:]
+        assert err.count("free some disk space") == 1, err[-3000:]
     else:
-        # the fix is missing from this message: see the xfail test below
-        assert "results.jsonl: Read-only file system" in err, err[-3000:]
-    assert "Traceback" not in err
-    # fix the disk, then the same command finishes the run without paying twice
-    if trouble == "full":
-        ballast.unlink()
-    else:
+        assert errors[0] == (
+            f"Error: The run directory {run_dir} is not writable any more while the run was "
+            "going: rhbatch stopped at once; restore it (or make it writable) and run the same "
+            "command to resume; tasks already created are polled, never resent"), err[-3000:]
+    assert "Traceback" not in err and "Logging error" not in err
+    if trouble == "read-only":
+        # resuming while it is still read-only says so once, with both ways out
+        again = invoke(["run", str(manifest), "--out", str(run_dir), *RUN_FLAGS],
+                       sim_env(sim, api_key))
+        assert again.exit_code == 3, again.output
+        assert again.stderr == (
+            f"Error: Cannot open {run_dir}/.lock: Read-only file system: make the run directory "
+            f"writable again (remount {run_dir} read-write) and run the same command again, or "
+            f"copy the run elsewhere (cp -a {run_dir} COPY) and resume there with --out COPY\n")
+        # the second way out works: a copy of the run resumes elsewhere without paying twice
+        copy = tmp_path / "copy"
+        subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)
         _umount(run_dir)
+        run_dir = copy
+    else:  # free the space, then the same command finishes the run without paying twice
+        ballast.unlink()
     resumed = invoke(["run", str(manifest), "--out", str(run_dir), *RUN_FLAGS],
                      sim_env(sim, api_key))
     assert resumed.exit_code in (0, 1), resumed.output

@@ -537,6 +537,68 @@ def test_a_planted_part_symlink_is_not_written_through(tmp_path, server):
         store.close()
 
 
+def test_a_planted_files_symlink_is_refused_and_nothing_lands_outside_the_run(tmp_path, server):
+    from pipeline.errors import StateError
+
+    store = make_run(tmp_path, [[out(server.serve_bytes("/s", png_bytes(5)))]])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (store.run_dir / "files").symlink_to(outside)
+    try:
+        with pytest.raises(StateError) as info:
+            run(store)
+        files_dir = store.run_dir / "files"
+        assert str(info.value) == (
+            f"{files_dir} is a symbolic link (to {outside}): rhbatch never writes through a link "
+            "in a run directory (the write would land outside it): remove the link "
+            f"(rm {files_dir}) and run the same command again")
+        assert info.value.exit_code == 2
+        assert list(outside.iterdir()) == [] and server.hits == Counter()
+        assert files(store)[(0, 0)]["status"] == dl.PENDING  # the row is fetched once it is fixed
+        files_dir.unlink()
+        assert run(store).downloaded == 1
+        assert (files_dir / "r0_9_0.png").read_bytes() == png_bytes(5)
+        assert list(outside.iterdir()) == []
+    finally:
+        store.close()
+
+
+def test_a_file_in_the_way_of_files_is_refused(tmp_path, server):
+    from pipeline.errors import StateError
+
+    store = make_run(tmp_path, [[out(server.serve_bytes("/f", png_bytes(6)))]])
+    (store.run_dir / "files").write_text("not a directory")
+    try:
+        with pytest.raises(StateError) as info:
+            run(store)
+        assert str(info.value) == (
+            f"{store.run_dir / 'files'} is not a directory, where rhbatch saves downloads: move "
+            "it away and run the same command again")
+        assert (store.run_dir / "files").read_text() == "not a directory"
+    finally:
+        store.close()
+
+
+def test_a_symlink_planted_at_a_verified_file_is_replaced_never_followed(tmp_path, server):
+    store = make_run(tmp_path, [[out(server.serve_bytes("/v", png_bytes(7)))]])
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(png_bytes(7))  # the same bytes: a link that would verify if followed
+    try:
+        assert run(store).downloaded == 1
+        target = store.run_dir / "files" / "r0_9_0.png"
+        target.unlink()
+        target.symlink_to(victim)
+        summary = run(store)
+        assert (summary.downloaded, summary.skipped) == (1, 0)
+        assert summary.errors == [
+            "row 1 (r0) output 0, node 9: files/r0_9_0.png is missing (tampered, truncated or "
+            "deleted); fetching it again"]
+        assert not target.is_symlink() and target.read_bytes() == png_bytes(7)
+        assert victim.read_bytes() == png_bytes(7)
+    finally:
+        store.close()
+
+
 def test_colliding_names_do_not_overwrite_each_other(tmp_path, server):
     a = server.serve_bytes("/a", png_bytes(1))
     b = server.serve_bytes("/b", png_bytes(2))
@@ -549,6 +611,34 @@ def test_colliding_names_do_not_overwrite_each_other(tmp_path, server):
             assert (store.run_dir / path).read_bytes() == png_bytes(i + 1)
     finally:
         store.close()
+
+
+def test_a_full_disk_stops_the_pass_once_with_the_fix(tmp_path, server):
+    from pipeline.errors import StorageError
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if sys.platform != "linux" or os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs root and `mount -t tmpfs` (a real small filesystem to fill)")
+    try:
+        big = PNG_MAGIC + os.urandom(600_000)
+        urls = [server.serve_bytes(f"/big{i}", big) for i in range(4)]
+        store = make_run(disk, [[out(u)] for u in urls])
+        try:
+            with pytest.raises(StorageError) as info:
+                run(store, jobs=1)
+            message = str(info.value)
+            assert message.startswith(f"Cannot write {store.run_dir / 'files'}/")
+            assert message.endswith(".png.part: No space left on device: free some disk space, "
+                                    "then run the same command again to resume")
+            assert not [p for p in (store.run_dir / "files").iterdir() if p.name.endswith(".part")]
+            assert sum(server.hits.values()) == 2  # the pass stopped at the file that did not fit
+        finally:
+            store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_bodies_over_the_size_cap_are_refused(tmp_path, server):

@@ -16,18 +16,40 @@ from test_download import server  # noqa: F401  (the loopback file server fixtur
 from pipeline.client import RetryPolicy
 from pipeline.runs import ManifestArgs, run_batch
 from pipeline.sim import Faults
+from pipeline.sim.config import AFTER_WORK_MODES
 
 ROWS = 40
-# A create whose answer never arrived intact: the client cannot know whether the task exists.
-UNKNOWN_FAULTS = ("drop_connection", "garbage_body", "lost_create")
+# A create whose answer never arrived whole and usable: the client cannot know whether the task
+# exists. Every HTTP 5xx counts, 503 included: a gateway may answer it after the work was done.
+UNKNOWN_FAULTS = ("drop_connection", "garbage_body", "lost_create", "http_5xx", "oversized",
+                  "gzip_bomb", "deep_json")
+# After-work answers that still carry the task id: the row knows its task (a stall or trickle
+# shorter than the request deadline, as SHAPES sets them, delivers the whole answer late).
+CARRY_TASK_ID = ("after_work:code_500_task", "after_work:code_null", "after_work:code_text",
+                 "after_work:stall", "after_work:trickle")
 # Rate faults take a probability; the others take their own unit.
 RATE_FAULTS = ("http_5xx", "drop_connection", "garbage_body", "slow_answer", "task_failure",
-               "lost_create", "create_813")
+               "lost_create", "create_813", "after_work", "trickle", "oversized", "gzip_bomb",
+               "deep_json", "nan_counts", "control_chars", "newline_task_id")
+# Units and shapes for the hostile answers, small enough for a test: an oversized answer just past
+# the client's 8 MiB cap, a bomb that inflates past it, answers trickled at 2 ms a byte, stalls
+# shorter than the request deadline.
+SHAPES = dict(slow_answer_s=0.02, stall_s=0.3, trickle_interval_s=0.002,
+              oversized_bytes=9 * 2**20, gzip_bomb_bytes=16 * 2**20)
+NOT_SWEPT = ("routes", "slow_answer_s", "after_work_modes", "stall_s", "trickle_interval_s",
+             "oversized_bytes", "gzip_bomb_bytes", "deep_json_depth", "nan_counts_style")
+
+
+# A redirect stops the run by design (every later create would be redirected too):
+# tests/test_money_truth.py covers it; here the run must go on to its end.
+MATRIX_AFTER_WORK_MODES = tuple(m for m in AFTER_WORK_MODES if m != "redirect")
 
 
 def _faults(name: str, level: float) -> Faults:
+    if name == "after_work":
+        return Faults(after_work=level, after_work_modes=MATRIX_AFTER_WORK_MODES, **SHAPES)
     if name in RATE_FAULTS:
-        return Faults(**{name: level}, slow_answer_s=0.02)
+        return Faults(**{name: level}, **SHAPES)
     if name == "poll_rate_limit_per_s":
         return Faults(poll_rate_limit_per_s=40 if level < 0.1 else 10)  # calls per real second
     if name == "status_outputs_lag_s":
@@ -36,17 +58,21 @@ def _faults(name: str, level: float) -> Faults:
     raise AssertionError(name)
 
 
-PER_REQUEST = ("http_5xx", "drop_connection", "garbage_body", "slow_answer")
+PER_REQUEST = ("http_5xx", "drop_connection", "garbage_body", "slow_answer", "trickle",
+               "oversized", "gzip_bomb", "deep_json", "control_chars")
 FAULT_NAMES = {name: name for name in RATE_FAULTS} | {
     "poll_rate_limit_per_s": "poll_rate_limit", "status_outputs_lag_s": "status_outputs_lag"}
 
-ALL_TOGETHER = Faults(http_5xx=0.05, drop_connection=0.05, garbage_body=0.05, slow_answer=0.05,
-                      slow_answer_s=0.02, task_failure=0.05, lost_create=0.05, create_813=0.05,
-                      poll_rate_limit_per_s=20, status_outputs_lag_s=300)
+ALL_TOGETHER = Faults(http_5xx=0.03, drop_connection=0.03, garbage_body=0.03, slow_answer=0.03,
+                      task_failure=0.05, lost_create=0.03, create_813=0.03, after_work=0.03,
+                      trickle=0.02, oversized=0.03, gzip_bomb=0.02, deep_json=0.02,
+                      nan_counts=0.05, control_chars=0.05, newline_task_id=0.05,
+                      poll_rate_limit_per_s=20, status_outputs_lag_s=300,
+                      after_work_modes=MATRIX_AFTER_WORK_MODES, **SHAPES)
 
 CASES = [pytest.param(_faults(f.name, level), id=f"{f.name}-{int(level * 100)}%")
          for f in dataclasses.fields(Faults)
-         if f.name not in ("routes", "slow_answer_s")
+         if f.name not in NOT_SWEPT
          for level in (0.05, 0.20)]
 CASES.append(pytest.param(ALL_TOGETHER, id="all-together"))
 
@@ -57,12 +83,16 @@ def fast_policy() -> RetryPolicy:
                        retry_after_cap_s=0.05)
 
 
+def _unusable(fault: str | None) -> bool:
+    """The create's answer said nothing usable about the task (so the row is SUBMIT_UNKNOWN)."""
+    tags = (fault or "").split("+")
+    if any(tag in CARRY_TASK_ID for tag in tags):
+        return False
+    return any(tag in UNKNOWN_FAULTS or tag.startswith("after_work:") for tag in tags)
+
+
 def _unknown_create(request: dict[str, Any]) -> bool:
-    fault = request["fault"] or ""
-    if any(name in fault for name in UNKNOWN_FAULTS):
-        return True
-    # 503 proves the request was not processed (resent); 500/502/504 may have been
-    return "http_5xx" in fault and request["status_http"] != 503
+    return _unusable(request["fault"])
 
 
 def check_against_audit(sim: Any, records: list[dict[str, Any]]) -> Counter[str]:
@@ -95,7 +125,7 @@ def check_against_audit(sim: Any, records: list[dict[str, Any]]) -> Counter[str]
     # SUBMIT_UNKNOWN because the create's answer was lost
     for task in tasks:
         if task["taskId"] not in claimed:
-            assert "lost_create" in task["faults"], task
+            assert _unusable("+".join(task["faults"])), task
             assert canonical(task["nodeInfoList"]) in unknown_signatures, task
     creates = sim.audit.requests("create")
     lost_answers = [r for r in creates if _unknown_create(r)]
@@ -120,12 +150,13 @@ def test_fault_matrix(faults, make_sim, api_key, tmp_path):
         assert counts["FAILED"] == 0, counts
     injected = Counter(name for r in sim.audit.faults() for name in r["fault"].split("+"))
     injected.update(name for t in sim.audit.tasks() for name in t["faults"])
+    injected.update(name.split(":")[0] for name in list(injected) if ":" in name)
     for name, audit_name in FAULT_NAMES.items():
         # at 5 % a fault drawn once per task may miss all 40 by chance; per-request ones may not
         sure = getattr(faults, name) >= 0.2 or name in PER_REQUEST or name not in RATE_FAULTS
         if getattr(faults, name) and sure:
             assert injected[audit_name] > 0, f"{name} was never injected: {injected}"
-    if not any(getattr(faults, name) for name in ("http_5xx", *UNKNOWN_FAULTS)):
+    if not any(getattr(faults, name) for name in (*UNKNOWN_FAULTS, "after_work")):
         assert counts["SUBMIT_UNKNOWN"] == 0, counts
 
 

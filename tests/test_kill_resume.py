@@ -40,3 +40,30 @@ def test_kill_and_resume_under_faults(make_sim, api_key, tmp_path):
     assert set(result.final_counts) <= {"SUCCESS", "FAILED", "SUBMIT_UNKNOWN"}
     assert result.mismatches == []
     assert result.created_twice_not_unknown == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses SIGKILL and flock")
+@pytest.mark.timeout(280)
+def test_kill_and_resume_under_after_work_faults_never_creates_twice_without_consent(
+        make_sim, api_key, tmp_path):
+    from pipeline.sim import Faults
+    from pipeline.sim.config import AFTER_WORK_MODES
+
+    # 10 % of creates make (and bill) the task and then answer in one of the ambiguous shapes (a
+    # redirect stops the run by design, so it is left to tests/test_money_truth.py)
+    modes = tuple(m for m in AFTER_WORK_MODES if m != "redirect")
+    sim = make_sim(concurrency=20, time_scale=100.0, seed=21,
+                   faults=Faults(after_work=0.10, after_work_modes=modes, stall_s=2.0,
+                                 trickle_interval_s=0.05))
+    manifest = write_manifest(tmp_path / "m.csv", 400)
+    result = run_with_kills(sim, api_key, manifest, tmp_path / "run", kills=20, seed=22,
+                            kill_after_s=(0.3, 1.0), extra_flags=("--request-deadline", "1"))
+    assert result.kills == 20, result
+    assert result.rows == 400
+    assert result.exit_codes[-1] in (0, 1), result  # the consented retry of unknown rows ran
+    assert set(result.final_counts) <= {"SUCCESS", "FAILED", "SUBMIT_UNKNOWN"}
+    assert result.mismatches == []
+    # every second create is of a row that ended SUBMIT_UNKNOWN and was resubmitted on consent
+    assert result.created_twice_not_unknown == 0
+    injected = [t for t in sim.audit.tasks() if any(f.startswith("after_work:") for f in t["faults"])]
+    assert injected, "the fault was never injected"

@@ -53,12 +53,12 @@ def test_a_bad_workflow_id_option_is_refused(tmp_path):
 
 
 def test_a_user_schema_rejects_a_value_with_row_column_value_and_fix(tmp_path):
-    path = _write(tmp_path, "m.csv", f"workflowId,6.text,3.seed\n{WF},a,5\n{WF},b,-1\n")
-    schema = _schema(tmp_path, {"properties": {"3.seed": {"type": "integer", "minimum": 0},
+    path = _write(tmp_path, "m.csv", f"workflowId,6.text,3.steps\n{WF},a,5\n{WF},b,0\n")
+    schema = _schema(tmp_path, {"properties": {"3.steps": {"type": "integer", "minimum": 1},
                                                "6.text": {"maxLength": 3}}})
     with pytest.raises(ManifestError) as info:
         load_manifest(path, schema_path=schema)
-    assert _problems(info) == ['row 2, column "3.seed": -1 is less than the minimum 0: use 0 or more']
+    assert _problems(info) == ['row 2, column "3.steps": 0 is less than the minimum 1: use 1 or more']
 
 
 def test_schema_string_type_keeps_digits_as_text_and_integer_accepts_7_0(tmp_path):

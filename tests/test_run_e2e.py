@@ -327,3 +327,28 @@ def test_the_account_is_read_faster_only_when_many_tasks_end_often():
     # a thousand short tasks: never faster than a quarter of the configured interval
     assert account_poll_interval(2.0, 10.0, 1000) == 0.5
     assert account_poll_interval(0.01, 1.0, 1000) == 0.0025
+
+
+def test_the_window_learns_a_one_slot_key_at_once_and_a_resume_starts_there(make_sim, api_key,
+                                                                           tmp_path):
+    sim = make_sim(concurrency=1, task_duration_s=5.0, queue_delay_s=0.0)
+    manifest = write_manifest(tmp_path / "m.csv", 24)
+    settings = fast_settings(sim, api_key, concurrency=8, capacity_backoff_s=5.0,
+                             max_capacity_backoff_s=10.0)
+    summary = run_batch(ManifestArgs(manifest), tmp_path / "run", settings, handle_signals=False)
+    assert summary.exit_code == 0 and summary.counts[st.SUCCESS] == 24
+    refused = [r for r in sim.audit.requests("create") if r["code"] == 421]
+    assert len(refused) <= 2, len(refused)  # not one capacity answer (and a pause) per row
+    store = st.RunStore.open(tmp_path / "run", readonly=True)
+    try:
+        assert store.get_meta("learnt_limit") == 1
+    finally:
+        store.close()
+    # a resume (here: a retry of every row) starts from the learnt limit: no capacity answer
+    from pipeline.runs import Selection, retry_rows
+
+    before = len(refused)
+    retry_rows(tmp_path / "run", settings, Selection(statuses=("SUCCESS",)),
+               handle_signals=False)
+    refused = [r for r in sim.audit.requests("create") if r["code"] == 421]
+    assert len(refused) == before

@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,11 +59,37 @@ def test_sim_command_reports_a_bad_config(tmp_path):
     config = tmp_path / "sim.yaml"
     config.write_text("time_scale: 1\nspeed: 3\n", encoding="utf-8")
     result = CliRunner().invoke(sim_command, ["--config", str(config), "--port", "0"])
-    assert result.exit_code == 1
-    assert "unknown key(s) 'speed'" in result.output
+    assert result.exit_code == 2  # bad input, as for every rhbatch command
+    assert result.stderr.startswith("Error: ")
+    assert "unknown key(s) 'speed'" in result.stderr
+    assert result.stdout == ""
 
 
 def test_sim_command_rejects_a_bad_time_scale():
     result = CliRunner().invoke(sim_command, ["--time-scale", "0", "--port", "0"])
-    assert result.exit_code == 1
-    assert "time_scale must be > 0" in result.output
+    assert result.exit_code == 2
+    assert "time_scale must be > 0" in result.stderr
+
+
+def test_sim_command_reports_a_port_in_use_with_exit_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(sim_command, ["--port", str(port)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: cannot listen on 127.0.0.1:{port}: ")
+    assert result.stderr.rstrip().endswith("pass another --port or --host")
+    assert "Traceback" not in result.output
+
+
+def test_python_m_pipeline_sim_exits_2_on_a_bad_config(tmp_path):
+    config = tmp_path / "sim.yaml"
+    config.write_text("speed: 3\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.sim", "--config", str(config), "--port", "0"],
+        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("Error: ") and "unknown key(s) 'speed'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -27,12 +27,25 @@ outputs, cancel, accountStatus, upload, getJsonApiFormat, getWebhookDetail, retr
   ZIP upload's fileName is the bare sha256; getWebhookDetail for a task without a delivery
   answers code 1 "webhook event not exists"; each output item carries the task's total
   ``consumeCoins``; webhook ``eventData`` has a numeric ``taskCostTime`` (a real quirk).
-* **Faults** (:class:`Faults`) are drawn from a seeded RNG and recorded in the audit.
+* **Faults** (:class:`Faults`) are drawn from a seeded RNG and recorded in the audit. Pre-faults
+  fail before any work; ``lost_create``, ``create_813`` and ``after_work`` (one of
+  ``AFTER_WORK_MODES``) fail a create whose task already exists and is billed; the hostile-answer
+  faults (``trickle``, ``oversized``, ``gzip_bomb``, ``deep_json``, ``nan_counts``,
+  ``control_chars``, ``newline_task_id``) answer a processed request in a shape meant to break
+  the client.
 * **Audit** (:class:`pipeline.sim.audit.Audit`) never holds a key, only ``key_fp``.
 """
 
 from pipeline.sim.audit import Audit
-from pipeline.sim.config import ROUTES, AccountConfig, Faults, SimConfig
+from pipeline.sim.config import (
+    AFTER_WORK_MODES,
+    CONTROL_INJECTION,
+    FORGED_LOG_LINE,
+    ROUTES,
+    AccountConfig,
+    Faults,
+    SimConfig,
+)
 from pipeline.sim.model import canonical_node_info, key_fingerprint, signature
 from pipeline.sim.server import (
     DEFAULT_WEBAPP_ID,
@@ -42,9 +55,12 @@ from pipeline.sim.server import (
 )
 
 __all__ = [
+    "AFTER_WORK_MODES",
     "AccountConfig",
     "Audit",
+    "CONTROL_INJECTION",
     "DEFAULT_WEBAPP_ID",
+    "FORGED_LOG_LINE",
     "Faults",
     "IMG2IMG_WORKFLOW_ID",
     "ROUTES",

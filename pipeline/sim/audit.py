@@ -5,7 +5,15 @@ Records never hold an API key: ``key_fp`` is the first 8 hex digits of sha256(ke
 A request record is ``{t, method, path, route, key_fp, status_http, code, task_id, fault}``, where
 ``t`` is the simulated time, ``status_http`` is None when the connection was dropped, ``code`` is the
 business code answered (None for a dropped connection, garbage body or HTTP 5xx), and ``fault`` names
-the injected fault(s) joined with ``+`` (None without one).
+the injected fault(s) joined with ``+`` (None without one). After-work faults read
+``after_work:<mode>``; for them ``code`` is the integer code of the body sent (None for an HTML page,
+a redirect, garbage, ``code_null``/``code_text`` or a drop) and ``status_http`` the status sent.
+
+A task record carries ``coins``, the coins billed when it ended (None while it is queued or
+running; cancelled and failed tasks pay for the runtime they used), and ``faults``, every fault
+that touched its create (``lost_create``, ``create_813``, ``after_work:<mode>``,
+``newline_task_id``, a hostile shape such as ``oversized``) or its run (``task_failure``).
+:meth:`Audit.ledger` and :meth:`Audit.ledger_total` sum what was billed.
 """
 
 from __future__ import annotations
@@ -51,6 +59,19 @@ class Audit:
             for account in service.accounts.values():
                 account.settle(now)
             return [_task_record(t, now) for t in service.task_list]
+
+    def ledger(self) -> dict[str, int]:
+        """{taskId: coins billed} for every task that has ended (success, failure or cancel)."""
+        service = self._service
+        with service.lock:
+            now = service.clock.now()
+            for account in service.accounts.values():
+                account.settle(now)
+            return {t.task_id: t.coins for t in service.task_list if t.coins is not None}
+
+    def ledger_total(self) -> int:
+        """Every coin billed so far: the sum of :meth:`ledger`."""
+        return sum(self.ledger().values())
 
     def creates_by_signature(self) -> Counter[str]:
         """Accepted tasks per (workflowId, canonical nodeInfoList): >1 means paid twice."""

@@ -12,6 +12,12 @@ DEFAULT_PORT = 8765
 DEFAULT_HOST = "127.0.0.1"
 
 
+class BadInput(click.ClickException):
+    """A bad config, option or address: "Error: ..." on stderr and exit code 2 (bad input or usage)."""
+
+    exit_code = 2
+
+
 @click.command("sim")
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="TCP port (0 = any free).")
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
@@ -34,7 +40,7 @@ def sim_command(port: int, host: str, config_path: Path | None, time_scale: floa
         config.validate()
         simulator = Simulator(config)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
 
     def ready(url: str) -> None:
         click.echo(f"RunningHub simulator listening on {url}")
@@ -42,4 +48,5 @@ def sim_command(port: int, host: str, config_path: Path | None, time_scale: floa
     try:
         simulator.serve_forever(host, port, ready=ready)
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise BadInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}: pass another --port "
+                       "or --host") from None

@@ -51,6 +51,40 @@ DEFAULT_FAULT_ROUTES: frozenset[str] = frozenset(r for r in ROUTES if r not in (
 #: Routes whose calls count against ``Faults.poll_rate_limit_per_s``.
 POLL_ROUTES: frozenset[str] = frozenset({"status", "outputs", "account_status", "v2_query"})
 
+#: Routes that create (and bill) a task: where ``after_work`` and ``newline_task_id`` apply.
+CREATE_ROUTES: frozenset[str] = frozenset({"create", "ai_app_run"})
+
+#: What ``Faults.after_work`` may answer once the task is created, started and billed.
+AFTER_WORK_MODES: tuple[str, ...] = (
+    "http_429",       # HTTP 429 with an nginx-like HTML page
+    "http_500",
+    "http_502",
+    "http_503",
+    "http_504",
+    "code_500",       # HTTP 200 {"code":500,"msg":"UNKNOWN_ERROR","data":null}
+    "code_500_task",  # HTTP 200, code 500, data = the created task's normal data (taskId included)
+    "code_1005",      # HTTP 200 {"code":1005,"msg":"server error","data":null}
+    "code_null",      # "code": null, msg success, data with the taskId
+    "code_text",      # "code": "0.0", data with the taskId
+    "code_unknown",   # code 999, data null
+    "redirect",       # HTTP 302 to the base URL + "/", empty body
+    "truncated",      # full Content-Length announced, half the body sent, connection closed
+    "garbage",        # HTTP 200, a non-JSON body
+    "drop",           # socket closed with no answer
+    "stall",          # the normal answer held ``stall_s`` real seconds
+    "trickle",        # the normal answer one byte every ``trickle_interval_s`` real seconds
+)
+
+#: How ``Faults.nan_counts`` spells the count: a "NaN" string, a bare NaN token, or both in turn.
+NAN_COUNTS_STYLES: tuple[str, ...] = ("string", "token", "both")
+
+#: A log line a hostile answer forges (``newline_task_id`` puts it after a newline in a task id).
+FORGED_LOG_LINE = "2026-12-01 00:00:00 ERROR rhbatch: forged"
+
+#: What ``control_chars`` appends to the service's text: an OSC window title, a clear-screen, a
+#: bare carriage return (overwrites the line on a terminal) and a newline with a forged log line.
+CONTROL_INJECTION = "\x1b]0;pwned\x07\x1b[2J\rOK\n" + FORGED_LOG_LINE
+
 API_TYPES = ("NORMAL", "SHARED", "EXCLUSIVE")
 WALLET_CODES = (414, 416, 812)
 
@@ -112,6 +146,32 @@ class Faults:
     - ``status_outputs_lag_s``: for this many simulated seconds after a task succeeds, ``/status``
       says SUCCESS while ``/outputs`` still answers 804.
     - ``routes``: route names (see ``ROUTES``) the rate faults apply to; None = all but ``files``.
+
+    After-work faults (the request was processed and its task created, started and billed):
+
+    - ``after_work``: on an accepted create or ai-app run, replace the answer by one mode drawn
+      uniformly from ``after_work_modes`` (None = every one of ``AFTER_WORK_MODES``). The request
+      audit's fault and the task's ``faults`` say ``after_work:<mode>``. ``stall`` holds the
+      answer ``stall_s`` real seconds; ``trickle`` sends it one byte per ``trickle_interval_s``.
+
+    Hostile answers (issue #12), drawn after the request is processed, on ``routes``:
+
+    - ``trickle``: the real answer, one byte every ``trickle_interval_s`` real seconds.
+    - ``oversized``: HTTP 200, the real envelope with its ``msg`` padded so that the body is
+      ``oversized_bytes`` long (streamed; Content-Length set).
+    - ``gzip_bomb``: ``Content-Encoding: gzip``, a small body that inflates to ``gzip_bomb_bytes``
+      (``{"code":0,"msg":"success","data":null`` then spaces then ``}``); built once per size.
+    - ``deep_json``: HTTP 200 ``{"code":0,"msg":"success","data":[[[...]]]}`` nested
+      ``deep_json_depth`` deep.
+      (trickle, oversized, gzip_bomb and deep_json are one exclusive draw: at most one applies.)
+    - ``nan_counts``: accountStatus answers ``currentTaskCounts`` as the string "NaN" or a bare
+      NaN token (``nan_counts_style`` "string", "token" or "both" = in turn) and ``remainCoins``
+      "Infinity".
+    - ``control_chars``: the answer's service text (every ``msg``, v2 ``errorMessage``, a
+      failedReason's ``exception_message``/``node_name``/``traceback``, outputs ``fileType``)
+      carries ``CONTROL_INJECTION``: an OSC title, a clear-screen, a bare CR and a forged log line.
+    - ``newline_task_id``: an accepted create's task id carries a newline and a forged log line;
+      the task is stored under exactly that id (status/outputs/cancel/v2 query accept it).
     """
 
     http_5xx: float = 0.0
@@ -125,16 +185,56 @@ class Faults:
     poll_rate_limit_per_s: float = 0.0
     status_outputs_lag_s: float = 0.0
     routes: tuple[str, ...] | None = None
+    after_work: float = 0.0
+    after_work_modes: tuple[str, ...] | None = None
+    stall_s: float = 30.0
+    trickle: float = 0.0
+    trickle_interval_s: float = 1.0
+    oversized: float = 0.0
+    oversized_bytes: int = 200 * 2**20
+    gzip_bomb: float = 0.0
+    gzip_bomb_bytes: int = 2**30
+    deep_json: float = 0.0
+    deep_json_depth: int = 100_000
+    nan_counts: float = 0.0
+    nan_counts_style: str = "both"
+    control_chars: float = 0.0
+    newline_task_id: float = 0.0
+
+    RATES = ("http_5xx", "drop_connection", "garbage_body", "slow_answer", "task_failure",
+             "lost_create", "create_813", "after_work", "trickle", "oversized", "gzip_bomb",
+             "deep_json", "nan_counts", "control_chars", "newline_task_id")
 
     def validate(self) -> None:
-        for name in ("http_5xx", "drop_connection", "garbage_body", "slow_answer", "task_failure",
-                     "lost_create", "create_813"):
+        for name in self.RATES:
             value = getattr(self, name)
-            if not 0.0 <= float(value) <= 1.0:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"simulator faults: {name} must be between 0 and 1, got {value!r}")
-        for name in ("slow_answer_s", "poll_rate_limit_per_s", "status_outputs_lag_s"):
-            if float(getattr(self, name)) < 0:
-                raise ConfigError(f"simulator faults: {name} must be >= 0")
+        for name in ("slow_answer_s", "poll_rate_limit_per_s", "status_outputs_lag_s", "stall_s",
+                     "trickle_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ConfigError(f"simulator faults: {name} must be >= 0, got {value!r}")
+        for name, low in (("oversized_bytes", 64), ("gzip_bomb_bytes", 64), ("deep_json_depth", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"simulator faults: {name} must be an integer >= {low}, got {value!r}")
+        if self.after_work_modes is not None:
+            modes = self.after_work_modes
+            if isinstance(modes, str) or not modes:
+                raise ConfigError("simulator faults: after_work_modes must be a non-empty list of "
+                                  f"modes (or null for all); valid modes: {', '.join(AFTER_WORK_MODES)}")
+            unknown = [m for m in modes if m not in AFTER_WORK_MODES]
+            if unknown:
+                raise ConfigError(
+                    f"simulator faults: unknown after_work mode(s) {', '.join(map(repr, unknown))}; "
+                    f"valid modes: {', '.join(AFTER_WORK_MODES)}"
+                )
+        if self.nan_counts_style not in NAN_COUNTS_STYLES:
+            raise ConfigError(
+                f"simulator faults: nan_counts_style {self.nan_counts_style!r} is not one of "
+                f"{', '.join(NAN_COUNTS_STYLES)}"
+            )
         if self.routes is not None:
             unknown = [r for r in self.routes if r not in ROUTES]
             if unknown:
@@ -145,6 +245,10 @@ class Faults:
 
     def applies_to(self) -> frozenset[str]:
         return DEFAULT_FAULT_ROUTES if self.routes is None else frozenset(self.routes)
+
+    def modes(self) -> tuple[str, ...]:
+        """The after-work modes in force (``after_work_modes``, or all of them)."""
+        return AFTER_WORK_MODES if self.after_work_modes is None else tuple(self.after_work_modes)
 
 
 def _range(value: float | tuple[float, float] | list[float], name: str) -> tuple[float, float]:
@@ -239,8 +343,9 @@ class SimConfig:
             values["default_account"] = _build(AccountConfig, account, f"{source}: default_account")
         if "faults" in values:
             faults = dict(values["faults"] or {})
-            if faults.get("routes") is not None:
-                faults["routes"] = tuple(faults["routes"])
+            for name in ("routes", "after_work_modes"):
+                if isinstance(faults.get(name), list):
+                    faults[name] = tuple(faults[name])
             values["faults"] = _build(Faults, faults, f"{source}: faults")
         for name in ("task_duration_s", "queue_delay_s"):
             if isinstance(values.get(name), list):

@@ -8,8 +8,13 @@ the foreground with :meth:`Simulator.serve_forever`). Each request goes through 
 2. the body is parsed and the key taken from ``apiKey`` / ``apikey`` or ``Authorization: Bearer``;
 3. poll routes are rate-limited per key if ``poll_rate_limit_per_s`` is set (code 1003);
 4. the route's logic runs synchronously under the simulator lock (see :mod:`pipeline.sim.model`);
-5. *post-faults*: ``create_813`` / ``lost_create`` on accepted creates, ``slow_answer`` anywhere;
-6. one audit record is appended.
+5. *post-faults*: ``create_813`` / ``lost_create`` / ``after_work`` on accepted creates, then
+   (unless the answer was already replaced or lost) the hostile-answer faults: ``nan_counts`` and
+   ``control_chars`` rewrite the body, and at most one of ``trickle`` / ``oversized`` /
+   ``gzip_bomb`` / ``deep_json`` changes how it is sent; ``slow_answer`` anywhere;
+6. one audit record is appended;
+7. the answer is sent (:meth:`Simulator._send`): whole, held, trickled, streamed, cut or dropped.
+   Answers that take real time are registered so that :meth:`Simulator.close` aborts them at once.
 
 Business errors are HTTP 200 with ``{code, msg, data}``; any path that is not a route answers
 ``{"code":412,"msg":"TOKEN_INVALID","data":null}`` like the real service.
@@ -21,21 +26,34 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
+import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 
+from pipeline import resources
 from pipeline.errors import CODES, ConfigError
 from pipeline.sim.audit import Audit
-from pipeline.sim.config import POLL_ROUTES, Faults, SimConfig
+from pipeline.sim.config import (
+    CONTROL_INJECTION,
+    CREATE_ROUTES,
+    FORGED_LOG_LINE,
+    POLL_ROUTES,
+    Faults,
+    SimConfig,
+)
 from pipeline.sim.model import (
     CANCEL,
     FAILED,
@@ -57,7 +75,7 @@ from pipeline.sim.png import render_png
 
 log = logging.getLogger(__name__)
 
-WORKFLOW_DIR = Path(__file__).resolve().parent / "workflows"
+WORKFLOW_DIR = resources.sim_workflow_path("text2img.json").parent
 TEXT2IMG_WORKFLOW_ID = "1904136902449209346"
 IMG2IMG_WORKFLOW_ID = "1904136902449209347"
 DEFAULT_WEBAPP_ID = "1877265245566922753"
@@ -73,10 +91,13 @@ UPLOAD_EXTENSIONS = frozenset(
 _JSON = "application/json"
 _GARBAGE = b'{"code":0,"msg":"success","data":{"taskId":"19'
 _HTML_5XX = {
+    429: "429 Too Many Requests",
     500: "500 Internal Server Error",
     502: "502 Bad Gateway",
     503: "503 Service Temporarily Unavailable",
+    504: "504 Gateway Time-out",
 }
+_PAD_CHUNK = b"x" * (1 << 20)  # oversized answers are streamed from this one buffer
 _FILE_EXPIRED = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
     b"<Message>Request has expired</Message></Error>"
@@ -114,6 +135,35 @@ def envelope(code: int, data: Any = None, msg: str | None = None, **audit: Any) 
                  code=code, **audit)
 
 
+@dataclass
+class _Send:
+    """How an answer leaves the simulator (see :meth:`Simulator._send`).
+
+    ``kind``: ``normal`` (``body`` at once), ``drop`` (socket closed, nothing sent), ``truncated``
+    (the full Content-Length announced, half of ``body`` sent, socket closed), ``stall`` (``body``
+    after ``wait_s`` real seconds), ``trickle`` (one byte of ``body`` per ``wait_s``), ``oversized``
+    (``head`` + ``size`` padding bytes + ``tail``, streamed) or ``gzip_bomb`` (a gzip body that
+    inflates to ``size`` bytes).
+    """
+
+    kind: str = "normal"
+    status: int = 200
+    body: bytes = b""
+    content_type: str = _JSON
+    headers: dict[str, str] = field(default_factory=dict)
+    wait_s: float = 0.0
+    size: int = 0
+    head: bytes = b""
+    tail: bytes = b""
+
+
+def _html_error(status: int) -> str:
+    """nginx's error page for ``status``."""
+    title = _HTML_5XX[status]
+    return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1>"
+            f"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+
+
 def _parse_bool(value: Any, default: bool) -> bool | None:
     """A boolean flag as clients send it: true/false or "true"/"false"; None if neither."""
     if value is None:
@@ -145,8 +195,9 @@ class Simulator:
         self._wall0 = time.time()
         self._rate: dict[str, deque[float]] = {}
         self._key_fps: dict[str, str] = {}
-        self._faults_state: tuple[Faults, frozenset[str], frozenset[str]] = (Faults(), frozenset(),
-                                                                              frozenset())
+        # (faults, routes they apply to, routes with pre-faults, routes with hostile-answer faults)
+        self._faults_state: tuple[Faults, frozenset[str], frozenset[str], frozenset[str]] = (
+            Faults(), frozenset(), frozenset(), frozenset())
         self.set_faults(config.faults)
         self.add_workflow(TEXT2IMG_WORKFLOW_ID, _load_json(WORKFLOW_DIR / "text2img.json"))
         self.add_workflow(IMG2IMG_WORKFLOW_ID, _load_json(WORKFLOW_DIR / "img2img.json"))
@@ -161,6 +212,9 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._slow: dict[asyncio.Task[Any], web.Request] = {}  # answers being held or streamed
+        self._closing: asyncio.Event | None = None
+        self._nan_turn = 0
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -183,7 +237,9 @@ class Simulator:
         faults.validate()
         routes = faults.applies_to()
         pre = routes if (faults.drop_connection or faults.garbage_body or faults.http_5xx) else frozenset()
-        self._faults_state = (faults, routes, pre)
+        hostile = routes if any((faults.trickle, faults.oversized, faults.gzip_bomb, faults.deep_json,
+                                 faults.nan_counts, faults.control_chars)) else frozenset()
+        self._faults_state = (faults, routes, pre, hostile)
 
     @property
     def faults(self) -> Faults:
@@ -306,9 +362,20 @@ class Simulator:
         await site.start()
         self.port = int(runner.addresses[0][1])
         self._session = aiohttp.ClientSession(trust_env=False)
+        self._closing = asyncio.Event()
         self._spawn(self._ticker())
 
     async def _astop(self) -> None:
+        # answers still held, trickling or streaming: wake them and abort their sockets, so that
+        # close() never waits for a stall_s / trickle / oversized answer to finish
+        if self._closing is not None:
+            self._closing.set()
+        slow = dict(self._slow)
+        for request in slow.values():
+            if request.transport is not None:
+                request.transport.abort()
+        if slow:
+            await asyncio.wait(list(slow), timeout=SHUTDOWN_TIMEOUT_S / 2)
         tasks = list(self._background)
         for task in tasks:
             task.cancel()
@@ -373,7 +440,7 @@ class Simulator:
 
     async def _dispatch(self, route: str, logic: Callable[..., Reply], body_kind: str,
                         request: web.Request) -> web.StreamResponse:
-        faults, fault_routes, pre_routes = self._faults_state
+        faults, fault_routes, pre_routes, hostile_routes = self._faults_state
         if route in pre_routes:
             pre = self._pre_fault(faults)
             if pre is not None:
@@ -382,13 +449,14 @@ class Simulator:
                 return self._pre_fault_response(request, pre)
 
         try:
-            return await self._answer(route, logic, body_kind, request, faults, fault_routes)
+            return await self._answer(route, logic, body_kind, request, faults, fault_routes,
+                                      route in hostile_routes)
         except ConnectionResetError:  # the client went away mid-request: nobody to answer
             return web.Response(status=400)
 
     async def _answer(self, route: str, logic: Callable[..., Reply], body_kind: str,
-                      request: web.Request, faults: Faults, fault_routes: frozenset[str]
-                      ) -> web.StreamResponse:
+                      request: web.Request, faults: Faults, fault_routes: frozenset[str],
+                      hostile: bool = False) -> web.StreamResponse:
         body: dict[str, Any] = {}
         upload: dict[str, Any] | None = None
         bad_body = False
@@ -427,35 +495,206 @@ class Simulator:
                     log.exception("simulator error on %s", route)
                     reply = envelope(500, None, "UNKNOWN_ERROR")
             faults_hit = [reply.fault] if reply.fault else []
-            lost = False
-            if reply.created is not None and route in fault_routes:
+            send = _Send(status=reply.status_http, body=reply.body, content_type=reply.content_type)
+            status_http: int | None = reply.status_http
+            code: Any = reply.code
+            replaced = False  # the answer is already a fault's: no hostile shape on top
+            created = reply.created if route in fault_routes else None
+            if created is not None:
                 rng = self.service.rng_faults
                 if faults.create_813 and rng.random() < faults.create_813:
                     data = json.loads(reply.body)["data"]
-                    reply.body = _dumps({"code": 813, "msg": _msg(813), "data": data})
-                    reply.code = 813
+                    reply.body = send.body = _dumps({"code": 813, "msg": _msg(813), "data": data})
+                    reply.code = code = 813
                     faults_hit.append("create_813")
-                    reply.created.faults.append("create_813")
+                    created.faults.append("create_813")
                 if faults.lost_create and rng.random() < faults.lost_create:
-                    lost = True
+                    send = _Send(kind="drop")
+                    status_http, replaced = None, True
                     faults_hit.append("lost_create")
-                    reply.created.faults.append("lost_create")
+                    created.faults.append("lost_create")
+                if not replaced and faults.after_work and rng.random() < faults.after_work:
+                    mode = rng.choice(faults.modes())
+                    name = f"after_work:{mode}"
+                    faults_hit.append(name)
+                    created.faults.append(name)
+                    send, status_http, code = self._after_work(mode, reply, faults)
+                    replaced = True
+            if hostile and not replaced:
+                shaped = self._hostile(route, reply, send, faults)
+                if shaped:
+                    faults_hit.extend(shaped)
+                    if created is not None:
+                        created.faults.extend(shaped)
+                    if send.kind == "gzip_bomb" or "deep_json" in shaped:
+                        code = 0
             slow = (faults.slow_answer > 0 and route in fault_routes
                     and self.service.rng_faults.random() < faults.slow_answer)
             if slow:
                 faults_hit.append("slow_answer")
-            self._record(request, route, now, key, None if lost else reply.status_http, reply.code,
+            self._record(request, route, now, key, status_http, code if isinstance(code, int) else None,
                          reply.task_id, "+".join(faults_hit) or None)
 
         for record in reply.deliver:
             self._spawn(self._deliver(record, manual=True))
         if slow:
-            await asyncio.sleep(faults.slow_answer_s)
-        if lost:
-            if request.transport is not None:
-                request.transport.close()
+            if send.kind == "normal":
+                send.kind, send.wait_s = "stall", faults.slow_answer_s
+            elif await self._hold(request, faults.slow_answer_s):
+                return web.Response(status=200)
+        return await self._send(request, send)
+
+    # -- after-work and hostile answers -----------------------------------------------------------
+
+    def _after_work(self, mode: str, reply: Reply, faults: Faults) -> tuple[_Send, int | None, Any]:
+        """The answer that replaces an accepted create's: (how to send it, HTTP status, code)."""
+        data = json.loads(reply.body).get("data")
+        if mode.startswith("http_"):
+            status = int(mode.removeprefix("http_"))
+            return _Send(status=status, body=_html_error(status).encode(),
+                         content_type="text/html"), status, None
+        if mode == "redirect":
+            return _Send(status=302, headers={"Location": self.base_url + "/"}, content_type=""), 302, None
+        if mode in ("truncated", "stall", "trickle"):
+            wait = faults.stall_s if mode == "stall" else faults.trickle_interval_s
+            return _Send(kind=mode, body=reply.body, wait_s=wait), 200, reply.code
+        if mode == "drop":
+            return _Send(kind="drop"), None, None
+        if mode == "garbage":
+            return _Send(body=_GARBAGE), 200, None
+        code, msg, data = {
+            "code_500": (500, "UNKNOWN_ERROR", None),
+            "code_500_task": (500, "UNKNOWN_ERROR", data),
+            "code_1005": (1005, "server error", None),
+            "code_null": (None, "success", data),
+            "code_text": ("0.0", "success", data),
+            "code_unknown": (999, _msg(999), None),
+        }[mode]
+        return _Send(body=_dumps({"code": code, "msg": msg, "data": data})), 200, code
+
+    def _hostile(self, route: str, reply: Reply, send: _Send, faults: Faults) -> list[str]:
+        """Draw the hostile-answer faults for a processed request; rewrite ``send`` in place."""
+        rng = self.service.rng_faults
+        hit: list[str] = []
+        if (faults.nan_counts and route == "account_status" and reply.code == 0
+                and rng.random() < faults.nan_counts):
+            send.body = self._nan_counts(send.body, faults.nan_counts_style)
+            hit.append("nan_counts")
+        if faults.control_chars and rng.random() < faults.control_chars:
+            injected = _inject_control(send.body)
+            if injected is not None:
+                send.body = injected
+                hit.append("control_chars")
+        shapes = (("trickle", faults.trickle), ("oversized", faults.oversized),
+                  ("gzip_bomb", faults.gzip_bomb), ("deep_json", faults.deep_json))
+        if any(rate for _, rate in shapes):
+            u = rng.random()
+            name = ""
+            for shape, rate in shapes:
+                if u < rate:
+                    name = shape
+                    break
+                u -= rate
+            if not name:
+                return hit
+            hit.append(name)
+            if name == "trickle":
+                send.kind, send.wait_s = "trickle", faults.trickle_interval_s
+            elif name == "oversized":
+                send.head, send.tail = _padded_envelope(send.body)
+                send.kind, send.status, send.content_type = "oversized", 200, _JSON
+                send.size = max(0, faults.oversized_bytes - len(send.head) - len(send.tail))
+            elif name == "gzip_bomb":
+                send.kind, send.size = "gzip_bomb", faults.gzip_bomb_bytes
+            else:
+                send.status, send.content_type = 200, _JSON
+                send.body = _deep_json(faults.deep_json_depth)
+        return hit
+
+    def _nan_counts(self, body: bytes, style: str) -> bytes:
+        answer = json.loads(body)
+        if style == "both":
+            self._nan_turn += 1
+            style = "string" if self._nan_turn % 2 else "token"
+        data = answer.get("data") or {}
+        data["currentTaskCounts"] = "NaN" if style == "string" else math.nan
+        data["remainCoins"] = "Infinity"
+        answer["data"] = data
+        return _dumps(answer)  # json.dumps writes a float NaN as the bare token NaN
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def _hold(self, request: web.Request, seconds: float) -> bool:
+        """Wait ``seconds`` real seconds; True (and the socket aborted) if the simulator closed."""
+        closing = self._closing
+        if closing is None or seconds <= 0:
+            return closing is not None and closing.is_set()
+        try:
+            await asyncio.wait_for(closing.wait(), seconds)
+        except TimeoutError:
+            return False
+        if request.transport is not None:
+            request.transport.abort()
+        return True
+
+    async def _send(self, request: web.Request, send: _Send) -> web.StreamResponse:
+        """Send the answer as ``send`` says. Slow kinds are registered for :meth:`close`."""
+        kind = send.kind
+        transport = request.transport
+        if kind == "normal":
+            return web.Response(body=send.body, status=send.status, headers=send.headers or None,
+                                content_type=send.content_type or None)
+        if kind == "drop":
+            if transport is not None:
+                transport.close()
             return web.Response(status=200)
-        return web.Response(body=reply.body, status=reply.status_http, content_type=reply.content_type)
+        if kind == "truncated":
+            head = (f"HTTP/1.1 {send.status} OK\r\nContent-Type: {send.content_type}; charset=utf-8\r\n"
+                    f"Content-Length: {len(send.body)}\r\n\r\n").encode()
+            if transport is not None:
+                transport.write(head + send.body[: len(send.body) // 2])
+                transport.close()  # flushes what was written, then closes
+            return web.Response(status=200)
+        if kind == "gzip_bomb":
+            body = await asyncio.get_running_loop().run_in_executor(None, gzip_bomb, send.size)
+            return web.Response(body=body, status=200, content_type=_JSON,
+                                headers={"Content-Encoding": "gzip"})
+        task = asyncio.current_task()
+        assert task is not None
+        self._slow[task] = request
+        try:
+            if kind == "stall":
+                if await self._hold(request, send.wait_s):
+                    return web.Response(status=200)
+                return web.Response(body=send.body, status=send.status, headers=send.headers or None,
+                                    content_type=send.content_type or None)
+            response = web.StreamResponse(status=send.status, headers=send.headers or None)
+            response.content_type = send.content_type
+            try:
+                if kind == "trickle":
+                    response.content_length = len(send.body)
+                    await response.prepare(request)
+                    for i in range(len(send.body)):
+                        if i and await self._hold(request, send.wait_s):
+                            return response
+                        await response.write(send.body[i:i + 1])
+                else:  # oversized
+                    response.content_length = len(send.head) + send.size + len(send.tail)
+                    await response.prepare(request)
+                    await response.write(send.head)
+                    left = send.size
+                    pad = memoryview(_PAD_CHUNK)
+                    while left:
+                        n = min(left, len(pad))
+                        await response.write(pad[:n])
+                        left -= n
+                    await response.write(send.tail)
+                await response.write_eof()
+            except ConnectionError:  # the client went away (or close() aborted the socket)
+                pass
+            return response
+        finally:
+            self._slow.pop(task, None)
 
     def _pre_fault(self, faults: Faults) -> tuple[str, int | None] | None:
         with self.lock:
@@ -480,10 +719,7 @@ class Simulator:
         if name == "garbage_body":
             return web.Response(body=_GARBAGE, status=200, content_type=_JSON)
         assert status is not None
-        title = _HTML_5XX[status]
-        html = (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1>"
-                f"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
-        return web.Response(text=html, status=status, content_type="text/html")
+        return web.Response(text=_html_error(status), status=status, content_type="text/html")
 
     def _rate_limited(self, key: str, per_s: float) -> bool:
         window = self._rate.setdefault(key, deque())
@@ -535,7 +771,7 @@ class Simulator:
             workflow_id = str(workflow_id)
         if not isinstance(workflow_id, str) or not workflow_id.strip() or workflow_id.strip() == "0":
             return envelope(301)
-        return self._create_task(body, key, now, workflow_id.strip(), None)
+        return self._create_task(body, key, now, workflow_id.strip(), None, "create")
 
     def _ai_app_run(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
         webapp_id = body.get("webappId")
@@ -545,10 +781,10 @@ class Simulator:
             return envelope(301)
         if not isinstance(body.get("nodeInfoList"), list):
             return envelope(301)
-        return self._create_task(body, key, now, None, webapp_id.strip())
+        return self._create_task(body, key, now, None, webapp_id.strip(), "ai_app_run")
 
     def _create_task(self, body: dict[str, Any], key: str | None, now: float,
-                     workflow_id: str | None, webapp_id: str | None) -> Reply:
+                     workflow_id: str | None, webapp_id: str | None, route: str) -> Reply:
         service = self.service
         # 1. parameters
         node_info = body.get("nodeInfoList")
@@ -649,14 +885,19 @@ class Simulator:
         if node_errors:
             return self._prompt_failed(workflow, node_errors, "", fp)
         # 8. accept
-        faults = self._faults_state[0]
+        faults, fault_routes, _pre, _hostile = self._faults_state
         delay, runtime, fail, fault = service.draw_task(faults.task_failure)
+        task_id = service.new_task_id()
+        forged = (faults.newline_task_id > 0 and route in fault_routes and route in CREATE_ROUTES
+                  and service.rng_faults.random() < faults.newline_task_id)
+        if forged:  # the id itself carries a forged log line; the task lives under exactly it
+            task_id = f"{task_id}\n{FORGED_LOG_LINE}"
         sig_source = node_info if override_data is None else [
             {"nodeId": "workflow", "fieldName": "sha256",
              "fieldValue": hashlib.sha256(workflow.prompt_text.encode()).hexdigest()}
         ]
         task = Task(
-            task_id=service.new_task_id(), client_id=service.new_client_id(), account=account,
+            task_id=task_id, client_id=service.new_client_id(), account=account,
             workflow_id=workflow_id, workflow=workflow, node_info_list=node_info,
             signature=signature(workflow_id, sig_source), created_at=now, queue_delay=delay,
             runtime=runtime, fail=fail, webapp_id=webapp_id, webhook_url=webhook_url,
@@ -665,6 +906,8 @@ class Simulator:
         )
         if fault:
             task.faults.append(fault)
+        if forged:
+            task.faults.append("newline_task_id")
         service.tasks[task.task_id] = task
         service.task_list.append(task)
         if in_pqueue:
@@ -680,7 +923,8 @@ class Simulator:
             "promptTips": json.dumps({"result": True, "error": None,
                                       "outputs_to_execute": workflow.output_nodes, "node_errors": {}}),
         }
-        reply = envelope(0, data, task_id=task.task_id, key_fp=fp)
+        reply = envelope(0, data, task_id=task.task_id, key_fp=fp,
+                         fault="newline_task_id" if forged else None)
         reply.created = task
         return reply
 
@@ -739,7 +983,7 @@ class Simulator:
         cost_s = int(round(task.used_s()))
         return [
             {
-                "fileUrl": f"{self.base_url}/files/{task.task_id}/{node_id}_0.png",
+                "fileUrl": f"{self.base_url}/files/{quote(task.task_id, safe='')}/{node_id}_0.png",
                 "fileType": "png",
                 "taskCostTime": cost_s if numeric_cost else str(cost_s),
                 "nodeId": node_id,
@@ -895,7 +1139,7 @@ class Simulator:
         if error is not None:
             return self._v2_error(task_id, "1002", "auth failed")
         assert account is not None
-        if not task_id.isdigit() or int(task_id) <= 0:
+        if task_id not in self.service.tasks and (not task_id.isdigit() or int(task_id) <= 0):
             return self._v2_error(task_id, "1007", "taskId must be greater than 0", account.key_fp)
         account.settle(now)
         task = self.service.tasks.get(task_id)
@@ -1025,6 +1269,108 @@ class Simulator:
 
     def _unknown(self, *_: Any) -> Reply:
         return envelope(412)
+
+
+_BOMB_HEAD = b'{"code":0,"msg":"success","data":null'
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"  # deflate, no name, mtime 0, max compression
+
+
+def _deflate(data: bytes, flush: int) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(flush)
+
+
+@lru_cache(maxsize=4)
+def gzip_bomb(size: int) -> bytes:
+    """A gzip body that inflates to exactly ``size`` bytes: ``{"code":0,"msg":"success","data":null``,
+    spaces, then ``}`` (valid JSON).
+
+    One MiB of spaces is deflated once with a full flush (byte-aligned, no reference to earlier
+    data), and that block is repeated: the 1 GiB bomb is about 1 MB, takes about half a second (the
+    CRC) and never exists inflated. Cached per size.
+    """
+    chunk = b" " * (1 << 20)
+    spaces = max(0, size - len(_BOMB_HEAD) - 1)
+    whole, rest = divmod(spaces, len(chunk))
+    crc = zlib.crc32(_BOMB_HEAD)
+    for _ in range(whole):
+        crc = zlib.crc32(chunk, crc)
+    tail = chunk[:rest] + b"}"
+    crc = zlib.crc32(tail, crc)
+    block = _deflate(chunk, zlib.Z_FULL_FLUSH) if whole else b""
+    return b"".join((
+        _GZIP_HEADER, _deflate(_BOMB_HEAD, zlib.Z_FULL_FLUSH), block * whole,
+        _deflate(tail, zlib.Z_FINISH),
+        struct.pack("<II", crc, (len(_BOMB_HEAD) + spaces + 1) & 0xFFFFFFFF),
+    ))
+
+
+@lru_cache(maxsize=4)
+def _deep_json(depth: int) -> bytes:
+    return b'{"code":0,"msg":"success","data":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def _padded_envelope(body: bytes) -> tuple[bytes, bytes]:
+    """``body``'s JSON envelope cut inside its ``msg`` string: padding goes between head and tail,
+    ``{"code":0,"msg":"success`` + padding + ``","data":...}``. A body that is not a JSON object
+    becomes ``{"code":0,"msg":"success","data":null}``."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        answer = {"code": 0, "msg": "success", "data": None}
+    msg = answer.get("msg")
+    items = list(answer.items())
+    at = [k for k, _ in items].index("msg") if "msg" in answer else min(1, len(items))
+
+    def join(pairs: list[tuple[str, Any]]) -> str:
+        return ",".join(f"{json.dumps(k)}:{_dumps(v).decode()}" for k, v in pairs if k != "msg")
+
+    before, after = join(items[:at]), join(items[at:])
+    msg_open = _dumps(msg if isinstance(msg, str) else "").decode()[:-1]  # without its closing quote
+    head = "{" + before + ("," if before else "") + '"msg":' + msg_open
+    tail = '"' + ("," + after if after else "") + "}"
+    return head.encode(), tail.encode()
+
+
+def _inject_reason(reason: dict[str, Any]) -> None:
+    for name in ("exception_message", "node_name"):
+        if isinstance(reason.get(name), str):
+            reason[name] += CONTROL_INJECTION
+    trace = reason.get("traceback")
+    if isinstance(trace, list):
+        trace.append(CONTROL_INJECTION)
+    elif isinstance(trace, str):
+        try:
+            frames = json.loads(trace)
+        except ValueError:
+            frames = None
+        reason["traceback"] = (json.dumps([*frames, CONTROL_INJECTION]) if isinstance(frames, list)
+                               else trace + CONTROL_INJECTION)
+
+
+def _inject_control(body: bytes) -> bytes | None:
+    """``body`` with ``CONTROL_INJECTION`` in every text the service wrote; None if not JSON."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(answer, dict):
+        return None
+    for name in ("msg", "errorMessage"):
+        if isinstance(answer.get(name), str):
+            answer[name] += CONTROL_INJECTION
+    data = answer.get("data")
+    for reason in (answer.get("failedReason"), data.get("failedReason") if isinstance(data, dict) else None):
+        if isinstance(reason, dict):
+            _inject_reason(reason)
+    for items in (data, answer.get("results")):
+        for item in items if isinstance(items, list) else ():
+            for name in ("fileType", "outputType"):
+                if isinstance(item, dict) and isinstance(item.get(name), str):
+                    item[name] += CONTROL_INJECTION
+    return _dumps(answer)
 
 
 def _key_from(body: dict[str, Any], request: web.Request) -> str | None:
