@@ -49,7 +49,7 @@ from common import (  # noqa: E402
 
 from pipeline import config  # noqa: E402
 
-SECTIONS = ("slots", "calls", "window", "client", "manifest", "resume", "compare")
+SECTIONS = ("slots", "calls", "api", "window", "client", "manifest", "resume", "compare")
 RUN_TIMEOUT_S = 1800.0
 
 # rhbatch's defaults in real seconds (pipeline/config.py); benchmarks divide them by the time scale
@@ -80,7 +80,7 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def rhbatch_in_process(sim: SimProcess, workdir: Path, tasks: int, concurrency: int,
-                       name: str) -> dict[str, Any]:
+                       name: str, api: str = "auto") -> dict[str, Any]:
     """``run_batch`` in this process, intervals scaled by the simulator's time scale."""
     from pipeline.config import resolve_settings
     from pipeline.runs import ManifestArgs, run_batch
@@ -88,7 +88,7 @@ def rhbatch_in_process(sim: SimProcess, workdir: Path, tasks: int, concurrency: 
     scale = sim.time_scale
     manifest = write_manifest(workdir / f"{name}.csv", tasks)
     settings = resolve_settings(
-        api_key=api_key(), base_url=sim.base_url, env={}, concurrency=concurrency,
+        api_key=api_key(), base_url=sim.base_url, env={}, concurrency=concurrency, api=api,
         **{k: v / scale for k, v in REAL_INTERVALS_S.items()},
     )
     run_dir = workdir / name
@@ -139,6 +139,31 @@ def bench_slots(workdir: Path, *, tasks: int, concurrency: int, duration_s: floa
     return rows, {"result": result, "audit": audit}
 
 
+def bench_api(workdir: Path, *, tasks: int, concurrency: int, duration_s: float,
+              time_scale: float) -> list[Row]:
+    """The same run with --api v1 and --api v2, side by side: calls per task and how soon a
+    task's end is recorded (goal: <= 2.5 calls each, p95 detection within 1 s)."""
+    rows = []
+    for api in ("v1", "v2"):
+        config = sim_config(concurrency=concurrency, duration_s=duration_s, time_scale=time_scale)
+        with SimProcess(workdir, config) as sim:
+            result = rhbatch_in_process(sim, workdir, tasks, concurrency, f"api-{api}", api=api)
+        audit = result["audit"]
+        done = max(1, audit["finished"])
+        per_task = audit["requests"] / done
+        lat = sorted(result["latencies"])
+        p95 = lat[int(0.95 * (len(lat) - 1))] if lat else float("nan")
+        routes = ", ".join(f"{k} {v / done:.2f}" for k, v in sorted(audit["by_route"].items()))
+        rows += [
+            Row("api", f"--api {api}: {tasks} tasks, C={concurrency}, D={duration_s:g}s: calls / "
+                "task", _fmt(per_task, 2), "<= 2.5", per_task <= 2.5),
+            Row("api", f"--api {api}: detection latency p95, sim s", f"{p95:.2f}", "<= 1",
+                p95 <= 1.0),
+            Row("api", f"--api {api}: calls per task by route", routes),
+        ]
+    return rows
+
+
 def bench_window(workdir: Path, *, tasks: int, duration_s: float, time_scale: float) -> list[Row]:
     """A 1-slot key run at --concurrency 1 and at --concurrency 8, side by side: the window must
     learn the key's limit from the first capacity answer instead of paying one on every row."""
@@ -176,9 +201,10 @@ def calls_rows(slots: dict[str, Any], *, tasks: int) -> list[Row]:
         Row("calls", "API requests / task (all routes, simulator audit)", _fmt(per_task, 2),
             "<= 3.0", per_task <= 3.0),
     ]
-    for route in ("create", "outputs", "account_status"):
+    for route in ("create", "v2_query", "outputs", "account_status"):
         rows.append(Row("calls", f"  {route} / task", _fmt(by_route.get(route, 0) / done, 2)))
-    others = sum(v for k, v in by_route.items() if k not in ("create", "outputs", "account_status"))
+    others = sum(v for k, v in by_route.items()
+                 if k not in ("create", "v2_query", "outputs", "account_status"))
     if others:
         rows.append(Row("calls", "  other routes / task", _fmt(others / done, 2)))
     refused = sum(v for k, v in audit["create_codes"].items() if k != "0")
@@ -442,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows += slot_rows
             if "calls" in only:
                 rows += calls_rows(slots, tasks=slot_tasks)
+        if "api" in only:
+            rows += bench_api(workdir, tasks=40 if smoke else 400, concurrency=10 if smoke else 20,
+                              duration_s=30.0, time_scale=time_scale)
         if "window" in only:
             rows += bench_window(workdir, tasks=8 if smoke else 24, duration_s=30.0,
                                  time_scale=time_scale)

@@ -78,7 +78,8 @@ def manifest_options(func: F) -> F:
         "workflow_files",
         multiple=True,
         metavar="[ID=]FILE",
-        help="The workflow in API format, for preflight without fetching it (repeatable).",
+        help="The workflow in API format, for preflight without fetching it (repeatable; "
+             "default: the run's cache, else getJsonApiFormat with the key, else no preflight).",
     )(func)
     func = click.option(
         "--allow-duplicates",
@@ -90,23 +91,28 @@ def manifest_options(func: F) -> F:
         type=click.Path(dir_okay=False, path_type=Path),
         help="A JSON Schema each row must satisfy (default: schemas/manifest.schema.json).",
     )(func)
-    func = click.option("--workflow-id", help="Workflow id for rows without a workflowId.")(func)
+    func = click.option("--workflow-id", help="Workflow id for rows without a workflowId "
+                                              "(default: none: each row or the JSON manifest "
+                                              "gives it).")(func)
     func = click.option(
         "--bind",
         "binds",
         multiple=True,
         metavar="COLUMN=NODE.FIELD",
-        help="Send COLUMN as the value of NODE.FIELD (repeatable).",
+        help="Send COLUMN as the value of NODE.FIELD (repeatable; default: only columns named "
+             "NODE.FIELD, and a JSON manifest's bindings, are sent).",
     )(func)
     return func
 
 
 def connection_options(func: F) -> F:
     func = click.option(
-        "--base-url", help="RunningHub base URL [env RUNNINGHUB_BASE_URL; https://www.runninghub.ai]"
+        "--base-url", help="RunningHub base URL (default: $RUNNINGHUB_BASE_URL, else "
+                           "https://www.runninghub.ai; a .cn key needs https://www.runninghub.cn)."
     )(func)
     func = click.option(
-        "--api-key", help="RunningHub API key [env RUNNINGHUB_API_KEY; prefer the environment]"
+        "--api-key", help="RunningHub API key (default: $RUNNINGHUB_API_KEY; prefer the "
+                          "environment: a flag shows in the process list)."
     )(func)
     return func
 
@@ -143,7 +149,15 @@ class _Commands(click.Group):
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rhbatch")
 def cli() -> None:
-    """Run large, resumable batches of ComfyUI workflows on RunningHub."""
+    """Run large, resumable batches of ComfyUI workflows on RunningHub.
+
+    \b
+    Exit codes:
+      0  every row succeeded
+      1  some rows failed or are unknown
+      2  bad input or usage
+      3  stopped: credentials, balance, budget, interrupt, outage; resumable
+    """
 
 
 # -- validate ------------------------------------------------------------------------------
@@ -401,14 +415,18 @@ def budget_options(func: F) -> F:
 @base_url_moved_option
 @manifest_options
 @connection_options
-@click.option("--concurrency", type=int, help="Tasks in flight at most (the account's limit).")
-@click.option("--poll-interval", type=float, help="Seconds between polls of one task.")
+@click.option("--concurrency", type=int, help="Tasks in flight at most: the account's limit "
+                                               "(default: 1; 50 for enterprise shared keys).")
+@click.option("--poll-interval", type=float, help="Seconds between polls of one task (default: 5).")
 @click.option("--account-poll-interval", type=float,
               help="Longest wait in seconds between reads of the account's live task count "
-                   "(read up to 4x as often while many tasks end often).")
+                   "(default: 2; read up to 4x as often while many tasks end often).")
 @click.option("--request-deadline", type=float,
               help="Seconds one request may take in all: connect, send and the whole answer "
                    "(default: 60). A create past it is SUBMIT_UNKNOWN, never resent.")
+@click.option("--api", type=click.Choice(["auto", "v1", "v2"]),
+              help="RunningHub API generation (default: auto: creates on v1, reads with v2 "
+                   "query, all on v2 for a key whose v1 task routes are gone; kept with the run).")
 @click.option("--task-timeout", type=float, metavar="HOURS",
               help="Cancel a task that has not ended this many hours after its create; its row "
                    "is FAILED with code 9100 (default: 6).")
@@ -416,14 +434,19 @@ def budget_options(func: F) -> F:
               help="Stop (exit 3, resumable) once RunningHub has been unreachable this long "
                    "(default: never; one status line a minute says since when).")
 @budget_options
-@click.option("--webapp-id", help="Run this AI app (ai-app/run) instead of a workflow.")
-@click.option("--instance-type", type=click.Choice(["default", "plus", "ultra"]))
-@click.option("--use-personal-queue", is_flag=True, default=None)
+@click.option("--webapp-id", help="Run this AI app (ai-app/run) instead of a workflow "
+                                   "(default: none: the manifest's workflows run).")
+@click.option("--instance-type", type=click.Choice(["default", "plus", "ultra"]),
+              help="RunningHub machine class for every task: default 24 GB, plus 48 GB, ultra "
+                   "(default: not sent, so RunningHub's default; an instanceType column wins).")
+@click.option("--use-personal-queue", is_flag=True, default=None,
+              help="Dedicated keys: queue tasks while every owned machine is busy instead of "
+                   "415 (sent as usePersonalQueue; default: not sent).")
 @click.option("--webhook-url", help="Passed to RunningHub as webhookUrl (with --webhook-listen: "
-              "the public base URL that forwards to the listener).")
+              "the public base URL that forwards to the listener; default: none).")
 @click.option("--webhook-listen", metavar="HOST:PORT",
               help="Receive TASK_END webhooks here to learn of finished tasks early (polling stays "
-              "the authority).")
+              "the authority; default: none: polling alone).")
 @click.option("--dry-run", is_flag=True, help="Print the exact request bodies; send nothing.")
 @click.option("--download", is_flag=True, help="Download output files as tasks finish.")
 @click.option("--progress-interval", type=float, default=PROGRESS_INTERVAL_S, show_default=True,
@@ -437,7 +460,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         schema: Path | None, allow_duplicates: bool, workflow_files: tuple[str, ...],
         no_preflight: bool, strict: bool, api_key: str | None, base_url: str | None,
         concurrency: int | None, poll_interval: float | None,
-        account_poll_interval: float | None, request_deadline: float | None,
+        account_poll_interval: float | None, request_deadline: float | None, api: str | None,
         task_timeout: float | None, give_up_after: float | None, max_coins: float | None,
         max_money: float | None, expected_coins: float | None, webapp_id: str | None,
         instance_type: str | None,
@@ -483,6 +506,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         poll_interval_s=poll_interval,
         account_poll_interval_s=account_poll_interval,
         request_deadline_s=request_deadline,
+        api=api,
         task_timeout_s=None if task_timeout is None else task_timeout * 3600,
         give_up_after_s=give_up_after,
         task_options=task_options,
@@ -536,10 +560,13 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
 @click.option("--status", "statuses", multiple=True,
               type=click.Choice(["FAILED", "CANCELLED", "SUCCESS"]),
               help="Rows in this state (repeatable; default FAILED, or none with --unknown).")
-@click.option("--code", "codes", multiple=True, type=int, help="Rows that failed with this code.")
+@click.option("--code", "codes", multiple=True, type=int,
+              help="Rows that failed with this code (repeatable; default: any code).")
 @click.option("--class", "classes", multiple=True,
-              help="Failure class: task_failed, row_fatal, task_gone, oom, cancelled.")
-@click.option("--where", help="Expression over columns, e.g. \"`3.cfg` >= 7 and status == 'FAILED'\".")
+              help="Failure class: task_failed, row_fatal, task_gone, oom, cancelled, unknown "
+                   "(repeatable; default: any class).")
+@click.option("--where", help="Expression over columns, e.g. \"`3.cfg` >= 7 and status == "
+                               "'FAILED'\" (default: no condition).")
 @click.option("--unknown", is_flag=True, help="Also SUBMIT_UNKNOWN rows (needs --accept-double-pay).")
 @click.option("--accept-double-pay", is_flag=True,
               help="I checked RunningHub's call records: resubmitting unknown rows may bill twice.")
@@ -613,7 +640,8 @@ def retry(run_dir: Path, statuses: tuple[str, ...], codes: tuple[int, ...], clas
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--by", multiple=True, help="Group counts by an input column (repeatable).")
+@click.option("--by", multiple=True,
+              help="Group counts by an input column (repeatable; default: no grouping).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
 def status(run_dir: Path, by: tuple[str, ...], as_json: bool) -> None:
@@ -665,7 +693,8 @@ def status(run_dir: Path, by: tuple[str, ...], as_json: bool) -> None:
 
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default="jsonl")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default="jsonl",
+              help="Format of the output manifest (default: jsonl).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="File to write (default: RUN_DIR/results.FORMAT).")
 @handle_errors
@@ -713,7 +742,8 @@ def account(api_key: str | None, base_url: str | None) -> None:
 @cli.command()
 @click.argument("workflow_id", required=False)
 @click.option("--workflow-json", "workflow_file", type=click.Path(exists=True, dir_okay=False),
-              help="Read the API-format JSON from a file instead of RunningHub.")
+              help="Read the API-format JSON from a file instead of RunningHub (default: "
+                   "fetched with getJsonApiFormat, which needs the key).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @connection_options
 @handle_errors
@@ -783,8 +813,10 @@ def download(run_dir: Path, jobs: int, max_mb: float) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--x", "x", help="Input column laid out across the contact sheet.")
-@click.option("--y", "y", help="Input column laid out down the contact sheet.")
+@click.option("--x", "x", help="Input column laid out across the contact sheet (default: of the "
+                                "two bound columns with the most values, the one with fewer).")
+@click.option("--y", "y", help="Input column laid out down the contact sheet (default: the bound "
+                                "column with the most values that --x is not).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="HTML file (default RUN_DIR/report.html).")
 @handle_errors
@@ -806,7 +838,8 @@ def report(run_dir: Path, x: str | None, y: str | None, output: Path | None) -> 
               help="Refuse larger sweeps unless --yes.")
 @click.option("--yes", is_flag=True, help="Write even past --max-rows.")
 @click.option("--cost-from", "cost_from", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="An earlier run directory: print the expected coins from its cost per task.")
+              help="An earlier run directory: print the expected coins from its cost per task "
+                   "(default: none, no estimate).")
 @handle_errors
 def sweep(spec: Path, output: Path, max_rows: int, yes: bool, cost_from: Path | None) -> None:
     """Expand a sweep SPEC (YAML or JSON) into a manifest, streaming."""
@@ -833,10 +866,12 @@ def sweep(spec: Path, output: Path, max_rows: int, yes: bool, cost_from: Path | 
 
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("outputs/demo"), show_default=True)
+              default=Path("outputs/demo"), show_default=True,
+              help="Run directory; one an earlier demo made is replaced, any other must be new "
+                   "or empty.")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Manifest to run (default: the demo_sweep.csv shipped with rhbatch).")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @handle_errors
 def demo(out_dir: Path, manifest: Path | None, quiet: bool) -> None:
     """Start the simulator in-process and run an example sweep against it."""

@@ -20,6 +20,7 @@ service states in its own envelope is :class:`SubmitUnknownError`, never resent 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import json
 import logging
@@ -66,6 +67,19 @@ ACCOUNT_PATH = "/uc/openapi/accountStatus"
 UPLOAD_PATH = "/task/openapi/upload"
 WORKFLOW_JSON_PATH = "/api/openapi/getJsonApiFormat"
 V2_QUERY_PATH = "/openapi/v2/query"
+V2_RUN_WORKFLOW_PATH = "/openapi/v2/run/workflow/{}"
+V2_RUN_APP_PATH = "/openapi/v2/run/ai-app/{}"
+V2_UPLOAD_PATH = "/openapi/v2/media/upload/binary"
+V2_QUEUE_PATH = "/openapi/v2/queue/status"
+#: ``--api``: which generation creates and reads. ``auto`` creates on v1 and reads with v2 query,
+#: and moves creates to v2 when the key's v1 task routes are gone (see RunningHubClient.detect).
+APIS = ("auto", "v1", "v2")
+# v2 task states as rhbatch names them (CREATE is a task not yet queued).
+V2_STATES = {"CREATE": "QUEUED", "QUEUED": "QUEUED", "RUNNING": "RUNNING", "SUCCESS": "SUCCESS",
+             "FAILED": "FAILED", "CANCEL": "FAILED", "CANCELLED": "FAILED"}
+# A task id that arrives as a bare JSON number above 2**53 may have lost its last digits on the way
+# (runninghub-api-2026.md: a JavaScript layer); such an id is kept, flagged, and never matched.
+EXACT_JSON_INT = 2**53
 
 # HTTP statuses after which a *poll* is simply asked again (a create is never resent on them).
 RETRY_HTTP = frozenset({429, 503})
@@ -80,6 +94,10 @@ MAX_STORED_TEXT = 4000
 # connection): 60 connections cost ~0.6 ms of CPU per request, 1,000 would cost tens of ms.
 HTTP_MAX_CONNECTIONS = 16
 TASK_OPTION_FIELDS = ("addMetadata", "instanceType", "usePersonalQueue", "retainSeconds", "webhookUrl")
+
+
+class _NoRoute(Exception):
+    """The service has no such route (HTTP 404): use the other generation's."""
 
 
 class AnswerTooLarge(httpx.ReadError):
@@ -152,7 +170,7 @@ def _create_retryable(exc: BaseException) -> bool:
 
 # -- reading an answer ----------------------------------------------------------------------
 
-_UNPARSED: Any = object()  # the body is not strict JSON
+NOT_JSON: Any = object()  # the body is not strict JSON
 
 
 def _no_constant(name: str) -> Any:
@@ -167,12 +185,12 @@ def _finite_float(text: str) -> float:
 
 
 def parse_json(body: bytes | str) -> Any:
-    """Strict JSON (RFC 8259): no NaN/Infinity, no overflowing floats; :data:`_UNPARSED` for
+    """Strict JSON (RFC 8259): no NaN/Infinity, no overflowing floats; :data:`NOT_JSON` for
     anything else, including nesting too deep for the parser."""
     try:
         return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        return _UNPARSED
+        return NOT_JSON
 
 
 @dataclass
@@ -186,7 +204,7 @@ class Answer:
 
     def json(self) -> Any:
         if self._parsed is None:
-            self._parsed = parse_json(self.body) if self.body else _UNPARSED
+            self._parsed = parse_json(self.body) if self.body else NOT_JSON
         return self._parsed
 
 
@@ -337,6 +355,23 @@ CREATE_RULES: tuple[CreateRule, ...] = (
 )
 
 
+def _created_task_id(parsed: dict[str, Any]) -> str | None:
+    """The task id a create answer carries: ``data.taskId`` on v1, ``taskId`` on v2's flat one."""
+    if "code" in parsed or "data" in parsed:
+        return _task_id(parsed.get("data"))
+    return _task_id(parsed)
+
+
+def _answer_code(parsed: dict[str, Any]) -> int | None:
+    """The business code: v1 ``code`` (an integer), v2 ``errorCode`` (digits; "" means none)."""
+    if "code" in parsed or "errorCode" not in parsed:
+        return _int_code(parsed)
+    value = parsed.get("errorCode")
+    if value == "":
+        return 0
+    return _int_code({"code": value})
+
+
 def _task_id(data: Any) -> str | None:
     if not isinstance(data, dict):
         return None
@@ -357,9 +392,9 @@ def create_rule(answer: Answer | None, error: TransportError | None) -> int:
         return 0 if not error.sent else 7
     parsed = answer.json()
     if isinstance(parsed, dict):
-        if _task_id(parsed.get("data")) is not None:
+        if _created_task_id(parsed) is not None:
             return 1
-        code = _int_code(parsed)
+        code = _answer_code(parsed)
         if code is not None and code in CODES:
             outcome = REFUSALS.get(classify(code))
             if outcome is not None:
@@ -382,29 +417,33 @@ def interpret_create(answer: Answer | None, error: TransportError | None, *,
             "be billed, so it is not resent automatically"
         )
     parsed = answer.json()
+    v2 = isinstance(parsed, dict) and "code" not in parsed and "data" not in parsed
     if rule.outcome is CreateOutcome.CREATED:
-        data = parsed["data"]
-        task_id = _task_id(data)
+        data = parsed if v2 else parsed["data"]
+        task_id = _created_task_id(parsed)
         assert task_id is not None
-        status = str(data.get("taskStatus") or "QUEUED").upper()
+        status = str(data.get("status" if v2 else "taskStatus") or "QUEUED").upper()
         if status not in ("QUEUED", "RUNNING", "FAILED", "SUCCESS"):
             status = "QUEUED"
         tips = parse_prompt_tips(data.get("promptTips"))
-        code = _int_code(parsed)
+        code = _answer_code(parsed)
+        message = parsed.get("errorMessage" if v2 else "msg", "")
         return Submitted(task_id, status, tips, code if code is not None else 0,
-                         clean_text(parsed.get("msg", ""), 500))
+                         clean_text(message or "", 500))
     if rule.outcome in (CreateOutcome.WAIT, CreateOutcome.ROW_FAILED, CreateOutcome.RUN_STOPPED):
-        code = _int_code(parsed)
+        code = _answer_code(parsed)
         assert code is not None
-        raise api_error_for(code, clean_text(parsed.get("msg", ""), 500), parsed.get("data"),
-                            where="create", base_url=base_url)
+        message = parsed.get("errorMessage" if v2 else "msg", "")
+        data = parsed if v2 else parsed.get("data")
+        raise api_error_for(code, clean_text(message or "", 500), data, where="create",
+                            base_url=base_url)
     # unknown: say what came back, and stop the run where every later create would fare the same
     http_status = answer.status
     stop: str | None = None
     if isinstance(parsed, dict) and http_status == 200:
-        raw_code = parsed.get("code")
-        what = (f"code {clean_text(json.dumps(raw_code), 40)}" if _int_code(parsed) is None
-                else f"code {raw_code} without a taskId")
+        raw_code = parsed.get("code", parsed.get("errorCode"))
+        what = (f"code {clean_text(json.dumps(raw_code), 40)}" if _answer_code(parsed) is None
+                else f"code {clean_text(json.dumps(raw_code), 40)} without a taskId")
     elif http_status != 200:
         what = f"HTTP {http_status}"
         if 300 <= http_status < 400:
@@ -435,6 +474,7 @@ class TaskResult:
     failed_reason: Any = None
     code: int = 0
     msg: str = ""
+    cost: Cost | None = None  # when the answer carried it (v2 query's usage)
 
 
 @dataclass(frozen=True)
@@ -515,6 +555,10 @@ class RunningHubClient:
         )
         self.deadline_s = settings.request_deadline_s
         self.requests_sent = 0
+        # which generation creates and which reads; ``detect`` settles "auto" from the service
+        self.api = settings.api
+        self.create_api = "v2" if settings.api == "v2" else "v1"
+        self.read_api = "v1" if settings.api == "v1" else "v2"
 
     async def __aenter__(self) -> RunningHubClient:
         return self
@@ -527,13 +571,14 @@ class RunningHubClient:
 
     # -- the exchange -----------------------------------------------------------------------
 
-    async def _exchange(self, path: str, **request: Any) -> Answer:
-        """POST once within the request deadline; the answer read whole, bounded and decoded.
+    async def _exchange(self, path: str, *, method: str = "POST", **request: Any) -> Answer:
+        """One request (POST unless ``method``) within the request deadline; the answer read
+        whole, bounded and decoded.
 
         Raises :class:`TransportError` whose ``sent`` is False only when no byte of the request can
         have reached the service (no connection could be made).
         """
-        built = self._http.build_request("POST", path, **request)
+        built = self._http.build_request(method, path, **request)
         built.extensions["rhbatch_max_bytes"] = API_MAX_BYTES  # the aiohttp stack stops reading there
         self.requests_sent += 1
         response: httpx.Response | None = None
@@ -597,7 +642,7 @@ class RunningHubClient:
                 )
             raise TransportError(f"{path}: HTTP {status}", sent=status not in RETRY_HTTP,
                                  retry_after_s=retry_after)
-        if parsed is _UNPARSED:
+        if parsed is NOT_JSON:
             raise TransportError(
                 f"{path}: the answer was not JSON ({len(answer.body)} bytes)", sent=True
             )
@@ -613,12 +658,19 @@ class RunningHubClient:
         Raises CapacityError, RowFatalError, RunFatalError (refused: no task was made) or
         SubmitUnknownError (a task may exist and may be billed).
         """
-        path = APP_RUN_PATH if "webappId" in body else CREATE_PATH
+        if self.create_api == "v2":
+            rest = {k: v for k, v in body.items() if k not in ("workflowId", "webappId")}
+            path = (V2_RUN_APP_PATH.format(body["webappId"]) if "webappId" in body
+                    else V2_RUN_WORKFLOW_PATH.format(body["workflowId"]))
+            payload = rest
+        else:
+            path = APP_RUN_PATH if "webappId" in body else CREATE_PATH
+            payload = {"apiKey": self._key, **body}
         answer: Answer | None = None
         try:
             async for attempt in self.policy.retrying(_create_retryable, "create"):
                 with attempt:
-                    answer = await self._exchange(path, json={"apiKey": self._key, **body})
+                    answer = await self._exchange(path, json=payload)
         except TransportError as exc:
             if exc.sent:
                 return interpret_create(None, exc, base_url=self.base_url)
@@ -634,6 +686,119 @@ class RunningHubClient:
                 if code == 1003:
                     raise CapacityError(f"{what}: rate limited (1003)", code=1003)
         return envelope
+
+    async def poll(self, task_id: str) -> TaskResult:
+        """A task's state, as the read generation in use tells it (v2 ``query`` or v1 ``outputs``).
+
+        On v2 a failed task whose failedReason has no traceback is asked of v1 ``outputs`` too,
+        where v1 still answers: it is the more reliable place for the traceback.
+        """
+        if self.read_api == "v1":
+            return await self.outputs(task_id)
+        result = await self.query(task_id)
+        if (result.state == "FAILED" and self.create_api == "v1" and
+                not (isinstance(result.failed_reason, dict) and result.failed_reason.get("traceback"))):
+            try:
+                legacy = await self.outputs(task_id)
+            except ApiError:
+                return result
+            if legacy.state == "FAILED" and legacy.failed_reason:
+                return dataclasses.replace(result, failed_reason=legacy.failed_reason)
+        return result
+
+    async def query(self, task_id: str) -> TaskResult:
+        """v2 ``query``: state, results (``nodeId`` may be absent), usage and failedReason."""
+        data: Any = None
+        async for attempt in self.policy.retrying(_poll_retryable, "query"):
+            with attempt:
+                answer = await self._exchange(V2_QUERY_PATH, json={"taskId": task_id})
+                data = answer.json()
+                if answer.status != 200:
+                    if isinstance(data, dict) and _int_code(data) not in (None, 0):
+                        raise api_error_for(_code(data), clean_text(data.get("msg", ""), 500),
+                                            None, where="query", base_url=self.base_url)
+                    raise TransportError(f"query: HTTP {answer.status}", sent=True)
+                if not isinstance(data, dict):
+                    raise TransportError("query: the answer is not a JSON object", sent=True)
+                if "code" in data and "status" not in data:  # a v1 envelope: 412 on an old service
+                    code = _code(data)
+                    raise api_error_for(code, clean_text(data.get("msg", ""), 500),
+                                        data.get("data"), where="query", base_url=self.base_url)
+                error_code = _answer_code(data)
+                if error_code == 1003:
+                    raise CapacityError("query: rate limited (1003)", code=1003)
+        assert isinstance(data, dict)
+        state = V2_STATES.get(str(data.get("status") or "").upper())
+        error_code = _answer_code(data)
+        message = clean_text(data.get("errorMessage") or "", 500)
+        if state is None:
+            if error_code:
+                raise api_error_for(error_code, message, None, where="query",
+                                    base_url=self.base_url)
+            raise TransportError(f"query: unknown task status {clean_text(data.get('status'), 40)}",
+                                 sent=True)
+        cost = cost_of_usage(data)
+        if state == "SUCCESS":
+            results = data.get("results")
+            items: list[Any] = results if isinstance(results, list) else []
+            return TaskResult("SUCCESS", [normalize_output(i) for i in items if isinstance(i, dict)],
+                              cost=cost)
+        if state == "FAILED":
+            reason = normalize_failed_reason(data.get("failedReason"))
+            if not isinstance(reason, dict):
+                reason = {"exception_message": message} if message else {}
+            reason = {**reason, "v2ErrorCode": data.get("errorCode"), "v2Status": data.get("status")}
+            # 805 as on v1, so a run reads the same whichever generation it polls with
+            return TaskResult("FAILED", failed_reason=reason, code=805, msg=message, cost=cost)
+        return TaskResult(state, code=0, msg=message)
+
+    async def detect(self) -> str:
+        """Settle ``--api auto`` from the service's own answers before any create, and say how.
+
+        v1 is probed with a harmless ``outputs`` read of a task id that cannot exist: a v1 that
+        works answers 807 (or 423/1004/301); a key whose v1 task routes are gone gets 412 or an
+        HTTP 404. v2 is probed with ``query`` of the same id (1004/1007 when it works).
+        """
+        if self.api != "auto":
+            return f"RunningHub API {self.api}: creates and reads on {self.api} (--api {self.api})"
+        v1 = await self._probe(OUTPUTS_PATH, {"apiKey": self._key, "taskId": "1"})
+        v2 = await self._probe(V2_QUERY_PATH, {"taskId": "1"})
+        if not v1 and v2:
+            self.create_api = self.read_api = "v2"
+            return ("RunningHub API: this key's v1 task routes are gone (412 / HTTP 404 on a v1 "
+                    "read); creates and reads on v2")
+        if not v2:
+            self.read_api = "v1"
+            return "RunningHub API: creates on v1 and reads with v1 outputs (v2 query did not answer)"
+        return "RunningHub API: creates on v1, reads with v2 query (usage and money included)"
+
+    async def _probe(self, path: str, body: dict[str, Any]) -> bool:
+        """Whether ``path`` is a live route for this key (any task-level answer counts)."""
+        try:
+            answer = await self._exchange(path, json=body)
+        except TransportError:
+            return True  # no verdict: keep the default, the run's own requests will tell
+        if answer.status == 404:
+            return False
+        parsed = answer.json()
+        if not isinstance(parsed, dict):
+            return True
+        code = _answer_code(parsed)
+        return code not in (412, 802)
+
+    async def queue_limit(self) -> int | None:
+        """v2 ``queue/status``'s ``concurrentLimit`` (the key's slots), or None if not given."""
+        try:
+            answer = await self._exchange(V2_QUEUE_PATH, method="GET")
+        except TransportError:
+            return None
+        data = answer.json()
+        if isinstance(data, dict) and isinstance(data.get("data"), dict):
+            data = data["data"]
+        if not isinstance(data, dict):
+            return None
+        limit = _num(data.get("concurrentLimit"))
+        return int(limit) if limit is not None and limit >= 1 and limit.is_integer() else None
 
     async def outputs(self, task_id: str) -> TaskResult:
         """A task's state and, when it has ended, its files or its failedReason."""
@@ -721,28 +886,54 @@ class RunningHubClient:
         return parsed
 
     async def upload(self, path: Path, file_type: str = "input") -> str:
-        """Upload one input file; returns the ``fileName`` to send as the loader's value."""
-        content = path.read_bytes()
+        """Upload one input file; returns the ``fileName`` to send as the loader's value.
 
-        async def once() -> dict[str, Any]:
-            answer = await self._exchange(
-                UPLOAD_PATH,
-                data={"apiKey": self._key, "fileType": file_type},
-                files={"file": (path.name, content)},
-            )
-            envelope = self._envelope(UPLOAD_PATH, answer)
+        With v2 reads, v2 ``media/upload/binary`` first; v1 ``upload`` where v2 has no such
+        route (HTTP 404, or an old service's 412) or gives no ``fileName``.
+        """
+        content = path.read_bytes()
+        v2_first = self.read_api == "v2"
+
+        async def once(route: str) -> dict[str, Any]:
+            fields = {"fileType": file_type} if route == V2_UPLOAD_PATH else {
+                "apiKey": self._key, "fileType": file_type}
+            answer = await self._exchange(route, data=fields, files={"file": (path.name, content)})
+            if route == V2_UPLOAD_PATH and answer.status == 404:
+                raise _NoRoute(route)
+            envelope = self._envelope(route, answer)
             if _code(envelope) == 808:
                 raise TransientApiError("upload failed (808)", code=808)
             return envelope
 
-        async for attempt in self.policy.retrying(_poll_retryable, "upload"):
-            with attempt:
-                envelope = await once()
+        async def attempt_on(route: str) -> dict[str, Any]:
+            result: dict[str, Any] = {}
+            async for attempt in self.policy.retrying(_poll_retryable, "upload"):
+                with attempt:
+                    result = await once(route)
+            return result
+
+        envelope: dict[str, Any] = {}
+        if v2_first:
+            try:
+                envelope = await attempt_on(V2_UPLOAD_PATH)
+                data = envelope.get("data")
+                if _code(envelope) in (412, 802) or not (
+                        isinstance(data, dict) and (data.get("fileName") or data.get("filename"))):
+                    if _code(envelope) not in (0, 200, 412, 802):
+                        raise api_error_for(_code(envelope), clean_text(
+                            envelope.get("message") or envelope.get("msg") or "", 500), data,
+                            where=f"upload of {path.name}", base_url=self.base_url)
+                    envelope = {}
+            except _NoRoute:
+                envelope = {}
+        if not envelope:
+            envelope = await attempt_on(UPLOAD_PATH)
         code = _code(envelope)
         data = envelope.get("data")
         if code not in (0, 200) or not isinstance(data, dict):
             msg = str(envelope.get("msg") or envelope.get("message") or "")
-            raise api_error_for(code, msg, data, where=f"upload of {path.name}", base_url=self.base_url)
+            raise api_error_for(code, msg, data, where=f"upload of {path.name}",
+                                base_url=self.base_url)
         name = data.get("fileName") or data.get("filename")
         if not name:
             raise ApiError(f"upload of {path.name} returned no fileName")
@@ -766,8 +957,12 @@ def cost_of_usage(data: dict[str, Any]) -> Cost | None:
         for child in children_raw:
             if isinstance(child, dict) and isinstance(child.get("usage"), dict):
                 cu = child["usage"]
+                raw_id = child.get("taskId")
                 children.append({
-                    "taskId": None if child.get("taskId") is None else str(child.get("taskId")),
+                    "taskId": None if raw_id is None else str(raw_id),
+                    # a bare number past 2**53 may have lost digits on the way (never matched)
+                    "taskIdExact": not (isinstance(raw_id, int | float) and not isinstance(
+                        raw_id, bool) and abs(raw_id) > EXACT_JSON_INT),
                     "consumeCoins": _num(cu.get("consumeCoins")),
                     "consumeMoney": _num(cu.get("consumeMoney")),
                     "thirdPartyConsumeMoney": _num(cu.get("thirdPartyConsumeMoney")),
@@ -825,7 +1020,7 @@ def normalize_failed_reason(reason: Any) -> Any:
     every part bounded for storage (see :func:`_bounded`)."""
     if isinstance(reason, str):
         decoded = parse_json(reason)
-        if decoded is _UNPARSED:
+        if decoded is NOT_JSON:
             return {"exception_message": clip(reason, MAX_STORED_TEXT)}
         reason = decoded
     if not isinstance(reason, dict):
@@ -835,6 +1030,6 @@ def normalize_failed_reason(reason: Any) -> Any:
         value = out.get(key)
         if isinstance(value, str) and value[:1] in "[{":
             decoded = parse_json(value)
-            if decoded is not _UNPARSED:
+            if decoded is not NOT_JSON:
                 out[key] = decoded
     return {str(k)[:200]: _bounded(v) for k, v in list(out.items())[:50]}

@@ -148,6 +148,8 @@ class Settings:
     read_timeout_s: float = HTTP_READ_TIMEOUT_S
     request_deadline_s: float = HTTP_REQUEST_DEADLINE_S
     task_timeout_s: float = TASK_TIMEOUT_S
+    api: str = "auto"  # which RunningHub API generation creates and reads (client.APIS)
+    concurrency_given: bool = False  # --concurrency was set: a cap over the key's stated limit
     give_up_after_s: float | None = None  # an outage this long stops the run (exit 3); None: never
     outage_report_interval_s: float = OUTAGE_REPORT_INTERVAL_S
     results_flush_interval_s: float = RESULTS_FLUSH_INTERVAL_S
@@ -204,6 +206,9 @@ def resolve_settings(
             f"{ENV_HTTP}={transport!r} is not a known HTTP stack: use one of {', '.join(HTTP_TRANSPORTS)}"
         )
     concurrency = values.get("concurrency", DEFAULT_CONCURRENCY)
+    values.setdefault("concurrency_given", "concurrency" in values)
+    if values.get("api", "auto") not in ("auto", "v1", "v2"):
+        raise ConfigError(f"--api {values['api']!r} is not one of auto, v1, v2")
     if not isinstance(concurrency, int) or concurrency < 1 or concurrency > 5000:
         raise ConfigError(f"--concurrency must be a whole number from 1 to 5000, not {concurrency!r}")
     for name, value in values.items():

@@ -147,6 +147,9 @@ _CODES = [
     Code(1504, "model timeout", Kind.TASK_FAILED),
     Code(1505, "real-person generation prohibited", Kind.ROW_FATAL),
     Code(1520, "TASK_USER_CONCURRENT_LIMIT", Kind.CAPACITY),
+    # v2: seen in clients as "no balance" (runninghub-api-2026.md)
+    Code(605, "NOT_ENOUGH_BALANCE", Kind.RUN_FATAL,
+         "top up the account's balance, then run the same command again to resume"),
     # rhbatch's own, never sent by RunningHub: the task outlived --task-timeout and was cancelled
     Code(9100, "RHBATCH_TASK_TIMEOUT", Kind.TASK_FAILED,
          "raise --task-timeout if such tasks are expected, then `rhbatch retry DIR --code 9100`"),

@@ -115,7 +115,7 @@ _JSON_RAW = re.compile("[\x7f-\x9f\u2028\u2029]")
 
 def json_text(value: Any) -> str:
     """``value`` as one line of JSON with no raw control character (non-ASCII text kept)."""
-    text = json.dumps(value, ensure_ascii=False)
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False)
     return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text) if _JSON_RAW.search(text) else text
 
 

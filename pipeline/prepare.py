@@ -43,6 +43,7 @@ from pipeline.preflight import (
     workflow_hash,
 )
 from pipeline.safetext import escape_controls
+from pipeline.store import check_run_subdir
 from pipeline.uploads import UPLOAD_CACHE_FILE, UploadCache, find_uploads, substitute, upload_all
 
 WORKFLOW_CACHE_DIR = "workflows"
@@ -94,6 +95,20 @@ def _with_client(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
         ) from None
 
 
+def load_checked(load: Callable[[], Manifest]) -> tuple[Manifest, Sequence[ProblemGroup]]:
+    """``load()``, and what it found wrong: a manifest that could be read as rows but has problems
+    comes back as the rows that later checks can still judge, with its problems, for
+    :func:`prepare_rows` (``earlier``) to report together with its own. A manifest that is not a
+    table of rows at all raises at once. Whatever the later checks find, rows with problems are
+    never stored: ``prepare_rows`` raises while ``earlier`` holds any."""
+    try:
+        return load(), ()
+    except ManifestProblems as exc:
+        if exc.manifest is None:
+            raise
+        return exc.manifest, exc.groups
+
+
 def load_and_prepare(
     load: Callable[[], Manifest],
     *,
@@ -107,13 +122,7 @@ def load_and_prepare(
     """Load a manifest with ``load`` and prepare its rows, reporting in one pass: a manifest whose
     rows break the schema or its bindings is still preflighted (the rows that can be judged) and
     its input files checked, and one ManifestError lists every problem, capped per kind."""
-    try:
-        manifest = load()
-        earlier: Sequence[ProblemGroup] = ()
-    except ManifestProblems as exc:
-        if exc.manifest is None:  # not a table of rows at all: nothing more to check
-            raise
-        manifest, earlier = exc.manifest, exc.groups
+    manifest, earlier = load_checked(load)
     prepared = prepare_rows(manifest, settings=settings, workflow_files=workflow_files,
                             run_dir=run_dir, preflight=preflight, upload=upload, strict=strict,
                             earlier=earlier)
@@ -138,16 +147,20 @@ def prepare_rows(
     prepared = Prepared(rows=rows)
     workflows: dict[str, dict[str, Any]] = parse_workflow_files(workflow_files, ids)
     missing = [w for w in ids if w not in workflows]
+    if run_dir is not None:
+        check_run_subdir(run_dir / WORKFLOW_CACHE_DIR)  # never a link out of the run
     cache = WorkflowCache(run_dir / WORKFLOW_CACHE_DIR) if run_dir is not None else None
+    fetched: dict[str, dict[str, Any]] = {}
     if missing and preflight:
-        if settings is not None and settings.api_key:
-            workflows.update(_with_client(
-                settings, lambda client: fetch_workflows(client, missing, cache)))
-        elif cache is not None:
+        if cache is not None:
             for wid in missing:
                 cached = cache.get(wid)
                 if cached is not None:
                     workflows[wid] = cached
+        to_fetch = [w for w in missing if w not in workflows]
+        if to_fetch and settings is not None and settings.api_key:
+            fetched = _with_client(settings, lambda client: fetch_workflows(client, to_fetch, None))
+            workflows.update(fetched)
     for wid, api_json in workflows.items():
         prepared.hashes[wid] = workflow_hash(api_json)
     still_missing = [w for w in ids if w not in workflows]
@@ -179,6 +192,9 @@ def prepare_rows(
     groups.append(ProblemGroup("file", tuple(upload_problems), upload_problems.total))
     if any(g.total for g in groups):
         raise ManifestProblems(escape_controls(manifest.source), groups)
+    if cache is not None:  # cached only now: a refused manifest leaves nothing in the run directory
+        for wid, api_json in fetched.items():
+            cache.put(wid, api_json)
     if paths and upload:
         if settings is None or not settings.api_key or run_dir is None:
             raise InputError(

@@ -9,7 +9,9 @@ The page (default ``DIR/report.html``) holds:
   across, ``y`` down). By default these are the two bound input columns with the most distinct
   values (the one with fewer values goes across); with one varying column, or axes too wide to
   draw, the rows are shown as a plain grid in input order. A row without a downloaded image shows a
-  placeholder with its status;
+  placeholder with its status. Each thumbnail is captioned with its row number and id and with
+  the values of the (at most three) input columns that tell apart the rows drawn in one cell: the
+  sheet's third axis, such as the seed of a prompt x cfg sheet;
 - failure triage: FAILED, CANCELLED and SUBMIT_UNKNOWN rows grouped by
   ``(status, error_code, failedReason.node_id, failedReason.exception_type)``, each group with how
   its rows spread over the input columns that vary in the run ("all 12 failures have
@@ -60,6 +62,7 @@ DISTINCT_CAP = 5000  # distinct values tracked per column (a unique prompt per r
 MAX_GROUPS = 200  # failure groups tracked; the rest are counted in the last line
 TRIAGE_ROWS = 10  # example rows listed per failure group
 MAX_LISTED_VALUES = 5
+MAX_LABELS = 3  # varying columns (beyond the axes) named under each thumbnail
 TEXT_CAP = 600  # characters of an error text shown in a table cell
 THUMB_WORKERS = min(8, os.cpu_count() or 1)
 
@@ -91,8 +94,21 @@ def value_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
+def cut_words(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters, cut after a whole word when one ends in the last
+    third of the room (a single long word, a path or a URL is cut where it must), then "…"."""
+    if len(text) <= limit:
+        return text
+    room = max(limit - 1, 0)
+    head = text[:room]
+    space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+    if space >= room * 2 // 3 and not text[room].isspace():
+        head = head[:space]
+    return head.rstrip() + "…"
+
+
 def _cut(text: str, limit: int = TEXT_CAP) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return cut_words(text, limit)
 
 
 @dataclass
@@ -359,6 +375,23 @@ def _cells(store: RunStore, x: str | None, y: str | None, facts: RunFacts
     return cells, grid, xs, ys, left_out
 
 
+def _cell_axes(cells: dict[int, Cell], grid: dict[tuple[str, str], list[int]],
+               candidates: Sequence[str]) -> list[str]:
+    """The input columns that tell apart the thumbnails drawn in one cell of the sheet (the axes
+    it does not lay out, such as the seed of a cfg x prompt sheet), at most MAX_LABELS. A column
+    that varies only from cell to cell (a sampler zipped with the cfg down the sheet) is left out:
+    the cell's position says it already."""
+    found: list[str] = []
+    for column in candidates:
+        for slot in grid.values():
+            if len({value_key(cells[i].inputs.get(column)) for i in slot if i >= 0}) > 1:
+                found.append(column)
+                break
+        if len(found) >= MAX_LABELS:
+            break
+    return found
+
+
 # -- rendering ---------------------------------------------------------------------------------
 
 
@@ -382,8 +415,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .sheet-wrap{overflow:auto;max-width:100%;border:1px solid var(--line);border-radius:8px;
 background:var(--card)}
 table.sheet th{position:sticky;top:0;z-index:1;max-width:220px;font-weight:500;font-size:12px;
-word-break:break-word}
-table.sheet th.yh{position:sticky;left:0;z-index:2;background:#eef1f7}
+overflow-wrap:break-word}
+table.sheet th.yh{position:sticky;left:0;z-index:2;background:#eef1f7;min-width:3em}
 table.sheet td{padding:4px;text-align:center}
 .cellrow{display:flex;flex-wrap:wrap;gap:4px;justify-content:center}
 .flat{display:flex;flex-wrap:wrap;gap:8px;padding:8px}
@@ -396,6 +429,7 @@ background:repeating-linear-gradient(45deg,#fafbfd,#fafbfd 6px,#f1f3f8 6px,#f1f3
 .s-SUCCESS{color:var(--ok)}.s-FAILED,.s-CANCELLED{color:var(--bad)}.s-SUBMIT_UNKNOWN{color:var(--warn)}
 .s-QUEUED,.s-RUNNING,.s-SUBMITTING,.s-PENDING{color:var(--live)}
 .cap{font-size:11px;color:var(--muted);max-width:160px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.cap.lab{color:var(--fg)}
 .group{background:var(--card);border:1px solid var(--line);border-left:4px solid var(--bad);
 border-radius:8px;padding:12px 16px;margin:12px 0}
 .group ul{margin:6px 0 10px;padding-left:20px}
@@ -473,7 +507,7 @@ def _summary_html(store: RunStore, facts: RunFacts, file_counts: dict[str, int])
         _card(f"{facts.total:,}", "rows"),
         _card(f"{ok:,}", "succeeded"),
         _card(f"{sum(facts.counts.get(s, 0) for s in PROBLEM_STATES):,}", "failed / cancelled / unknown"),
-        _card(f"{spending.coins:,.2f}", "coins spent"),
+        _card(_amount(spending.coins), "coins spent"),
         _card(_fmt_s(median), "median task time"),
         _card(_fmt_s(_p90(facts.task_times)), "p90 task time"),
         _card(rate, "rows finished per hour"),
@@ -518,7 +552,10 @@ def _inputs_text(inputs: dict[str, Any], columns: Iterable[str]) -> str:
     return "\n".join(f"{c} = {_cut(shown(inputs.get(c)), 300)}" for c in columns if c in inputs)
 
 
-def _cell_html(cell: Cell, columns: Sequence[str], thumb_px: int) -> str:
+def _cell_html(cell: Cell, columns: Sequence[str], thumb_px: int,
+               labels: Sequence[str] = ()) -> str:
+    """One thumbnail (or placeholder) with its row number and id, and under them the values of
+    ``labels``: the varying input columns that the sheet's axes do not show (the third axis)."""
     title = "\n".join(filter(None, [
         f"row {cell.number} · {cell.row_id}",
         _inputs_text(cell.inputs, columns),
@@ -534,6 +571,10 @@ def _cell_html(cell: Cell, columns: Sequence[str], thumb_px: int) -> str:
         inner = (f'<div class="ph" style="{box}"><b class="s-{esc(cell.status)}">{esc(cell.status)}</b>'
                  f"<span>{esc(note)}</span></div>")
     caption = f'<div class="cap">#{cell.number} {esc(cell.row_id)}</div>'
+    shown_labels = [f"{c} = {_cut(shown(cell.inputs.get(c)), 40)}" for c in labels
+                    if c in cell.inputs]
+    if shown_labels:
+        caption += f'<div class="cap lab">{esc(" · ".join(shown_labels))}</div>'
     if cell.href:
         return f'<a class="thumb" href="{esc(cell.href)}" title="{esc(title)}">{inner}{caption}</a>'
     return f'<div class="thumb" title="{esc(title)}">{inner}{caption}</div>'
@@ -541,7 +582,8 @@ def _cell_html(cell: Cell, columns: Sequence[str], thumb_px: int) -> str:
 
 def _sheet_html(x: str | None, y: str | None, facts: RunFacts, cells: dict[int, Cell],
                 grid: dict[tuple[str, str], list[int]], xs: list[str], ys: list[str], left_out: int,
-                columns: Sequence[str], thumb_px: int, link_base: str, flat_reason: str) -> str:
+                columns: Sequence[str], thumb_px: int, link_base: str, flat_reason: str,
+                labels: Sequence[str] = ()) -> str:
     parts = ['<section id="sheet"><h2>Contact sheet</h2>']
     note = (f"Links open the full files; they are relative to this page ({esc(link_base)}), so keep "
             "the page next to the run's <code>files/</code> folder. Hover a thumbnail for the row's "
@@ -561,7 +603,7 @@ def _sheet_html(x: str | None, y: str | None, facts: RunFacts, cells: dict[int, 
             parts.append(f'<tr><th class="yh" title="{esc(label)}">{esc(_cut(label, 120))}</th>')
             for kx in xs:
                 slot = grid.get((kx, ky), [])
-                drawn = [_cell_html(cells[i], columns, thumb_px) for i in slot if i >= 0]
+                drawn = [_cell_html(cells[i], columns, thumb_px, labels) for i in slot if i >= 0]
                 more = sum(1 for i in slot if i < 0)
                 extra = f'<div class="note">+{more} more</div>' if more else ""
                 parts.append(f'<td><div class="cellrow">{"".join(drawn)}</div>{extra}</td>')
@@ -570,7 +612,7 @@ def _sheet_html(x: str | None, y: str | None, facts: RunFacts, cells: dict[int, 
     else:
         why = f"{esc(flat_reason)}: " if flat_reason else ""
         parts.append(f'<p class="note">{why}rows in input order. {note}</p><div class="sheet-wrap flat">')
-        parts.extend(_cell_html(cells[i], columns, thumb_px) for i in sorted(cells))
+        parts.extend(_cell_html(cells[i], columns, thumb_px, labels) for i in sorted(cells))
         parts.append("</div>")
     if left_out:
         parts.append(f'<p class="note">{left_out:,} more rows are not drawn (the sheet shows at most '
@@ -713,7 +755,7 @@ def render(store: RunStore, *, x: str | None, y: str | None, out: Path, thumb_px
         f'<a href="#sheet">contact sheet</a> · <a href="#triage">failure triage</a></p>',
         _summary_html(store, facts, file_counts),
         _sheet_html(x, y, facts, cells, grid, xs, ys, left_out, columns, thumb_px, link_base,
-                    flat_reason),
+                    flat_reason, _cell_axes(cells, grid, [c for c in varying if c not in (x, y)])),
         _triage_html(facts, varying, columns),
         "</body></html>\n",
     ])

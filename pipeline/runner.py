@@ -167,6 +167,7 @@ class Runner:
         self._learnt_limit: int | None = store.get_meta("learnt_limit")
         self.window = min(settings.concurrency, self._learnt_limit or settings.concurrency)
         self._creates_at_limit = 0
+        self._ceiling: int | None = None  # the key's slots as the service states them (v2)
         self.capacity_answers = 0
         self.live: dict[int, _Live] = {}
         self._heap: list[_Poll] = []
@@ -232,7 +233,7 @@ class Runner:
 
     async def _reconcile(self, idx: int, task_id: str, token: str | None) -> None:
         try:
-            result = await self.client.outputs(task_id)
+            result = await self.client.poll(task_id)
         except ApiError as exc:  # 807: not a task of this key; anything else: ask next delivery
             log.info("webhook named task %s for an unknown create; not confirmed: %s",
                      clean_text(task_id, 40), redact(exc))
@@ -255,6 +256,19 @@ class Runner:
             self._schedule(live, self._first_poll_delay())
         else:
             await self._record_end(live, result)
+
+    def set_ceiling(self, limit: int) -> None:
+        """The key's own slot count (v2 queue/status concurrentLimit): the window starts there,
+        capped by --concurrency when it was given."""
+        cap = self.settings.concurrency if self.settings.concurrency_given else limit
+        self._learnt_limit = min(limit, cap)
+        self.window = self._learnt_limit
+        self._ceiling = limit
+
+    def service_reachable(self) -> None:
+        """RunningHub answered before the loop started (the account check): a later failure to
+        connect is an outage to wait out, not a wrong URL to stop on."""
+        self._ever_answered = True
 
     def stop(self, reason: str = "interrupted", *, interrupt: bool = True) -> None:
         """Stop submitting (Ctrl-C): creates already sent are awaited, state is kept.
@@ -582,7 +596,10 @@ class Runner:
     def _after_create_ok(self) -> None:
         """Grow the window back towards --concurrency: one slot at a time while the key's limit
         is unknown; above a learnt limit only as a rare probe, which, if accepted, raises it."""
-        if self.window >= self.settings.concurrency:
+        top = self._ceiling if self._ceiling is not None else self.settings.concurrency
+        if self.settings.concurrency_given:
+            top = min(top, self.settings.concurrency)
+        if self.window >= top:
             return
         held = self._in_flight()
         learnt = self._learnt_limit
@@ -592,7 +609,7 @@ class Runner:
             return
         if held > learnt:  # a probe above the learnt limit was accepted
             self._set_learnt_limit(held)
-            self.window = min(self.settings.concurrency, held)
+            self.window = min(top, held)
             return
         if held >= self.window:
             self._creates_at_limit += 1
@@ -678,7 +695,7 @@ class Runner:
 
     async def _poll_one(self, live: _Live) -> None:
         try:
-            result = await self.client.outputs(live.task_id)
+            result = await self.client.poll(live.task_id)
         except RunFatalError as exc:
             live.polling = False
             self._run_fatal(exc)
@@ -732,7 +749,8 @@ class Runner:
         """A task ended: record its outcome at once, then its cost (asked of v2 ``query`` when
         the outputs answer gives none, as for every failed or cancelled task on v1)."""
         now = time.time()
-        cost = st.Cost.of_outputs(result.outputs) if result.state == "SUCCESS" else st.Cost()
+        cost = result.cost or (st.Cost.of_outputs(result.outputs) if result.state == "SUCCESS"
+                               else st.Cost())
         if result.state == "SUCCESS":
             self.store.mark_success(live.idx, result.outputs, now, cost)
             self.on_event(Event("success", live.idx))
@@ -741,6 +759,7 @@ class Runner:
             summary = clean_text(_failure_summary(reason) or result.msg or "task failed", 500)
             self.store.mark_failed(
                 live.idx, code=result.code, error=summary, failed_reason=reason, at=now,
+                cost=cost,
             )
             self.on_event(Event("failed", live.idx, summary))
         if cost.known:

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -32,9 +33,10 @@ from pipeline import store as st
 from pipeline.client import AccountStatus, RetryPolicy, RunningHubClient, build_payload
 from pipeline.config import RedactingFilter, Settings, _show_url
 from pipeline.errors import ManifestChangedError, RunFatalError, StateError, StorageError
-from pipeline.manifest import Manifest, load_manifest
-from pipeline.prepare import prepare_rows
+from pipeline.manifest import Manifest, ProblemGroup, check_manifest_path, load_manifest
+from pipeline.prepare import load_checked, prepare_rows
 from pipeline.refresh import refresh_in_child, remove_stale_temporaries
+from pipeline.report import cut_words
 from pipeline.runner import Event, Runner, RunSummary
 
 log = logging.getLogger("rhbatch")
@@ -50,6 +52,7 @@ class ManifestArgs:
     allow_duplicates: bool = False
     workflow_files: tuple[str, ...] = ()
     preflight: bool = True
+    strict: bool = False  # refuse columns that feed no node (does not shape rows: not in identity)
 
     def load(self) -> Manifest:
         return load_manifest(
@@ -113,10 +116,13 @@ def open_run(
     run_dir: Path,
     settings: Settings | None = None,
     warnings: list[str] | None = None,
+    manifest: Manifest | None = None,
+    earlier: Sequence[ProblemGroup] = (),
 ) -> tuple[st.RunStore, bool]:
     """Open (resume) or create the run in ``run_dir`` for this manifest. Caller holds the lock.
 
-    A new run is preflighted and its input files uploaded before any row is stored.
+    A new run is preflighted and its input files uploaded before any row is stored;
+    ``manifest`` is the manifest already loaded for it, if the caller has it.
     """
     identity = args.identity()
     if st.RunStore.exists(run_dir):
@@ -135,10 +141,10 @@ def open_run(
             )
         store.set_meta(manifest_identity=identity)
         return store, False
-    manifest = args.load()
+    manifest = manifest if manifest is not None else args.load()
     prepared = prepare_rows(
         manifest, settings=settings, workflow_files=args.workflow_files, run_dir=run_dir,
-        preflight=args.preflight,
+        preflight=args.preflight, strict=args.strict, earlier=earlier,
     )
     for warning in prepared.warnings:
         log.warning("%s", warning)
@@ -313,7 +319,16 @@ async def _drive_loop(
         except Exception as exc:  # the pre-check is informative; the run decides by itself
             log.warning("could not read the account before the run: %s", exc)
         else:
+            runner.service_reachable()
             options.on_account(account)
+            said = await client.detect()
+            log.info("%s", said)
+            options.on_notice(said)
+            limit = await client.queue_limit() if client.read_api == "v2" else None
+            if limit is not None:
+                runner.set_ceiling(limit)
+                log.info("the key's concurrentLimit is %d: the window starts at %d", limit,
+                         runner.window)
         loop = asyncio.get_running_loop()
         installed = []
         if options.handle_signals:
@@ -451,11 +466,26 @@ def resolve_budget(store: st.RunStore, options: RunOptions) -> RunOptions:
                                expected_task_coins=merged.get("expected_task_coins"))
 
 
+def resolve_api(store: st.RunStore, settings: Settings, options: RunOptions) -> Settings:
+    """``--api`` is a setting of the run: given, it replaces the stored one (with a notice); not
+    given (auto), a resume keeps what the run was started with."""
+    stored = store.get_meta("api")
+    if settings.api == "auto" and stored and stored != "auto":
+        options.on_notice(f"--api {stored} kept from the run's earlier start")
+        return dataclasses.replace(settings, api=stored)
+    if stored != settings.api:
+        if stored:
+            options.on_notice(f"--api is now {settings.api} (this run had {stored})")
+        store.set_meta(api=settings.api)
+    return settings
+
+
 def _execute(store: st.RunStore, settings: Settings, created: bool, options: RunOptions
              ) -> RunSummary:
     """Recover, drive and write the results of an open run (caller holds the lock)."""
     check_key(store, settings)
     options = resolve_budget(store, options)
+    settings = resolve_api(store, settings, options)
     handler = attach_log(store.run_dir, options.verbose)
     try:
         moved = check_base_url(store, settings, options.base_url_moved)
@@ -496,19 +526,29 @@ def run_batch(
     options = dataclasses.replace(options or RunOptions(), **option_values)
     run_dir = Path(run_dir)
     settings.require_key()
+    check_manifest_path(args.path)  # a directory, a device or a FIFO: refused before any read
+    # A new run's manifest is checked before its directory exists: a refused one leaves nothing.
+    manifest, earlier = (None, ()) if st.RunStore.exists(run_dir) else load_checked(args.load)
+    made_dir = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"Cannot create run directory {run_dir}: {exc.strerror}") from None
-    with st.RunLock(run_dir):
-        warnings: list[str] = []
-        store, created = open_run(args, run_dir, settings, warnings)
-        for warning in warnings:
-            options.on_warning(warning)
-        try:
-            return _execute(store, settings, created, options)
-        finally:
-            store.close()
+    try:
+        with st.RunLock(run_dir):
+            warnings: list[str] = []
+            store, created = open_run(args, run_dir, settings, warnings, manifest, earlier)
+            for warning in warnings:
+                options.on_warning(warning)
+            try:
+                return _execute(store, settings, created, options)
+            finally:
+                store.close()
+    except BaseException:
+        if made_dir and not st.RunStore.exists(run_dir):
+            # refused before its first row was stored (preflight, uploads): nothing to resume
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -695,7 +735,7 @@ def top_failures(run_dir: str | Path, limit: int = 3) -> list[tuple[int, str]]:
     finally:
         store.close()
     return [(r["n"], f"{r['error_code'] if r['error_code'] is not None else '-'}: "
-             f"{(r['error'] or 'no message')[:160]}") for r in rows]
+             f"{cut_words(r['error'] or 'no message', 160)}") for r in rows]
 
 
 @dataclass

@@ -140,7 +140,8 @@ MIGRATIONS: list[tuple[str, str]] = [
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # allow_nan=False: what is stored is strict JSON (RFC 8259), so every results file is too
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def _loads(text: str | None) -> Any:
@@ -278,6 +279,15 @@ def refuse_entry(path: Path, what: str) -> StateError:
                       "and run the same command again")
 
 
+def check_run_subdir(directory: Path) -> None:
+    """``directory`` (``files/``, ``workflows/``) must be a real directory inside its run, or
+    absent: rhbatch never writes into a directory that a link points elsewhere."""
+    if directory.is_symlink():
+        raise refuse_entry(directory, f"a symbolic link (to {os.readlink(directory)})")
+    if directory.exists() and not directory.is_dir():
+        raise refuse_entry(directory, "not a directory")
+
+
 def open_in_run_dir(path: Path, flags: int, mode: int = 0o644) -> int:
     """Open (or create) the regular file ``path`` of a run directory without following a link.
 
@@ -381,6 +391,11 @@ class RunStore:
     def open(cls, run_dir: str | Path, *, create: bool = False, readonly: bool = False) -> RunStore:
         run_dir = Path(run_dir)
         path = run_dir / STATE_DB
+        for name in (STATE_DB, STATE_DB + "-wal", STATE_DB + "-shm"):
+            # SQLite follows a link there and would keep the run's state outside the run
+            entry = run_dir / name
+            if entry.is_symlink():
+                raise refuse_entry(entry, f"a symbolic link (to {os.readlink(entry)})")
         if not path.is_file() and not create:
             raise StateError(
                 f"{run_dir} holds no rhbatch run (no {STATE_DB}): check the path, or start one "

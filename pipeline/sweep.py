@@ -798,7 +798,7 @@ def _check_unsent(ctx: _Ctx, spec: dict[str, Any], defined: dict[str, PathParts]
     if not isinstance(raw, list):
         ctx.add(("metadata",), f"expected a list of names, got {_type_name(raw)}; write e.g. "
                 "metadata: [study]")
-        raw = []
+        return  # which names were meant to be kept unsent is not known
     for i, name in enumerate(raw):
         path: PathParts = ("metadata", i)
         if not isinstance(name, str) or name not in defined:
@@ -813,8 +813,12 @@ def _check_unsent(ctx: _Ctx, spec: dict[str, Any], defined: dict[str, PathParts]
         declared[name] = None
     if not column_of:
         return  # nothing is sent at all: the manifest check says so, with the fix
+    faulty = [p for p, _ in ctx.problems]  # names with a problem of their own are not repeated
     for name, path in defined.items():
-        if name in column_of or name in declared or name in reported:
+        if name in column_of or name in declared or name in reported or "." in name:
+            continue
+        where = escape_controls(_fmt_path(path))
+        if any(p == where or p.startswith((f"{where}.", f"{where}[")) for p in faulty):
             continue
         ctx.add(
             path,

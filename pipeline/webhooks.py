@@ -15,13 +15,13 @@ may be a JSON string (v1) or an object (v2); only ``taskId`` is used.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import Callable
 
 from aiohttp import web
 
+from pipeline.client import NOT_JSON, parse_json
 from pipeline.errors import UsageError
 
 log = logging.getLogger("rhbatch.webhooks")
@@ -82,7 +82,9 @@ class WebhookReceiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
+            body = parse_json(await request.read())
+            if body is NOT_JSON:
+                raise ValueError("not strict JSON")
         except (ValueError, UnicodeDecodeError):
             self.rejected += 1
             return web.json_response({"ok": False, "error": "not JSON"}, status=400)
@@ -90,11 +92,10 @@ class WebhookReceiver:
         if not task_id:
             event = body.get("eventData") if isinstance(body, dict) else None
             if isinstance(event, str):
-                try:
-                    event = json.loads(event)
-                except ValueError:
-                    event = None
+                event = parse_json(event)
             task_id = event.get("taskId") if isinstance(event, dict) else None
+        if isinstance(task_id, bool) or not isinstance(task_id, str | int):
+            task_id = None
         if not task_id:
             self.rejected += 1
             return web.json_response({"ok": False, "error": "no taskId"}, status=400)

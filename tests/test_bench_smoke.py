@@ -20,7 +20,7 @@ def test_bench_smoke_prints_every_row(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text(encoding="utf-8"))
     sections = {r["section"] for r in rows}
-    assert sections == {"slots", "calls", "window", "client", "manifest", "resume", "compare"}
+    assert sections == {"slots", "calls", "api", "window", "client", "manifest", "resume", "compare"}
     metrics = [r["metric"] for r in rows]
     for needle in ("makespan (first create -> last task end)", "API requests / task",
                    "detection latency p95", "CPU (user+sys) per task", "peak RSS, MB",

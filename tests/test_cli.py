@@ -110,6 +110,28 @@ def test_unreachable_service_during_preflight_is_exit_3_with_the_fix(api_key, tm
     assert "run the same command again to resume" in result.stderr
 
 
+# -- validate --------------------------------------------------------------------------------
+
+
+def test_validate_says_an_output_manifests_inputs_are_the_earlier_runs_metadata(tmp_path):
+    records = [{"row": i + 1, "row_id": f"r{i}", "workflowId": TEXT2IMG,
+                "inputs": {"6.text": text, "note": "kept"}, "options": {},
+                "nodeInfoList": [{"nodeId": "6", "fieldName": "text", "fieldValue": text}],
+                "status": "SUCCESS", "taskId": str(100 + i)}
+               for i, text in enumerate(["a cat", "a dog"])]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    workflow = ROOT / "pipeline" / "sim" / "workflows" / "text2img.json"
+    for strict in ([], ["--strict"]):  # they are not columns that feed no node: --strict agrees
+        result = invoke(["validate", str(results), "--workflow-json", str(workflow), *strict])
+        assert result.exit_code == 0, result.output
+        assert result.stdout == (
+            f"{results}: 2 rows OK, workflow {TEXT2IMG}\n"
+            "  preflight: every node id, field and value type matches the workflow\n"
+            "  6.text, note: the earlier run's inputs, kept as metadata (each row sends the exact "
+            "nodeInfoList it recorded)\n")
+
+
 # -- dry run ---------------------------------------------------------------------------------
 
 

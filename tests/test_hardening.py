@@ -245,3 +245,19 @@ def test_a_huge_failed_reason_is_stored_bounded_with_a_marker():
     assert isinstance(reason["current_inputs"], str)
     assert len(reason["current_inputs"]) <= MAX_STORED_TEXT
     assert reason["node_id"] == "3"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/dev/zero and mkfifo")
+@pytest.mark.timeout(30)
+def test_run_refuses_a_device_or_a_fifo_at_once_and_leaves_no_run_directory(api_key, tmp_path):
+    import os
+
+    fifo = tmp_path / "m.csv"
+    os.mkfifo(fifo)
+    for path, said in (("/dev/zero", "is a device, not a manifest file"),
+                       (str(fifo), "is a named pipe (FIFO), not a manifest file")):
+        done = subprocess.run([sys.executable, "-m", "pipeline", "run", path, "--out",
+                               str(tmp_path / "run")], capture_output=True, text=True, timeout=20,
+                              env=subprocess_env("http://127.0.0.1:9", api_key))
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert not (tmp_path / "run").exists()

@@ -42,7 +42,7 @@ def test_image_inputs_are_uploaded_once_per_content_and_sent_as_file_names(
     summary = run_batch(ManifestArgs(manifest), tmp_path / "run", fast_settings(sim, api_key),
                         handle_signals=False)
     assert summary.counts[st.SUCCESS] == 4
-    uploads = [r for r in sim.audit.requests() if r["route"] == "upload"]
+    uploads = [r for r in sim.audit.requests() if r["route"] in ("upload", "v2_upload")]
     assert len(uploads) == 2  # two distinct contents
     sent = [next(i["fieldValue"] for i in t["nodeInfoList"] if i["nodeId"] == "10")
             for t in sorted(sim.audit.tasks(), key=lambda t: t["created_at"])]
@@ -71,7 +71,7 @@ def test_missing_input_file_is_a_validation_error_before_any_request(make_sim, a
     else:
         raise AssertionError("a missing input file must stop the run before it starts")
     routes = Counter(r["route"] for r in sim.audit.requests())
-    assert routes["create"] == 0 and routes["upload"] == 0
+    assert routes["create"] == 0 and routes["upload"] == 0 and routes["v2_upload"] == 0
 
 
 def test_ai_app_rows_go_to_ai_app_run(make_sim, api_key, tmp_path):

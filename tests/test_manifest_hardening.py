@@ -352,6 +352,7 @@ TRICKY = {
     "bindings": {"prompt": "6.text", "seed": "3.seed", "cfg": "3.cfg", "flag": "9.on",
                  "label": "9.label"},
     "constants": {"note": "=not sent, so fine", "big": 2**63 - 1},
+    "metadata": ["note", "big"],
     "axes": {"product": [
         {"prompt": ["+x", "-x", "@x", "@no_suffix", " lead", "tab\there", "a\u2028b", "quote \"q\"",
                     "comma, semi; pipe|", "é 🐈 قطة", "42", "true"]},

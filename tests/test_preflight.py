@@ -25,6 +25,7 @@ from pipeline.preflight import (
     format_fields,
     load_workflow_file,
     node_sort_key,
+    targets_named,
     workflow_hash,
 )
 
@@ -376,3 +377,13 @@ def test_load_workflow_file_explains_the_fix(tmp_path, content, message):
 def test_load_workflow_file_missing(tmp_path):
     with pytest.raises(InputError, match="no such file: check the --workflow-json path"):
         load_workflow_file(tmp_path / "nope.json")
+
+
+def test_a_column_that_feeds_no_node_is_matched_to_the_inputs_it_probably_meant(workflows):
+    t2i = [workflows[T2I]]
+    assert targets_named("cfg", t2i) == ["3.cfg"]
+    assert targets_named("CFG", t2i) == ["3.cfg"]  # any case
+    assert targets_named("KSampler.seed", t2i) == ["3.seed"]  # the part after the last dot
+    assert targets_named("text", t2i) == ["6.text", "7.text"]  # at most two, in node order
+    assert targets_named("model", t2i) == []  # a link is not bindable
+    assert targets_named("note", t2i) == []

@@ -27,7 +27,7 @@ from pipeline import download as dl
 from pipeline import store as st
 from pipeline.client import RetryPolicy
 from pipeline.errors import UsageError
-from pipeline.report import build_report
+from pipeline.report import build_report, cut_words
 
 CHROMIUM = Path("/usr/bin/chromium")
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk", '<script>alert("x")</script> a cat & "dog"',
@@ -176,7 +176,7 @@ def test_summary_counts_costs_and_throughput(run_dir: Path):
         r'<div class="v">([^<]*)</div><div class="k">([^<]*)</div>', page))
     assert cards["rows"] == "16" and cards["succeeded"] == "11"
     assert cards["failed / cancelled / unknown"] == "5"
-    assert cards["coins spent"] == "44.00"
+    assert cards["coins spent"] == "44"
     times = sorted(20.0 + i for i in range(12) if i != 3)  # the SUCCESS rows 0-2, 4-11
     assert cards["median task time"] == f"{times[5]:.1f} s"
     assert cards["p90 task time"] == f"{times[9]:.1f} s"
@@ -205,6 +205,58 @@ def test_contact_sheet_follows_the_two_most_varied_columns(run_dir: Path):
     with pytest.raises(UsageError, match="'6.txt' is not an input column of this run: choose from "
                                           "6.text, 3.seed, 5.width, 3.cfg"):
         build_report(run_dir, x="6.txt")
+
+
+def test_thumbnails_in_a_cell_are_labelled_by_the_third_axis(run_dir: Path):
+    # 6.text x 5.width: each cell holds the four seeds of one prompt, told apart by their label
+    page = build_report(run_dir, x="6.text", y="5.width").read_text(encoding="utf-8")
+    sheet = page.split('id="sheet"')[1].split('id="triage"')[0]
+    labels = re.findall(r'<div class="cap">#(\d+) [^<]*</div><div class="cap lab">([^<]*)</div>',
+                        sheet)
+    assert sorted(labels, key=lambda n: int(n[0])) == [
+        (str(i + 1), f"3.seed = {SEEDS[i % 4]}") for i in range(16)]
+    # 6.text x 3.seed: one row per cell; 5.width varies only from cell to cell: no label
+    plain = build_report(run_dir).read_text(encoding="utf-8")
+    assert 'class="cap lab"' not in plain
+
+
+def test_row_labels_break_only_between_words():
+    from pipeline.report import STYLE
+
+    sheet_th = re.search(r"table\.sheet th\{[^}]*\}", STYLE).group()
+    assert "word-break" not in sheet_th and "overflow-wrap:break-word" in sheet_th
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
+def test_row_labels_stay_on_one_line_in_a_narrow_window(run_dir: Path, tmp_path: Path):
+    """The labels down the sheet (3.cfg, 11, ...) once wrapped mid-word ("3.cf g") when the wide
+    prompts across squeezed their column."""
+    path = build_report(run_dir)
+    probe_script = (
+        "<script>addEventListener('load',function(){var n=[];document.querySelectorAll('th.yh')"
+        ".forEach(function(th){var r=document.createRange();r.selectNodeContents(th);"
+        "n.push(r.getClientRects().length)});document.body.dataset.lines=n.join(',')});</script>")
+    page = path.read_text(encoding="utf-8")
+    probe = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+    probe = probe.replace("3.seed</th>", "3.cfg.seed</th>", 1).replace("</body>", probe_script + "</body>")
+    probe_path = run_dir / "probe.html"
+    probe_path.write_text(probe, encoding="utf-8")
+    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+             "--window-size=520,900", "--virtual-time-budget=3000"]
+    dom = subprocess.run(flags + ["--dump-dom", probe_path.as_uri()], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    lines = re.search(r'data-lines="([^"]*)"', dom).group(1).split(",")
+    assert lines == ["1"] * 5  # the corner (the y column's name) and the four seeds
+
+
+def test_long_texts_are_cut_after_a_whole_word():
+    message = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity)"
+    assert cut_words(message, 40) == "CUDA out of memory. Tried to allocate…"
+    assert cut_words(message, len(message)) == message
+    assert cut_words("a-very-long-path/without/any/spaces/at/all", 20) == "a-very-long-path/wi…"
+    assert cut_words("word " * 10, 12) == "word word…"
 
 
 def test_links_stay_relative_when_the_page_is_written_elsewhere(run_dir: Path, tmp_path: Path):
@@ -277,3 +329,25 @@ def test_headless_chromium_loads_every_thumbnail(run_dir: Path, tmp_path: Path):
     target = os.environ.get("RHBATCH_REPORT_SCREENSHOT")
     if target:
         shutil.copyfile(shot, target)
+
+
+# The rows the committed docs/report-demo-4x4.png shows (its captions), in input order. When the
+# demo makes other rows, regenerate the picture: `rhbatch demo`, then `chromium --headless
+# --screenshot=docs/report-demo-4x4.png --window-size=1400,1800 file://$PWD/outputs/demo/report.html`.
+SCREENSHOT_ROW_IDS = [
+    "r3015653f55465f11", "r3de4a5fc2524234f", "rde8caaff4fb8c2f5", "rd54086f9a80b9351",
+    "r2ae0ec66bb7d8574", "r53938b36bc9e84ef", "r78b07b349b7423b3", "r38ce67e4d1eb4a07",
+    "r6a81b5092162b71e", "rd40f4f88c4175b6c", "rb9c586c599651188", "r6d8c87b3787ecbf1",
+    "r0f14b1e6f7908b4a", "rfade2b362ade7299", "rb73af5cb77b4bb99", "re345ae57d1cf505f",
+]
+
+
+def test_the_committed_screenshot_shows_the_rows_the_demo_makes():
+    from pipeline import resources
+    from pipeline.manifest import load_manifest
+
+    manifest = load_manifest(resources.example_manifest_path("demo_sweep.csv"))
+    assert [r.row_id for r in manifest.rows] == SCREENSHOT_ROW_IDS, (
+        "the demo makes other rows now: regenerate docs/report-demo-4x4.png (see above)")
+    with Image.open(Path(__file__).resolve().parent.parent / "docs" / "report-demo-4x4.png") as shot:
+        assert shot.size == (1400, 1800)

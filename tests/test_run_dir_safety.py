@@ -148,3 +148,32 @@ def test_planted_results_symlinks_are_replaced_never_written_through(make_sim, a
     for name in ("results.jsonl", "results.csv"):
         assert not (run_dir / name).is_symlink()
     assert len(read_results(run_dir)) == 3
+
+
+def test_a_planted_state_db_link_is_refused_before_sqlite_follows_it(tmp_path):
+    from pipeline.errors import StateError
+    from pipeline.store import RunStore
+
+    outside = tmp_path / "outside.db"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.db").symlink_to(outside)
+    with pytest.raises(StateError) as info:
+        RunStore.open(run_dir, create=True)
+    assert "state.db is a symbolic link" in str(info.value)
+    assert not outside.exists()
+
+
+def test_a_planted_workflows_link_is_refused_before_the_cache_writes_into_it(tmp_path):
+    from pipeline.errors import StateError
+    from pipeline.store import check_run_subdir
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "workflows").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(StateError) as info:
+        check_run_subdir(run_dir / "workflows")
+    assert "workflows is a symbolic link" in str(info.value)
+    check_run_subdir(run_dir / "files")  # absent is fine

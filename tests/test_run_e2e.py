@@ -333,8 +333,9 @@ def test_the_window_learns_a_one_slot_key_at_once_and_a_resume_starts_there(make
                                                                            tmp_path):
     sim = make_sim(concurrency=1, task_duration_s=5.0, queue_delay_s=0.0)
     manifest = write_manifest(tmp_path / "m.csv", 24)
+    # v1 only: no queue/status to say the key's limit, so it is learnt from a capacity answer
     settings = fast_settings(sim, api_key, concurrency=8, capacity_backoff_s=5.0,
-                             max_capacity_backoff_s=10.0)
+                             max_capacity_backoff_s=10.0, api="v1")
     summary = run_batch(ManifestArgs(manifest), tmp_path / "run", settings, handle_signals=False)
     assert summary.exit_code == 0 and summary.counts[st.SUCCESS] == 24
     refused = [r for r in sim.audit.requests("create") if r["code"] == 421]
@@ -352,3 +353,23 @@ def test_the_window_learns_a_one_slot_key_at_once_and_a_resume_starts_there(make
                handle_signals=False)
     refused = [r for r in sim.audit.requests("create") if r["code"] == 421]
     assert len(refused) == before
+
+
+def test_with_v2_the_window_starts_at_the_keys_concurrent_limit(make_sim, api_key, tmp_path):
+    sim = make_sim(concurrency=3, task_duration_s=5.0, queue_delay_s=0.0, time_scale=10.0)
+    manifest = write_manifest(tmp_path / "m.csv", 12)
+    # no --concurrency: the key's own limit (queue/status concurrentLimit) is the window
+    from pipeline.config import resolve_settings
+
+    base = fast_settings(sim, api_key)
+    settings = resolve_settings(api_key=api_key, base_url=sim.base_url, env={},
+                                poll_interval_s=base.poll_interval_s,
+                                account_poll_interval_s=base.account_poll_interval_s,
+                                max_poll_interval_s=base.max_poll_interval_s)
+    assert not settings.concurrency_given
+    summary = run_batch(ManifestArgs(manifest), tmp_path / "run", settings, handle_signals=False)
+    assert summary.exit_code == 0 and summary.capacity_answers == 0
+    spans = [(t["created_at"], t["ended_at"]) for t in sim.audit.tasks()]
+    most = max(sum(1 for a, b in spans if a <= start < b) for start, _ in spans)
+    assert most == 3  # three in flight at once (the key's limit), not --concurrency's default 1
+    assert [r["route"] for r in sim.audit.requests()].count("v2_queue_status") == 1

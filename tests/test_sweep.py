@@ -95,6 +95,61 @@ def test_basic_spec_expands_in_product_order() -> None:
     assert all(isinstance(r["3.seed"], int) and isinstance(r["3.cfg"], float) for r in rows)
 
 
+def test_the_example_spec_and_the_readme_sweep_send_every_axis() -> None:
+    example = load_spec(ROOT / "manifests" / "sweep_example.yaml")
+    rows = rows_of(example)
+    assert len(rows) == 24  # as the README says
+    assert list(rows[0]) == ["row_id", "workflowId", "6.text", "3.cfg", "3.sampler_name", "3.seed",
+                             "3.steps"]  # every column is a node input: nothing left unsent
+    assert {(r["3.cfg"], r["3.sampler_name"]) for r in rows} == {(5.0, "euler"), (7.5, "dpmpp_2m")}
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## A five-line sweep", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = yaml.safe_load(block)
+    assert "sampler" in json.dumps(spec["axes"])
+    assert count_rows(spec, base_dir=ROOT / "manifests") == 4 * 2 * 1000  # every axis is bound
+
+
+def test_an_axis_or_constant_that_feeds_no_node_is_an_error_naming_both_fixes() -> None:
+    spec = spec_of(
+        {"product": [{"prompt": ["a cat"]}, {"zip": [{"cfg": [5.0, 7.5]}, {"sampler": ["euler", "dpm"]}]}]},
+        bindings={"prompt": "6.text", "cfg": "3.cfg"},
+        constants={"study": "cfg"},
+    )
+    assert error_of(spec) == (
+        "sweep spec: 2 problems:\n"
+        "  axes.product[1].zip[1].sampler: 'sampler' is neither bound to a node input nor listed "
+        "under metadata, so its values would never be sent; bind it (bindings: {sampler: "
+        '"NODE.FIELD"}; rhbatch inspect lists the workflow\'s inputs), or add metadata: [sampler] '
+        "to keep it as a column that is not sent\n"
+        "  constants.study: 'study' is neither bound to a node input nor listed under metadata, so "
+        "its values would never be sent; bind it (bindings: {study: \"NODE.FIELD\"}; rhbatch "
+        "inspect lists the workflow's inputs), or add metadata: [study] to keep it as a column "
+        "that is not sent"
+    )
+    kept = rows_of({**spec, "metadata": ["sampler", "study"]})
+    assert list(kept[0]) == ["row_id", "workflowId", "6.text", "3.cfg", "sampler", "study"]
+    sent = rows_of({**spec, "bindings": {**spec["bindings"], "sampler": "3.sampler_name",
+                                          "study": "9.filename_prefix"}})
+    assert list(sent[0]) == ["row_id", "workflowId", "6.text", "3.cfg", "3.sampler_name",
+                             "9.filename_prefix"]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ("study", "metadata: expected a list of names, got a string; write e.g. metadata: [study]"),
+        (["nope", "study"], "metadata[0]: \"nope\" names no axis or constant; list the names to "
+                            "keep as columns that are not sent, or remove it"),
+        (["study", "6.text"], "metadata[1]: '6.text' is bound to 6.text, so it is sent; remove it "
+                              "from metadata, or remove its binding"),
+        (["study", "study"], "metadata[1]: 'study' is listed twice; keep one"),
+    ],
+)
+def test_metadata_names_must_be_unsent_axes_or_constants(metadata: Any, message: str) -> None:
+    spec = spec_of({"6.text": ["a"]}, constants={"study": "x"}, metadata=metadata)
+    assert error_of(spec) == f"sweep spec: {message}"
+
+
 def test_nested_json_spec_with_csv_columns_linspace_and_derived_seed() -> None:
     spec = load_spec(DATA / "nested.json")
     rows = rows_of(spec)
@@ -247,6 +302,7 @@ def test_columns_order_bindings_then_self_bound_then_metadata() -> None:
         {"zip": [{"label": ["a", "b"]}, {"cfg": [5.0, 6.0]}, {"9.x": [1, 2]}]},
         bindings={"seed": "3.seed", "cfg": "3.cfg"},
         constants={"note": "n", "seed": 1},
+        metadata=["label", "note"],
     )
     assert list(rows_of(spec)[0]) == ["row_id", "workflowId", "3.seed", "3.cfg", "9.x", "label", "note"]
 
@@ -274,6 +330,7 @@ def test_row_ids_depend_on_bound_content_only() -> None:
         },
         bindings={"guidance": "3.cfg"},
         constants={"who": "me"},
+        metadata=["tag", "who"],
     )
     rows_a, rows_b = rows_of(a), rows_of(b)
     assert [r["row_id"] for r in rows_a] != [r["row_id"] for r in rows_b]  # the order differs...
@@ -374,7 +431,8 @@ def test_duplicate_value_in_a_file_axis_is_rejected() -> None:
     ],
 )
 def test_duplicates_are_rejected(axes: Any, bindings: dict[str, str], message: str) -> None:
-    assert error_of(spec_of(axes, bindings=bindings)) == f"sweep spec: {message}"
+    metadata = [n for n in ("take", "label", "note") if n in json.dumps(axes)]  # kept unsent
+    assert error_of(spec_of(axes, bindings=bindings, metadata=metadata)) == f"sweep spec: {message}"
 
 
 def test_repeats_inside_a_zip_member_are_fine() -> None:
@@ -386,6 +444,7 @@ def test_allow_duplicates_suffixes_ids_and_rerolls_derived_seeds() -> None:
     spec = spec_of(
         {"product": [{"6.text": ["a", "b", "a"]}, {"take": [1, 2]}]},
         allow_duplicates=True,
+        metadata=["take"],
     )
     ids = [r["row_id"] for r in rows_of(spec)]
     base_a, base_b = ids[0], ids[2]
@@ -418,13 +477,14 @@ def test_allow_duplicates_suffixes_ids_and_rerolls_derived_seeds() -> None:
         (
             {"workflowId": WF, "axes": {"6.text": ["a"]}, "seed": "derive"},
             "seed: unknown key 'seed' (did you mean 'derive_seed'?); allowed keys here: version, "
-            "description, workflowId, bindings, constants, axes, derive_seed, allow_duplicates",
+            "description, workflowId, bindings, constants, axes, derive_seed, allow_duplicates, "
+            "metadata",
         ),
         (
             spec_of({"6.text": ["a"]}, bindngs={}),
             "bindngs: unknown key 'bindngs' (did you mean 'bindings'?); allowed keys here: "
             "version, description, workflowId, bindings, constants, axes, derive_seed, "
-            "allow_duplicates",
+            "allow_duplicates, metadata",
         ),
         (
             {"workflowId": 1.5, "axes": {"6.text": ["a"]}},
@@ -605,7 +665,8 @@ def test_every_problem_is_reported_at_once() -> None:
     assert str(exc.value) == (
         f"{path}: 5 problems:\n"
         "  seeds: unknown key 'seeds' (did you mean 'derive_seed'?); allowed keys here: version, "
-        "description, workflowId, bindings, constants, axes, derive_seed, allow_duplicates\n"
+        "description, workflowId, bindings, constants, axes, derive_seed, allow_duplicates, "
+        "metadata\n"
         f"  axes.product[0].prompt.file: missing_prompts.txt not found (looked for "
         f"{DATA / 'missing_prompts.txt'}); file paths are relative to the spec file\n"
         "  axes.product[1].cfg: empty axis; give at least one value\n"

@@ -4,7 +4,8 @@ Model
 -----
 The simulator implements the v1 task API of ``runninghub-api.md`` (create, ai-app/run, status,
 outputs, cancel, accountStatus, upload, getJsonApiFormat, getWebhookDetail, retryWebhook), the v2
-``query`` and ``queue/status`` calls, and ``GET /files/...`` for the generated outputs.
+API (``run/workflow/{id}``, ``run/ai-app/{id}``, ``query``, ``media/upload/binary``,
+``queue/status``), and ``GET /files/...`` for the generated outputs and v2 uploads.
 
 * **Clock.** Everything runs on a simulated clock, ``time_scale`` simulated seconds per real second;
   ``Simulator.advance`` jumps it forward. Task state is computed lazily from timestamps
@@ -14,9 +15,10 @@ outputs, cancel, accountStatus, upload, getJsonApiFormat, getWebhookDetail, retr
   free (801) and revoked (802) users. Unknown keys answer 412 (``unknown_key_code=806`` makes a
   well-formed unknown key answer 806 instead). ``open_accounts`` creates any well-formed
   32-character key on first use from ``default_account``.
-* **Create checks**, in the order of §8: parameters 301 → key 412/806/802/801 → balance
-  414/416/812 → workflow 380 (app 901) → concurrency 421, or 415 / personal queue / 814 for
-  EXCLUSIVE → nodeInfoList 803 → ComfyUI value validation 433 → accepted.
+* **Create checks**, in the order of §8 (v1 and v2 creates alike): parameters 301 → key
+  412/806/802/801 → balance 414/416/812 → workflow 380 (app 901) → a spent money wallet
+  (``wallet_code``, workflows billed in money only) → concurrency 421, or 415 / personal queue /
+  814 for EXCLUSIVE → nodeInfoList 803 → ComfyUI value validation 433 → accepted.
 * **Choices where the docs are silent** (documented so tests can rely on them):
   STRING inputs accept numbers (ComfyUI applies ``str()``) but not booleans, null, lists or
   mappings; INT inputs accept integral floats (``7.0``) and integer strings; ``workflow`` together
@@ -27,6 +29,15 @@ outputs, cancel, accountStatus, upload, getJsonApiFormat, getWebhookDetail, retr
   ZIP upload's fileName is the bare sha256; getWebhookDetail for a task without a delivery
   answers code 1 "webhook event not exists"; each output item carries the task's total
   ``consumeCoins``; webhook ``eventData`` has a numeric ``taskCostTime`` (a real quirk).
+* **v2.** v2 creates run the same create pipeline and answer HTTP 200 with a flat object
+  (``taskId, status, errorCode, errorMessage, clientId, promptTips, results, usage,
+  failedReason``; no ``code``); an error's v1 code becomes ``errorCode`` through
+  ``V2_ERROR_CODES`` (documented v2 codes where known, else the v1 number as a string). A task
+  created on v2 gets webhooks whose ``eventData`` is the v2 query object, not a string. The v2
+  upload answers ``{code, message, data}``. ``AccountConfig.v1_task_routes`` makes a v2-only key.
+* **Money and child tasks** (:class:`WorkflowBilling`, ``SimConfig.workflow_billing``): a
+  workflow can be billed in money (to the cent) instead of or besides coins, and can spawn child
+  tasks listed in v2 ``taskUsageList`` with a bare numeric ``taskId`` that lost its last digits.
 * **Faults** (:class:`Faults`) are drawn from a seeded RNG and recorded in the audit. Pre-faults
   fail before any work; ``lost_create``, ``create_813`` and ``after_work`` (one of
   ``AFTER_WORK_MODES``) fail a create whose task already exists and is billed; the hostile-answer
@@ -42,9 +53,12 @@ from pipeline.sim.config import (
     CONTROL_INJECTION,
     FORGED_LOG_LINE,
     ROUTES,
+    V2_ERROR_CODES,
     AccountConfig,
     Faults,
     SimConfig,
+    WorkflowBilling,
+    v2_error_code,
 )
 from pipeline.sim.model import canonical_node_info, key_fingerprint, signature
 from pipeline.sim.server import (
@@ -67,7 +81,10 @@ __all__ = [
     "SimConfig",
     "Simulator",
     "TEXT2IMG_WORKFLOW_ID",
+    "V2_ERROR_CODES",
+    "WorkflowBilling",
     "canonical_node_info",
     "key_fingerprint",
     "signature",
+    "v2_error_code",
 ]

@@ -10,10 +10,14 @@ the injected fault(s) joined with ``+`` (None without one). After-work faults re
 a redirect, garbage, ``code_null``/``code_text`` or a drop) and ``status_http`` the status sent.
 
 A task record carries ``coins``, the coins billed when it ended (None while it is queued or
-running; cancelled and failed tasks pay for the runtime they used), and ``faults``, every fault
-that touched its create (``lost_create``, ``create_813``, ``after_work:<mode>``,
-``newline_task_id``, a hostile shape such as ``oversized``) or its run (``task_failure``).
-:meth:`Audit.ledger` and :meth:`Audit.ledger_total` sum what was billed.
+running; cancelled and failed tasks pay for the runtime they used; 0 for a workflow billed in
+money only), ``money``, the money billed in CNY (None unless its workflow bills money, or before
+it ended), ``childTaskIds`` (the exact ids of its child tasks), ``v2`` (created on a v2 route),
+and ``faults``, every fault that touched its create (``lost_create``, ``create_813``,
+``after_work:<mode>``, ``newline_task_id``, a hostile shape such as ``oversized``) or its run
+(``task_failure``). :meth:`Audit.ledger` and :meth:`Audit.ledger_total` sum the coins billed,
+:meth:`Audit.money_ledger` and :meth:`Audit.money_total` the money (floats made from whole cents:
+exact to the cent, but compare sums with ``pytest.approx``).
 """
 
 from __future__ import annotations
@@ -73,6 +77,25 @@ class Audit:
         """Every coin billed so far: the sum of :meth:`ledger`."""
         return sum(self.ledger().values())
 
+    def money_ledger(self) -> dict[str, float]:
+        """{taskId: money billed in CNY} for every ended task whose workflow bills money."""
+        service = self._service
+        with service.lock:
+            now = service.clock.now()
+            for account in service.accounts.values():
+                account.settle(now)
+            return {t.task_id: t.money_cents / 100 for t in service.task_list
+                    if t.money_cents is not None}
+
+    def money_total(self) -> float:
+        """Every cent of money billed so far, in CNY: the sum of :meth:`money_ledger`."""
+        service = self._service
+        with service.lock:
+            now = service.clock.now()
+            for account in service.accounts.values():
+                account.settle(now)
+            return sum(t.money_cents for t in service.task_list if t.money_cents is not None) / 100
+
     def creates_by_signature(self) -> Counter[str]:
         """Accepted tasks per (workflowId, canonical nodeInfoList): >1 means paid twice."""
         with self._service.lock:
@@ -112,6 +135,9 @@ def _task_record(task: Task, now: float) -> dict[str, Any]:
         "status": task.status(now),
         "planned_outcome": "FAILED" if task.fail else "SUCCESS",
         "coins": task.coins,
+        "money": task.money,
+        "childTaskIds": [child.task_id for child in task.children],
+        "v2": task.v2,
         "personal_queue": task.personal_queue,
         "instanceType": task.instance_type,
         "webhookUrl": task.webhook_url,

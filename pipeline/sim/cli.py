@@ -22,10 +22,11 @@ class BadInput(click.ClickException):
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="TCP port (0 = any free).")
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Simulator config (YAML or JSON). Without it any well-formed 32-character key "
-                   "is accepted as a NORMAL account with concurrency 1.")
-@click.option("--time-scale", type=float, help="Simulated seconds per real second.")
-@click.option("--seed", type=int, help="Seed for every random draw.")
+              help="Simulator config (YAML or JSON) (default: none: any well-formed 32-character "
+                   "key is accepted as a NORMAL account with concurrency 1).")
+@click.option("--time-scale", type=float,
+              help="Simulated seconds per real second (default: the config's, else 1).")
+@click.option("--seed", type=int, help="Seed for every random draw (default: the config's, else 0).")
 def sim_command(port: int, host: str, config_path: Path | None, time_scale: float | None,
                 seed: int | None) -> None:
     """Run a local RunningHub simulator (faithful API, switchable faults)."""

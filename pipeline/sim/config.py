@@ -13,6 +13,9 @@ Every field can be set from a YAML or JSON file with :meth:`SimConfig.from_file`
     faults: {http_5xx: 0.02, drop_connection: 0.01, routes: [create, outputs]}
     workflows: {"123": "my_workflow_api.json"}   # id -> API-format JSON file (or an inline mapping)
     webapps: {"456": "123"}                      # AI-app webappId -> workflow id
+    workflow_billing:                            # per workflow id, see WorkflowBilling
+      "123": {billing: money, money_per_second: 0.014, child_tasks: 2}
+    results_without_node_id: false               # v2 results / v2 webhooks without nodeId
 
 Unknown keys are an error (:class:`pipeline.errors.ConfigError`) that names the valid ones.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,9 @@ ROUTES: tuple[str, ...] = (
     "retry_webhook",
     "v2_query",
     "v2_queue_status",
+    "v2_run_workflow",
+    "v2_run_ai_app",
+    "v2_upload",
     "files",
     "unknown",
 )
@@ -51,8 +58,58 @@ DEFAULT_FAULT_ROUTES: frozenset[str] = frozenset(r for r in ROUTES if r not in (
 #: Routes whose calls count against ``Faults.poll_rate_limit_per_s``.
 POLL_ROUTES: frozenset[str] = frozenset({"status", "outputs", "account_status", "v2_query"})
 
-#: Routes that create (and bill) a task: where ``after_work`` and ``newline_task_id`` apply.
-CREATE_ROUTES: frozenset[str] = frozenset({"create", "ai_app_run"})
+#: Routes that create (and bill) a task: where ``after_work``, ``lost_create``, ``create_813`` and
+#: ``newline_task_id`` apply.
+CREATE_ROUTES: frozenset[str] = frozenset({"create", "ai_app_run", "v2_run_workflow", "v2_run_ai_app"})
+
+#: The create routes of the v2 API: they answer the flat v2 object (``errorCode``, no ``code``).
+V2_CREATE_ROUTES: frozenset[str] = frozenset({"v2_run_workflow", "v2_run_ai_app"})
+
+#: The v1 task routes a v2-only account loses (``AccountConfig.v1_task_routes``); accountStatus,
+#: getJsonApiFormat and the webhook routes keep working.
+V1_TASK_ROUTES: frozenset[str] = frozenset({"create", "ai_app_run", "status", "outputs", "upload",
+                                             "cancel"})
+
+#: What ``AccountConfig.v1_task_routes`` may be: "ok" (they work), "412" (they answer
+#: ``{"code":412,"msg":"TOKEN_INVALID","data":null}``) or "404" (HTTP 404 with an HTML page).
+V1_TASK_ROUTE_MODES: tuple[str, ...] = ("ok", "412", "404")
+
+#: v1 code -> the v2 ``errorCode`` string a v2 route answers for the same failure. Where
+#: runninghub-api.md section 6 documents a v2 code it is used: 301 parameters -> 1007, 412/802 auth
+#: -> 1002, 803 node info -> 1101, 1003 rate limit -> 1003, 807 not found -> 1004, 809 size ->
+#: 1008; the wallet codes 414/416/812 -> 605 (what v2 clients treat as "no balance",
+#: runninghub-api-2026.md 1.2). Every other code (421, 415, 814, 433, 380, 810, 901, 801, 806, 500,
+#: ...) keeps its v1 number as a string: no v2 equivalent is documented.
+V2_ERROR_CODES: dict[int, str] = {
+    301: "1007",
+    412: "1002",
+    802: "1002",
+    803: "1101",
+    1003: "1003",
+    807: "1004",
+    809: "1008",
+    414: "605",
+    416: "605",
+    812: "605",
+}
+
+#: ``errorMessage`` of the documented v2 codes (others say the v1 ``msg``).
+V2_ERROR_MESSAGES: dict[str, str] = {
+    "605": "no balance",
+    "1002": "auth failed",
+    "1003": "rate limited",
+    "1004": "not found or expired",
+    "1005": "server error",
+    "1007": "param invalid",
+    "1008": "size exceeded",
+    "1101": "node info error",
+}
+
+
+def v2_error_code(code: int) -> str:
+    """The v2 ``errorCode`` for a v1 ``code`` (see ``V2_ERROR_CODES``)."""
+    return V2_ERROR_CODES.get(code, str(code))
+
 
 #: What ``Faults.after_work`` may answer once the task is created, started and billed.
 AFTER_WORK_MODES: tuple[str, ...] = (
@@ -87,6 +144,11 @@ CONTROL_INJECTION = "\x1b]0;pwned\x07\x1b[2J\rOK\n" + FORGED_LOG_LINE
 
 API_TYPES = ("NORMAL", "SHARED", "EXCLUSIVE")
 WALLET_CODES = (414, 416, 812)
+BILLING_KINDS = ("coins", "money", "both")
+MONEY_FIELDS = ("thirdPartyConsumeMoney", "consumeMoney")
+PARENT_USAGE = ("children", "total")
+CHILD_TASK_ID_STYLES = ("float", "js")
+CURRENCY = "CNY"
 
 
 @dataclass
@@ -97,6 +159,18 @@ class AccountConfig:
     415, or queues up to ``personal_queue_limit`` tasks when the create asks ``usePersonalQueue``
     (814 beyond). ``wallet_code`` is the code create answers once ``coins`` is spent (414, 416 or
     812). ``free_user`` makes every call answer 801, ``revoked`` 802.
+
+    ``money`` is a money wallet in CNY (None = the account has none: accountStatus then says
+    ``remainMoney``/``currency`` null). Workflows billed in money (``WorkflowBilling``) draw it down
+    to the cent; once it is spent (<= 0) a create of such a workflow answers ``wallet_code`` (after
+    the workflow check, since only then is the workflow's billing known). Without a wallet, money is
+    still billed and counted (``Account.billed_money``, ``Audit.money_ledger``). ``coins`` <= 0
+    still refuses every create, money workflows included: that check comes before the workflow.
+
+    ``v1_task_routes`` makes a v2-only key: "ok" (default), "412" (v1 create, ai-app/run, status,
+    outputs, upload and cancel answer ``{"code":412,"msg":"TOKEN_INVALID","data":null}`` for this
+    key) or "404" (those routes answer HTTP 404 with an HTML page). accountStatus, the v2 routes and
+    the other v1 routes keep working. The integers 412 / 404 are accepted for "412" / "404".
     """
 
     key: str
@@ -107,6 +181,8 @@ class AccountConfig:
     revoked: bool = False
     personal_queue_limit: int = 1000
     wallet_code: int = 414
+    money: float | None = None
+    v1_task_routes: str = "ok"
 
     def validate(self) -> None:
         if not isinstance(self.key, str) or not self.key:
@@ -123,6 +199,18 @@ class AccountConfig:
             )
         if self.personal_queue_limit < 0:
             raise ConfigError("simulator account: personal_queue_limit must be >= 0")
+        if self.money is not None and (isinstance(self.money, bool)
+                                       or not isinstance(self.money, int | float)
+                                       or not math.isfinite(self.money)):
+            raise ConfigError(f"simulator account: money must be a number or null, got {self.money!r}")
+        routes = self.v1_task_routes
+        if isinstance(routes, int) and not isinstance(routes, bool):
+            routes = self.v1_task_routes = str(routes)
+        if routes not in V1_TASK_ROUTE_MODES:
+            raise ConfigError(
+                f"simulator account: v1_task_routes {routes!r} is not one of "
+                f"{', '.join(repr(m) for m in V1_TASK_ROUTE_MODES)}"
+            )
 
     def __repr__(self) -> str:  # never show the key
         return (f"AccountConfig(key=<redacted>, api_type={self.api_type!r}, "
@@ -140,7 +228,7 @@ class Faults:
     - ``task_failure``: an accepted task ends FAILED (on top of ``SimConfig.failure_rate``).
     - ``lost_create``: a create is processed and the task exists, then the socket is closed.
     - ``create_813``: a create is processed, the task exists, and the answer is code 813 with the
-      taskId in ``data``.
+      taskId in ``data`` (on a v2 create: the flat answer with ``errorCode`` "813").
     - ``poll_rate_limit_per_s``: status/outputs/accountStatus/v2 query calls by one key beyond this
       many per real second answer code 1003 (0 = no limit).
     - ``status_outputs_lag_s``: for this many simulated seconds after a task succeeds, ``/status``
@@ -149,10 +237,15 @@ class Faults:
 
     After-work faults (the request was processed and its task created, started and billed):
 
-    - ``after_work``: on an accepted create or ai-app run, replace the answer by one mode drawn
-      uniformly from ``after_work_modes`` (None = every one of ``AFTER_WORK_MODES``). The request
-      audit's fault and the task's ``faults`` say ``after_work:<mode>``. ``stall`` holds the
-      answer ``stall_s`` real seconds; ``trickle`` sends it one byte per ``trickle_interval_s``.
+    - ``after_work``: on an accepted create or ai-app run (v1 or v2: every route of
+      ``CREATE_ROUTES``), replace the answer by one mode drawn uniformly from ``after_work_modes``
+      (None = every one of ``AFTER_WORK_MODES``). The request audit's fault and the task's
+      ``faults`` say ``after_work:<mode>``. ``stall`` holds the answer ``stall_s`` real seconds;
+      ``trickle`` sends it one byte per ``trickle_interval_s``. On a v2 create the ``code_*``
+      modes write the flat answer's ``errorCode`` instead of ``code``: code_500 -> "500" with
+      taskId "", code_500_task -> "500" with the taskId, code_1005 -> "1005", code_null -> null
+      with the taskId, code_text -> "0.0" with the taskId, code_unknown -> "999"; ``garbage`` is a
+      cut v2 object.
 
     Hostile answers (issue #12), drawn after the request is processed, on ``routes``:
 
@@ -170,8 +263,9 @@ class Faults:
     - ``control_chars``: the answer's service text (every ``msg``, v2 ``errorMessage``, a
       failedReason's ``exception_message``/``node_name``/``traceback``, outputs ``fileType``)
       carries ``CONTROL_INJECTION``: an OSC title, a clear-screen, a bare CR and a forged log line.
-    - ``newline_task_id``: an accepted create's task id carries a newline and a forged log line;
-      the task is stored under exactly that id (status/outputs/cancel/v2 query accept it).
+    - ``newline_task_id``: an accepted create's task id (v1 or v2 create) carries a newline and a
+      forged log line; the task is stored under exactly that id (status/outputs/cancel/v2 query
+      accept it).
     """
 
     http_5xx: float = 0.0
@@ -265,8 +359,92 @@ def _range(value: float | tuple[float, float] | list[float], name: str) -> tuple
 
 
 @dataclass
+class WorkflowBilling:
+    """How one workflow's tasks are billed and reported (``SimConfig.workflow_billing[id]``).
+
+    Applies to every task of the workflow, AI-app runs of it included. A task is billed when it
+    ends (success, failure or cancel) for the simulated GPU seconds it used:
+
+    - ``billing``: "coins" (the default: ``coins_per_second`` x seconds, rounded up to whole
+      coins, as for any workflow without an entry), "money" (no coins: ``consumeCoins`` is null
+      and the money field carries ``money_per_second`` x seconds, rounded up to the cent, written
+      as a decimal string such as "0.14"), or "both" (coins and money).
+    - ``coins_per_second``: None = ``SimConfig.coins_per_second``.
+    - ``money_per_second``: CNY per simulated second (0.014: 10 s cost "0.14").
+    - ``money_field``: which usage field carries the money: "thirdPartyConsumeMoney" (partner
+      nodes, the default) or "consumeMoney". The other one is null.
+    - ``child_tasks``: the task spawns this many child tasks. Its runtime is split evenly between
+      them and each child is billed for its share (coins rounded up and money to the cent, per
+      child); the task's bill is the sum of its children's. v2 query and v2 webhooks then list
+      them in ``taskUsageList`` (``{taskId, parentTaskId, taskStatus, usage}``, taskId a bare JSON
+      number with its last digits lost, see ``SimConfig.child_task_id_style``) with a top-level
+      ``parentTaskId`` null (the task itself has no parent). Child ids are not tasks of their
+      own: a query for one answers "not found".
+    - ``parent_usage`` (with child tasks): "children" (default) = the task's own ``usage`` has
+      null for every figure its children carry (``consumeCoins`` and/or the money field; it keeps
+      ``taskCostTime``); "total" = it also carries the sums (as in the one captured webhook,
+      where the parent repeats its only child's "0.14"), so adding parent and children counts
+      twice.
+    - ``results_without_node_id``: None = ``SimConfig.results_without_node_id``; True drops
+      ``nodeId`` from v2 ``results`` items (query and webhooks).
+
+    v1 ``outputs`` items carry the task's totals: ``consumeCoins`` (null for "money"), and
+    ``consumeMoney`` / ``thirdPartyConsumeMoney`` as strings for the money field (null otherwise).
+    """
+
+    billing: str = "coins"
+    coins_per_second: float | None = None
+    money_per_second: float = 0.014
+    money_field: str = "thirdPartyConsumeMoney"
+    child_tasks: int = 0
+    parent_usage: str = "children"
+    results_without_node_id: bool | None = None
+
+    @property
+    def coins(self) -> bool:
+        return self.billing in ("coins", "both")
+
+    @property
+    def money(self) -> bool:
+        return self.billing in ("money", "both")
+
+    def validate(self, source: str = "simulator workflow_billing") -> None:
+        if self.billing not in BILLING_KINDS:
+            raise ConfigError(f"{source}: billing {self.billing!r} is not one of {', '.join(BILLING_KINDS)}")
+        for name in ("coins_per_second", "money_per_second"):
+            value = getattr(self, name)
+            if value is None and name == "coins_per_second":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 \
+                    or not math.isfinite(value):
+                raise ConfigError(f"{source}: {name} must be a number >= 0, got {value!r}")
+        if self.money_field not in MONEY_FIELDS:
+            raise ConfigError(
+                f"{source}: money_field {self.money_field!r} is not one of {', '.join(MONEY_FIELDS)}")
+        if isinstance(self.child_tasks, bool) or not isinstance(self.child_tasks, int) \
+                or not 0 <= self.child_tasks <= 1000:
+            raise ConfigError(f"{source}: child_tasks must be an integer from 0 to 1000, "
+                              f"got {self.child_tasks!r}")
+        if self.parent_usage not in PARENT_USAGE:
+            raise ConfigError(
+                f"{source}: parent_usage {self.parent_usage!r} is not one of {', '.join(PARENT_USAGE)}")
+        if self.results_without_node_id not in (None, True, False):
+            raise ConfigError(f"{source}: results_without_node_id must be true, false or null")
+
+
+@dataclass
 class SimConfig:
-    """Everything the simulator does, in simulated seconds unless the name says real seconds."""
+    """Everything the simulator does, in simulated seconds unless the name says real seconds.
+
+    ``workflow_billing`` maps a workflow id to its :class:`WorkflowBilling` (a mapping of its
+    fields is accepted too); workflows without an entry are billed in coins as before. Every id
+    must name a workflow the simulator knows (built in or in ``workflows``).
+    ``results_without_node_id`` drops ``nodeId`` from every v2 ``results`` item (v2 query and v2
+    webhooks) unless a workflow's entry says otherwise. ``child_task_id_style`` says how a child
+    task's id in ``taskUsageList`` loses its last digits: "float" = ``int(float(id))`` (the
+    float64 value, e.g. 2052287938007814144) or "js" = the digits JavaScript prints for that
+    float64 (e.g. 2052287938007814100, as in the captured webhook); both are bare JSON numbers.
+    """
 
     seed: int = 0
     time_scale: float = 1.0
@@ -290,6 +468,26 @@ class SimConfig:
     unknown_key_code: int = 412
     cancel_finished_code: int = 0
     max_upload_bytes: int = 30 * 1024 * 1024
+    workflow_billing: dict[str, WorkflowBilling] = field(default_factory=dict)
+    results_without_node_id: bool = False
+    child_task_id_style: str = "float"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workflow_billing, dict):
+            self.workflow_billing = {
+                str(wf_id): spec if isinstance(spec, WorkflowBilling) else _build(
+                    WorkflowBilling, spec, f"simulator workflow_billing[{wf_id!r}]")
+                for wf_id, spec in self.workflow_billing.items()
+            }
+
+    def billing_for(self, workflow_id: str) -> WorkflowBilling:
+        """The workflow's billing entry, or the default (coins) one."""
+        return self.workflow_billing.get(workflow_id) or _DEFAULT_BILLING
+
+    def without_node_id(self, workflow_id: str) -> bool:
+        """Whether v2 results of this workflow's tasks leave out ``nodeId``."""
+        own = self.billing_for(workflow_id).results_without_node_id
+        return self.results_without_node_id if own is None else own
 
     def validate(self) -> None:
         """Raise ConfigError on the first impossible value."""
@@ -308,6 +506,18 @@ class SimConfig:
             raise ConfigError("simulator: webhook_retries must be >= 0")
         if self.unknown_key_code not in (412, 806):
             raise ConfigError("simulator: unknown_key_code must be 412 or 806")
+        if not isinstance(self.workflow_billing, dict):
+            raise ConfigError("simulator: workflow_billing must be a mapping of workflow id -> billing")
+        for wf_id, billing in self.workflow_billing.items():
+            if not isinstance(billing, WorkflowBilling):
+                raise ConfigError(f"simulator: workflow_billing[{wf_id!r}] must be a mapping")
+            billing.validate(f"simulator workflow_billing[{wf_id!r}]")
+        if not isinstance(self.results_without_node_id, bool):
+            raise ConfigError("simulator: results_without_node_id must be true or false")
+        if self.child_task_id_style not in CHILD_TASK_ID_STYLES:
+            raise ConfigError(f"simulator: child_task_id_style {self.child_task_id_style!r} is not "
+                              f"one of {', '.join(CHILD_TASK_ID_STYLES)}")
+        self.default_account.validate()
         for account in self.accounts:
             account.validate()
         keys = [a.key for a in self.accounts]
@@ -359,6 +569,15 @@ class SimConfig:
             values["workflows"] = workflows
         if "webapps" in values:
             values["webapps"] = {str(k): str(v) for k, v in (values["webapps"] or {}).items()}
+        if "workflow_billing" in values:
+            billing = values["workflow_billing"] or {}
+            if not isinstance(billing, dict):
+                raise ConfigError(f"{source}: workflow_billing must be a mapping of workflow id -> "
+                                  "billing")
+            values["workflow_billing"] = {
+                str(wf_id): _build(WorkflowBilling, spec, f"{source}: workflow_billing[{wf_id!r}]")
+                for wf_id, spec in billing.items()
+            }
         config = cls(**values)
         config.validate()
         return config
@@ -400,3 +619,6 @@ def _build(cls: type, values: Any, source: str) -> Any:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+
+
+_DEFAULT_BILLING = WorkflowBilling()

@@ -14,13 +14,16 @@ A task that waits in an EXCLUSIVE account's personal queue has no ``start_at`` u
 frees; :meth:`Account.settle` replays the slot releases in time order (a heap of end times), so
 promotion times are exact whatever the request or ticker timing. Settling is also where a task is
 billed: ``coins_per_second`` x simulated GPU seconds, rounded up to whole coins, charged at the
-task's end (success, failure or cancel).
+task's end (success, failure or cancel). A workflow's ``WorkflowBilling`` can bill money instead
+(or as well), to the cent, and split the bill over child tasks (:meth:`Service.bill_task`).
+Money is kept in whole cents (``money_cents``) so that ledgers add up exactly.
 
 Every method here runs under the simulator's lock; nothing in this module awaits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -32,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.sim.config import AccountConfig, SimConfig
+from pipeline.sim.config import AccountConfig, SimConfig, WorkflowBilling
 
 WELL_FORMED_KEY = re.compile(r"^[0-9A-Za-z]{32}$")
 
@@ -185,6 +188,22 @@ def value_error(default: Any, value: Any, nodes: dict[str, Any]) -> tuple[str, s
 # -- accounts and tasks --------------------------------------------------------------------------
 
 
+def fmt_money(cents: int) -> str:
+    """Whole cents as the service writes money: "0.14", "12.00", "-0.30"."""
+    sign, cents = ("-", -cents) if cents < 0 else ("", cents)
+    return f"{sign}{cents // 100}.{cents % 100:02d}"
+
+
+@dataclass(eq=False)
+class ChildTask:
+    """One child task of a task whose workflow spawns some (``WorkflowBilling.child_tasks``)."""
+
+    task_id: str
+    cost_s: float = 0.0
+    coins: int | None = None  # None: the workflow's billing has no coins
+    money_cents: int | None = None  # None: no money
+
+
 @dataclass(eq=False)
 class Task:
     task_id: str
@@ -206,10 +225,19 @@ class Task:
     start_at: float | None = None
     end_at: float | None = None
     cancelled: bool = False
-    coins: int | None = None  # billed at the end
+    coins: int | None = None  # billed at the end (0 for a workflow billed in money only)
     faults: list[str] = field(default_factory=list)
     outputs_cache: bytes | None = None
     webhook: WebhookRecord | None = None
+    billing: WorkflowBilling = field(default_factory=WorkflowBilling)
+    v2: bool = False  # created on a v2 route: its webhook's eventData is a v2 query object
+    money_cents: int | None = None  # money billed at the end, when its workflow bills money
+    children: list[ChildTask] = field(default_factory=list)
+
+    @property
+    def money(self) -> float | None:
+        """The money billed, in CNY (exact to the cent), or None."""
+        return None if self.money_cents is None else self.money_cents / 100
 
     def status(self, now: float) -> str:
         if self.cancelled:
@@ -241,6 +269,9 @@ class Account:
         self.api_type = config.api_type
         self.concurrency = config.concurrency
         self.coins: float = config.coins
+        self.money_cents: int | None = None if config.money is None else round(config.money * 100)
+        self.billed_money_cents = 0
+        self.v1_task_routes = str(config.v1_task_routes)
         self.free_user = config.free_user
         self.revoked = config.revoked
         self.personal_queue_limit = config.personal_queue_limit
@@ -253,6 +284,20 @@ class Account:
 
     def __repr__(self) -> str:
         return f"Account(key_fp={self.key_fp!r}, api_type={self.api_type!r}, coins={self.coins!r})"
+
+    @property
+    def money(self) -> float | None:
+        """The money wallet in CNY (None: the account has none); may be assigned to top it up."""
+        return None if self.money_cents is None else self.money_cents / 100
+
+    @money.setter
+    def money(self, value: float | None) -> None:
+        self.money_cents = None if value is None else round(value * 100)
+
+    @property
+    def billed_money(self) -> float:
+        """Every cent of money billed to this account so far, in CNY."""
+        return self.billed_money_cents / 100
 
     # live views (thread-safe: they take the simulator's lock)
     @property
@@ -298,9 +343,17 @@ class Account:
 
     def _finish(self, task: Task) -> None:
         del self.active[task.task_id]
-        task.coins = self._service.bill(task.used_s())
+        self._charge(task)
+
+    def _charge(self, task: Task) -> None:
+        self._service.bill_task(task)
+        assert task.coins is not None
         self.coins -= task.coins
         self.billed_coins += task.coins
+        if task.money_cents:
+            self.billed_money_cents += task.money_cents
+            if self.money_cents is not None:
+                self.money_cents -= task.money_cents
 
     def cancel(self, task: Task, now: float) -> None:
         self.settle(now)
@@ -308,7 +361,7 @@ class Account:
             self.pqueue.remove(task)
             task.start_at = task.end_at = now
             task.cancelled = True
-            task.coins = 0
+            self._charge(task)  # nothing ran: zero coins (and zero money)
             return
         task.cancelled = True
         if now < task.start_at:  # still in its queue delay: nothing ran
@@ -324,7 +377,7 @@ class WebhookRecord:
     webhook_id: str
     task: Task
     url: str
-    event_data: str
+    event_data: Any  # v1: the outputs answer as a JSON string; v2: a v2 query object
     create_time: float
     update_time: float
     status: str = "PENDING"  # PENDING -> SUCCESS | RETRYING -> ... -> FAILED
@@ -361,6 +414,7 @@ class Service:
         self._webhook_ends: list[tuple[float, int, Task]] = []
         self._webhook_due: list[tuple[float, int, WebhookRecord]] = []
         self.uploads: dict[str, int] = {}
+        self.upload_blobs: dict[str, tuple[bytes, float]] = {}  # v2 uploads: name -> (bytes, time)
         for account in config.accounts:
             self.add_account(account)
 
@@ -391,18 +445,42 @@ class Service:
             return None
         account = self.accounts.get(key)
         if account is None and self.config.open_accounts and WELL_FORMED_KEY.match(key):
-            template = self.config.default_account
-            account = self.add_account(AccountConfig(
-                key=key, api_type=template.api_type, concurrency=template.concurrency,
-                coins=template.coins, free_user=template.free_user, revoked=template.revoked,
-                personal_queue_limit=template.personal_queue_limit, wallet_code=template.wallet_code,
-            ))
+            account = self.add_account(dataclasses.replace(self.config.default_account, key=key))
         return account
 
-    def bill(self, used_s: float) -> int:
+    def bill(self, used_s: float, coins_per_second: float | None = None) -> int:
+        """Coins for ``used_s`` GPU seconds, rounded up to a whole coin."""
         if used_s <= 0:
             return 0
-        return math.ceil(used_s * self.config.coins_per_second - 1e-9)
+        rate = self.config.coins_per_second if coins_per_second is None else coins_per_second
+        return math.ceil(used_s * rate - 1e-9)
+
+    @staticmethod
+    def bill_money(used_s: float, money_per_second: float) -> int:
+        """Money for ``used_s`` seconds, in cents, rounded up to a whole cent."""
+        if used_s <= 0:
+            return 0
+        return math.ceil(used_s * money_per_second * 100 - 1e-6)
+
+    def new_children(self, billing: WorkflowBilling) -> list[ChildTask]:
+        return [ChildTask(self.new_task_id()) for _ in range(billing.child_tasks)]
+
+    def bill_task(self, task: Task) -> None:
+        """Set ``task.coins`` / ``money_cents`` (and its children's) for the time it used."""
+        billing = task.billing
+        used = task.used_s()
+        shares: list[tuple[ChildTask | None, float]] = [
+            (child, used / len(task.children)) for child in task.children] or [(None, used)]
+        coins = money = 0
+        for child, share in shares:
+            child_coins = self.bill(share, billing.coins_per_second) if billing.coins else None
+            child_money = self.bill_money(share, billing.money_per_second) if billing.money else None
+            coins += child_coins or 0
+            money += child_money or 0
+            if child is not None:
+                child.cost_s, child.coins, child.money_cents = share, child_coins, child_money
+        task.coins = coins
+        task.money_cents = money if billing.money else None
 
     def draw_task(self, fault_failure: float) -> tuple[float, float, bool, str | None]:
         """(queue_delay, runtime, fail, fault) for a new task, from the task RNG."""
@@ -429,7 +507,7 @@ class Service:
         self._next_webhook_id += self.rng_ids.randrange(1, 1_000_000)
         return str(self._next_webhook_id)
 
-    def due_webhooks(self, now: float, event_data: Callable[[Task], str]) -> list[WebhookRecord]:
+    def due_webhooks(self, now: float, event_data: Callable[[Task], Any]) -> list[WebhookRecord]:
         """Records to deliver now: tasks that just ended and retries that fell due."""
         for account in self.accounts.values():
             if account.active or account.pqueue:

@@ -17,7 +17,11 @@ the foreground with :meth:`Simulator.serve_forever`). Each request goes through 
    Answers that take real time are registered so that :meth:`Simulator.close` aborts them at once.
 
 Business errors are HTTP 200 with ``{code, msg, data}``; any path that is not a route answers
-``{"code":412,"msg":"TOKEN_INVALID","data":null}`` like the real service.
+``{"code":412,"msg":"TOKEN_INVALID","data":null}`` like the real service. The v2 creates
+(``/openapi/v2/run/workflow/{id}``, ``/openapi/v2/run/ai-app/{id}``) and ``/openapi/v2/query``
+answer HTTP 200 with the flat v2 object (``errorCode`` strings from ``V2_ERROR_CODES``, no
+``code``); the v2 upload answers ``{code, message, data}`` and serves the file under
+``/files/uploads/``. ``retainSeconds`` is accepted and ignored.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import mimetypes
 import struct
 import threading
 import time
@@ -35,6 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -49,10 +55,15 @@ from pipeline.sim.audit import Audit
 from pipeline.sim.config import (
     CONTROL_INJECTION,
     CREATE_ROUTES,
+    CURRENCY,
     FORGED_LOG_LINE,
     POLL_ROUTES,
+    V1_TASK_ROUTES,
+    V2_CREATE_ROUTES,
+    V2_ERROR_MESSAGES,
     Faults,
     SimConfig,
+    v2_error_code,
 )
 from pipeline.sim.model import (
     CANCEL,
@@ -67,6 +78,7 @@ from pipeline.sim.model import (
     Task,
     WebhookRecord,
     Workflow,
+    fmt_money,
     key_fingerprint,
     signature,
     value_error,
@@ -90,7 +102,11 @@ UPLOAD_EXTENSIONS = frozenset(
 
 _JSON = "application/json"
 _GARBAGE = b'{"code":0,"msg":"success","data":{"taskId":"19'
-_HTML_5XX = {
+_GARBAGE_V2 = b'{"taskId":"19'
+#: Where v2 uploads are served (``download_url``); registered before ``/files/{task_id}/{name}``.
+UPLOADS_PATH = "/files/uploads"
+_HTML_5XX = {  # (and the 404 a v2-only key gets from v1 task routes)
+    404: "404 Not Found",
     429: "429 Too Many Requests",
     500: "500 Internal Server Error",
     502: "502 Bad Gateway",
@@ -133,6 +149,22 @@ class Reply:
 def envelope(code: int, data: Any = None, msg: str | None = None, **audit: Any) -> Reply:
     return Reply(_dumps({"code": code, "msg": msg if msg is not None else _msg(code), "data": data}),
                  code=code, **audit)
+
+
+def _v2_flat(task_id: str, status: str, error_code: str | None = "", error_message: str = "", *,
+             client_id: str = "", prompt_tips: str = "") -> dict[str, Any]:
+    """The flat v2 task object (create and query answers; no ``code``)."""
+    return {"taskId": task_id, "status": status, "errorCode": error_code,
+            "errorMessage": error_message, "clientId": client_id, "promptTips": prompt_tips,
+            "results": None, "usage": None, "failedReason": None}
+
+
+def _v2_upload_envelope(code: int, data: Any = None, message: str | None = None, **audit: Any
+                        ) -> Reply:
+    """The v2 upload's envelope: ``{code, message, data}`` (``message``, not ``msg``)."""
+    if message is None:
+        message = "success" if code == 0 else V2_ERROR_MESSAGES.get(str(code), _msg(code))
+    return Reply(_dumps({"code": code, "message": message, "data": data}), code=code, **audit)
 
 
 @dataclass
@@ -207,6 +239,11 @@ class Simulator:
             self.add_workflow(str(workflow_id), data)
         for webapp_id, workflow_id in config.webapps.items():
             self.add_webapp(str(webapp_id), str(workflow_id))
+        unknown = sorted(set(config.workflow_billing) - set(self.service.workflows))
+        if unknown:
+            raise ConfigError(f"simulator workflow_billing: unknown workflow id(s) "
+                              f"{', '.join(map(repr, unknown))}; known: "
+                              f"{', '.join(sorted(self.service.workflows))}")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -407,12 +444,17 @@ class Simulator:
             ("/task/openapi/getWebhookDetail", "get_webhook_detail", self._get_webhook_detail),
             ("/task/openapi/retryWebhook", "retry_webhook", self._retry_webhook),
             ("/openapi/v2/query", "v2_query", self._v2_query),
+            ("/openapi/v2/run/workflow/{workflow_id}", "v2_run_workflow", self._v2_run_workflow),
+            ("/openapi/v2/run/ai-app/{webapp_id}", "v2_run_ai_app", self._v2_run_ai_app),
         ]
         for path, route, logic in json_routes:
             app.router.add_post(path, self._handler(route, logic))
         app.router.add_post("/task/openapi/upload", self._handler("upload", self._upload, body="multipart"))
+        app.router.add_post("/openapi/v2/media/upload/binary",
+                            self._handler("v2_upload", self._v2_upload, body="multipart+keep"))
         app.router.add_get("/openapi/v2/queue/status",
                            self._handler("v2_queue_status", self._v2_queue_status, body="none"))
+        app.router.add_get(UPLOADS_PATH + "/{name}", self._handler("files", self._uploaded_file, body="none"))
         app.router.add_get("/files/{task_id}/{name}", self._handler("files", self._file, body="none"))
         app.router.add_route("*", "/{tail:.*}", self._handler("unknown", self._unknown, body="none"))
 
@@ -471,8 +513,8 @@ class Simulator:
                     body = parsed
                 else:
                     bad_body = True
-        elif body_kind == "multipart":
-            upload = await self._read_upload(request)
+        elif body_kind.startswith("multipart"):
+            upload = await self._read_upload(request, keep=body_kind == "multipart+keep")
             body = upload["fields"]
         key = _key_from(body, request)
 
@@ -486,14 +528,22 @@ class Simulator:
                 if route == "v2_query":
                     reply = self._v2_error(str(body.get("taskId") or ""), "1003", "rate limited")
                     reply.fault = "poll_rate_limit"
-            elif bad_body:
+            if reply is None and route in V1_TASK_ROUTES:
+                reply = self._v1_gone(key)
+            if reply is None and bad_body:
                 reply = envelope(301)
+                if route in V2_CREATE_ROUTES or route == "v2_query":
+                    reply = self._v2_from_envelope(reply)
             if reply is None:
                 try:
                     reply = logic(body, key, now, request, upload)
                 except Exception:  # a simulator bug: answer like the service's catch-all
                     log.exception("simulator error on %s", route)
                     reply = envelope(500, None, "UNKNOWN_ERROR")
+                    if route in V2_CREATE_ROUTES or route == "v2_query":
+                        reply = self._v2_from_envelope(reply)
+                    elif route == "v2_upload":
+                        reply = _v2_upload_envelope(500, None, "UNKNOWN_ERROR")
             faults_hit = [reply.fault] if reply.fault else []
             send = _Send(status=reply.status_http, body=reply.body, content_type=reply.content_type)
             status_http: int | None = reply.status_http
@@ -503,8 +553,12 @@ class Simulator:
             if created is not None:
                 rng = self.service.rng_faults
                 if faults.create_813 and rng.random() < faults.create_813:
-                    data = json.loads(reply.body)["data"]
-                    reply.body = send.body = _dumps({"code": 813, "msg": _msg(813), "data": data})
+                    answer = json.loads(reply.body)
+                    if route in V2_CREATE_ROUTES:
+                        answer.update(errorCode="813", errorMessage=_msg(813))
+                    else:
+                        answer = {"code": 813, "msg": _msg(813), "data": answer["data"]}
+                    reply.body = send.body = _dumps(answer)
                     reply.code = code = 813
                     faults_hit.append("create_813")
                     created.faults.append("create_813")
@@ -518,7 +572,8 @@ class Simulator:
                     name = f"after_work:{mode}"
                     faults_hit.append(name)
                     created.faults.append(name)
-                    send, status_http, code = self._after_work(mode, reply, faults)
+                    send, status_http, code = self._after_work(mode, reply, faults,
+                                                               v2=route in V2_CREATE_ROUTES)
                     replaced = True
             if hostile and not replaced:
                 shaped = self._hostile(route, reply, send, faults)
@@ -546,9 +601,12 @@ class Simulator:
 
     # -- after-work and hostile answers -----------------------------------------------------------
 
-    def _after_work(self, mode: str, reply: Reply, faults: Faults) -> tuple[_Send, int | None, Any]:
-        """The answer that replaces an accepted create's: (how to send it, HTTP status, code)."""
-        data = json.loads(reply.body).get("data")
+    def _after_work(self, mode: str, reply: Reply, faults: Faults, *, v2: bool = False
+                    ) -> tuple[_Send, int | None, Any]:
+        """The answer that replaces an accepted create's: (how to send it, HTTP status, code).
+        On a v2 create (``v2``) the ``code_*`` modes set the flat answer's ``errorCode``."""
+        answer = json.loads(reply.body)
+        data = answer if v2 else answer.get("data")
         if mode.startswith("http_"):
             status = int(mode.removeprefix("http_"))
             return _Send(status=status, body=_html_error(status).encode(),
@@ -561,7 +619,20 @@ class Simulator:
         if mode == "drop":
             return _Send(kind="drop"), None, None
         if mode == "garbage":
-            return _Send(body=_GARBAGE), 200, None
+            return _Send(body=_GARBAGE_V2 if v2 else _GARBAGE), 200, None
+        if v2:
+            error_code, message, keep = {
+                "code_500": ("500", "UNKNOWN_ERROR", False),
+                "code_500_task": ("500", "UNKNOWN_ERROR", True),
+                "code_1005": ("1005", "server error", False),
+                "code_null": (None, "", True),
+                "code_text": ("0.0", "", True),
+                "code_unknown": ("999", _msg(999), False),
+            }[mode]
+            flat = dict(data) if keep else _v2_flat("", "")
+            flat.update(errorCode=error_code, errorMessage=message)
+            audit_code = int(error_code) if error_code and error_code.isdigit() else None
+            return _Send(body=_dumps(flat)), 200, audit_code
         code, msg, data = {
             "code_500": (500, "UNKNOWN_ERROR", None),
             "code_500_task": (500, "UNKNOWN_ERROR", data),
@@ -836,6 +907,9 @@ class Simulator:
         workflow = service.workflows.get(workflow_id)
         if workflow is None:
             return envelope(380, key_fp=fp)
+        billing = self.config.billing_for(workflow_id)
+        if billing.money and account.money_cents is not None and account.money_cents <= 0:
+            return envelope(account.wallet_code, key_fp=fp)  # a money wallet, spent
         # 5. concurrency
         in_pqueue = False
         if len(account.active) + len(account.pqueue) >= account.concurrency:
@@ -902,7 +976,8 @@ class Simulator:
             signature=signature(workflow_id, sig_source), created_at=now, queue_delay=delay,
             runtime=runtime, fail=fail, webapp_id=webapp_id, webhook_url=webhook_url,
             add_metadata=bool(add_metadata) and webapp_id is None, instance_type=instance_type,
-            personal_queue=in_pqueue,
+            personal_queue=in_pqueue, billing=billing, v2=route in V2_CREATE_ROUTES,
+            children=service.new_children(billing),
         )
         if fault:
             task.faults.append(fault)
@@ -927,6 +1002,55 @@ class Simulator:
                          fault="newline_task_id" if forged else None)
         reply.created = task
         return reply
+
+    # -- v2 create ------------------------------------------------------------------------------
+
+    def _v2_run_workflow(self, body: dict[str, Any], key: str | None, now: float,
+                         request: web.Request, *_: Any) -> Reply:
+        workflow_id = request.match_info.get("workflow_id", "").strip()
+        if not workflow_id or workflow_id == "0":
+            return self._v2_from_envelope(envelope(301))
+        return self._v2_from_envelope(
+            self._create_task(body, key, now, workflow_id, None, "v2_run_workflow"))
+
+    def _v2_run_ai_app(self, body: dict[str, Any], key: str | None, now: float,
+                       request: web.Request, *_: Any) -> Reply:
+        webapp_id = request.match_info.get("webapp_id", "").strip()
+        if not webapp_id or webapp_id == "0" or not isinstance(body.get("nodeInfoList"), list):
+            return self._v2_from_envelope(envelope(301))
+        return self._v2_from_envelope(
+            self._create_task(body, key, now, None, webapp_id, "v2_run_ai_app"))
+
+    def _v2_from_envelope(self, reply: Reply) -> Reply:
+        """A v1 create answer (or error envelope) rewritten as v2's flat object, in place: success
+        keeps taskId/status/clientId/promptTips; an error's code goes through ``V2_ERROR_CODES``
+        (a 433 keeps its promptTips; a 803's reason is added to errorMessage)."""
+        answer = json.loads(reply.body)
+        code, msg, data = answer.get("code"), str(answer.get("msg") or ""), answer.get("data")
+        if code == 0 and isinstance(data, dict) and data.get("taskId"):
+            flat = _v2_flat(data["taskId"], data["taskStatus"], client_id=data["clientId"],
+                            prompt_tips=data["promptTips"])
+        else:
+            error_code = v2_error_code(code) if isinstance(code, int) else "1005"
+            message = V2_ERROR_MESSAGES.get(error_code, msg)
+            if isinstance(data, dict) and isinstance(data.get("reason"), str):
+                message = f"{message}: {data['reason']}"
+            flat = _v2_flat("", "", error_code, message)
+            if isinstance(data, dict) and isinstance(data.get("promptTips"), str):
+                flat["promptTips"] = data["promptTips"]
+            reply.code = int(error_code)
+        reply.body = _dumps(flat)
+        return reply
+
+    def _v1_gone(self, key: str | None) -> Reply | None:
+        """The answer of a v1 task route for a v2-only key (``AccountConfig.v1_task_routes``)."""
+        account = self.service.lookup_account(key)
+        if account is None or account.v1_task_routes == "ok":
+            return None
+        if account.v1_task_routes == "412":
+            return envelope(412, key_fp=account.key_fp)
+        return Reply(_html_error(404).encode(), code=None, status_http=404, content_type="text/html",
+                     key_fp=account.key_fp)
 
     def _prompt_failed(self, workflow: Workflow, node_errors: dict[str, Any], detail: str,
                        fp: str) -> Reply:
@@ -980,16 +1104,22 @@ class Simulator:
         return Reply(task.outputs_cache, code=0, task_id=task.task_id, key_fp=fp)
 
     def _items(self, task: Task, *, numeric_cost: bool = False) -> list[dict[str, Any]]:
+        """v1 outputs items: each carries the task's totals (coins, and money as a string for a
+        workflow billed in money, in its ``money_field``)."""
         cost_s = int(round(task.used_s()))
+        billing = task.billing
+        coins = None if task.coins is None or not billing.coins else str(task.coins)
+        money = None if task.money_cents is None else fmt_money(task.money_cents)
         return [
             {
                 "fileUrl": f"{self.base_url}/files/{quote(task.task_id, safe='')}/{node_id}_0.png",
                 "fileType": "png",
                 "taskCostTime": cost_s if numeric_cost else str(cost_s),
                 "nodeId": node_id,
-                "consumeCoins": None if task.coins is None else str(task.coins),
-                "consumeMoney": None,
-                "thirdPartyConsumeMoney": None,
+                "consumeCoins": coins,
+                "consumeMoney": money if billing.money_field == "consumeMoney" else None,
+                "thirdPartyConsumeMoney": money if billing.money_field == "thirdPartyConsumeMoney"
+                else None,
             }
             for node_id in task.workflow.output_nodes
         ]
@@ -1014,8 +1144,8 @@ class Simulator:
         data = {
             "remainCoins": _fmt_coins(account.coins),
             "currentTaskCounts": str(len(account.active) + len(account.pqueue)),
-            "remainMoney": None,
-            "currency": None,
+            "remainMoney": None if account.money_cents is None else fmt_money(account.money_cents),
+            "currency": None if account.money_cents is None else CURRENCY,
             "apiType": account.api_type,
         }
         return envelope(0, data, key_fp=account.key_fp)
@@ -1056,7 +1186,9 @@ class Simulator:
             "userApiKey": f"{account.key_fp}************************",
             "taskId": task.task_id,
             "webhookUrl": record.url,
-            "eventData": record.event_data,
+            # a v2 task's eventData is delivered as an object; the record shows it as JSON text
+            "eventData": record.event_data if isinstance(record.event_data, str)
+            else json.dumps(record.event_data, ensure_ascii=False),
             "callbackStatus": record.status,
             "callbackResponse": record.response,
             "retryCount": record.retry_count,
@@ -1090,8 +1222,12 @@ class Simulator:
             reply.deliver.append(record)
         return reply
 
-    def _event_data(self, task: Task) -> str:
-        """The outputs answer for an ended task, as the webhook's eventData string."""
+    def _event_data(self, task: Task) -> Any:
+        """A webhook's eventData for an ended task: for a task created on v1, the outputs answer
+        as a JSON string; for one created on v2, the v2 query object (not a string)."""
+        if task.v2:
+            assert task.end_at is not None
+            return self._v2_task_data(task, task.end_at)
         if task.fail:
             payload: dict[str, Any] = {"code": 805, "msg": _msg(805),
                                        "data": {"failedReason": _failed_reason(task)}}
@@ -1128,8 +1264,7 @@ class Simulator:
     # -- v2 -------------------------------------------------------------------------------------
 
     def _v2_error(self, task_id: str, code: str, message: str, fp: str | None = None) -> Reply:
-        data = {"taskId": task_id, "status": "", "errorCode": code, "errorMessage": message,
-                "failedReason": None, "usage": None, "results": None, "clientId": "", "promptTips": ""}
+        data = _v2_flat(task_id, "", code, message)
         return Reply(_dumps(data), code=int(code), task_id=task_id or None, key_fp=fp)
 
     def _v2_query(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
@@ -1137,7 +1272,8 @@ class Simulator:
         task_id = str(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else ""
         account, error = self._auth(key)
         if error is not None:
-            return self._v2_error(task_id, "1002", "auth failed")
+            code = v2_error_code(error.code or 412)
+            return self._v2_error(task_id, code, V2_ERROR_MESSAGES.get(code, _msg(error.code or 412)))
         assert account is not None
         if task_id not in self.service.tasks and (not task_id.isdigit() or int(task_id) <= 0):
             return self._v2_error(task_id, "1007", "taskId must be greater than 0", account.key_fp)
@@ -1145,19 +1281,35 @@ class Simulator:
         task = self.service.tasks.get(task_id)
         if task is None or task.account is not account or task.gone(now, self.config.retention_s):
             return self._v2_error(task_id, "1004", "not found or expired", account.key_fp)
-        status = task.status(now)
-        data: dict[str, Any] = {
-            "taskId": task_id, "status": status, "errorCode": "", "errorMessage": "",
-            "failedReason": None, "usage": None, "results": None, "clientId": task.client_id,
-            "promptTips": "",
+        data = self._v2_task_data(task, now)
+        return Reply(_dumps(data), code=0, task_id=task_id, key_fp=account.key_fp)
+
+    def _v2_usage(self, billing: Any, coins: int | None, money_cents: int | None, cost_s: float,
+                  *, carried: bool = False) -> dict[str, Any]:
+        """A v2 ``usage`` object. ``carried``: the figures are its children's, so null here."""
+        money = None if money_cents is None or carried else fmt_money(money_cents)
+        return {
+            "consumeMoney": money if billing.money_field == "consumeMoney" else None,
+            "consumeCoins": None if coins is None or carried or not billing.coins else str(coins),
+            "taskCostTime": str(int(round(cost_s))),
+            "thirdPartyConsumeMoney": money if billing.money_field == "thirdPartyConsumeMoney" else None,
         }
-        if status in (SUCCESS, FAILED, CANCEL):
-            data["usage"] = {"consumeMoney": None, "consumeCoins": str(task.coins or 0),
-                             "taskCostTime": str(int(round(task.used_s()))),
-                             "thirdPartyConsumeMoney": None}
+
+    def _v2_task_data(self, task: Task, now: float) -> dict[str, Any]:
+        """A task in the v2 query shape (v2 query answers and v2 webhook eventData)."""
+        status = task.status(now)
+        data = _v2_flat(task.task_id, status, client_id=task.client_id)
+        ended = status in (SUCCESS, FAILED, CANCEL)
+        billing = task.billing
+        if ended:
+            carried = bool(task.children) and billing.parent_usage == "children"
+            data["usage"] = self._v2_usage(billing, task.coins or 0, task.money_cents,
+                                           task.used_s(), carried=carried)
         if status == SUCCESS:
+            bare = self.config.without_node_id(task.workflow_id)
             data["results"] = [
-                {"url": i["fileUrl"], "nodeId": i["nodeId"], "outputType": "png", "text": None}
+                {"url": i["fileUrl"], "outputType": "png", "text": None,
+                 **({} if bare else {"nodeId": i["nodeId"]})}
                 for i in self._items(task)
             ]
         elif status in (FAILED, CANCEL):
@@ -1165,7 +1317,23 @@ class Simulator:
             data["errorCode"] = "1000"
             data["errorMessage"] = reason["exception_message"].split("\n", 1)[0]
             data["failedReason"] = reason
-        return Reply(_dumps(data), code=0, task_id=task_id, key_fp=account.key_fp)
+        if task.children:
+            data["parentTaskId"] = None
+            data["taskUsageList"] = [
+                {"taskId": self._lossy_id(child.task_id), "parentTaskId": task.task_id,
+                 "taskStatus": status,
+                 "usage": self._v2_usage(billing, child.coins, child.money_cents, child.cost_s)}
+                for child in task.children
+            ] if ended else None
+        return data
+
+    def _lossy_id(self, task_id: str) -> int:
+        """A task id as a JavaScript layer writes it: a float64, so its last digits are lost
+        ("float": ``int(float(id))``; "js": the shortest digits that round-trip, as JS prints)."""
+        value = float(task_id)
+        if self.config.child_task_id_style == "js":
+            return int(Decimal(repr(value)))
+        return int(value)
 
     def _v2_queue_status(self, body: dict[str, Any], key: str | None, now: float, *_: Any) -> Reply:
         account, error = self._auth(key)
@@ -1181,8 +1349,9 @@ class Simulator:
 
     # -- upload ---------------------------------------------------------------------------------
 
-    async def _read_upload(self, request: web.Request) -> dict[str, Any]:
-        """Stream a multipart body: text fields, and the file's name, size and sha256."""
+    async def _read_upload(self, request: web.Request, *, keep: bool = False) -> dict[str, Any]:
+        """Stream a multipart body: text fields, and the file's name, size and sha256 (and with
+        ``keep`` its content, when within ``max_upload_bytes``)."""
         info: dict[str, Any] = {"fields": {}, "file": None, "bad": False}
         if not request.content_type.startswith("multipart/"):
             raw = await request.read()
@@ -1206,12 +1375,16 @@ class Simulator:
                 if part.name == "file" or part.filename is not None:
                     digest = hashlib.sha256()
                     size = 0
+                    kept: list[bytes] = []
                     while chunk := await part.read_chunk(256 * 1024):
                         size += len(chunk)
                         if size <= limit:
                             digest.update(chunk)
+                            if keep:
+                                kept.append(chunk)
                     info["file"] = {"filename": part.filename or "", "size": size,
-                                    "sha256": digest.hexdigest()}
+                                    "sha256": digest.hexdigest(),
+                                    "content": b"".join(kept) if keep and size <= limit else None}
                 elif part.name:
                     info["fields"][part.name] = (await part.text())[:4096]
         except (ValueError, aiohttp.ClientError, AssertionError):
@@ -1239,7 +1412,45 @@ class Simulator:
         file_type = body.get("fileType") or "input"
         return envelope(0, {"fileName": name, "fileType": file_type}, key_fp=fp)
 
+    def _v2_upload(self, body: dict[str, Any], key: str | None, now: float, request: web.Request,
+                   upload: dict[str, Any] | None) -> Reply:
+        """``/openapi/v2/media/upload/binary``: the v1 upload's checks in v2's envelope
+        (``{code, message, data}``): a bad key 401, parameters 1007, over the size limit 1008."""
+        assert upload is not None
+        account, error = self._auth(key)
+        if error is not None:
+            return _v2_upload_envelope(401, None, "ApiKey verification failed")
+        assert account is not None
+        fp = account.key_fp
+        file = upload["file"]
+        if upload["bad"] or file is None or file["size"] == 0:
+            return _v2_upload_envelope(1007, key_fp=fp)
+        if file["size"] > self.config.max_upload_bytes:
+            return _v2_upload_envelope(1008, key_fp=fp)
+        ext = Path(file["filename"]).suffix.lower().lstrip(".")
+        if ext not in UPLOAD_EXTENSIONS:
+            return _v2_upload_envelope(1007, key_fp=fp)
+        stored = f"{file['sha256']}.{ext}"
+        name = f"api/{stored}"
+        self.service.uploads[name] = file["size"]
+        self.service.upload_blobs[stored] = (file["content"] or b"", now)
+        data = {"fileName": name, "download_url": f"{self.base_url}{UPLOADS_PATH}/{stored}",
+                "type": ext, "size": file["size"]}
+        return _v2_upload_envelope(0, data, key_fp=fp)
+
     # -- files and everything else --------------------------------------------------------------
+
+    def _uploaded_file(self, body: dict[str, Any], key: str | None, now: float,
+                       request: web.Request, *_: Any) -> Reply:
+        """A v2 upload's ``download_url``: its bytes, 403 (expired) after ``file_ttl_s``."""
+        stored = self.service.upload_blobs.get(request.match_info.get("name", ""))
+        if stored is None:
+            return Reply(b"Not Found", code=None, status_http=404, content_type="text/plain")
+        content, uploaded_at = stored
+        if now - uploaded_at > self.config.file_ttl_s:
+            return Reply(_FILE_EXPIRED, code=None, status_http=403, content_type="application/xml")
+        kind = mimetypes.guess_type(request.match_info["name"])[0] or "application/octet-stream"
+        return Reply(content, code=None, status_http=200, content_type=kind)
 
     def _file(self, body: dict[str, Any], key: str | None, now: float, request: web.Request,
               *_: Any) -> Reply:
