@@ -826,19 +826,11 @@ class RunningHubClient:
         or cancelled tasks); None when the service does not say. Never raises for a read problem:
         an unknown cost is recorded as unknown, not as an error of the row."""
         try:
-            async for attempt in self.policy.retrying(_poll_retryable, "query"):
-                with attempt:
-                    answer = await self._exchange(V2_QUERY_PATH, json={"taskId": task_id})
-                    data = answer.json()
-                    if answer.status != 200 or not isinstance(data, dict):
-                        raise TransportError(f"query: HTTP {answer.status}", sent=True)
-                    if str(data.get("errorCode") or "") == "1003":
-                        raise CapacityError("query: rate limited (1003)", code=1003)
+            return (await self.query(task_id)).cost
         except (ApiError, RetryError) as exc:
             log.info("cost of task %s not available from v2 query: %s", clean_text(task_id, 40),
                      redact(exc))
             return None
-        return cost_of_usage(data)
 
     async def account_status(self) -> AccountStatus:
         envelope = await self._poll(ACCOUNT_PATH, {}, "accountStatus", key_field="apikey")

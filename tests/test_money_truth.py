@@ -28,7 +28,8 @@ def _run(sim, api_key, manifest, run_dir, **options):
 
 
 def _after_work_creates(sim):
-    return [r for r in sim.audit.requests("create") if "after_work" in (r["fault"] or "")]
+    return [r for r in sim.audit.requests() if r["route"] in ("create", "v2_run_workflow")
+            and "after_work" in (r["fault"] or "")]
 
 
 def check_rows_against_audit(sim, records):
@@ -50,13 +51,16 @@ def check_rows_against_audit(sim, records):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("api", ["auto", "v2"])  # creates on v1 /task/openapi/create, or on v2
 @pytest.mark.parametrize("mode", AFTER_WORK_MODES)
-def test_a_create_answered_badly_after_the_work_is_never_sent_again(mode, make_sim, api_key,
+def test_a_create_answered_badly_after_the_work_is_never_sent_again(mode, api, make_sim, api_key,
                                                                     tmp_path):
     sim = make_sim(seed=3, faults=Faults(after_work=0.34, after_work_modes=(mode,), stall_s=3.0,
                                          trickle_interval_s=0.3))
     manifest = write_manifest(tmp_path / "m.csv", 12)
-    summary = _run(sim, api_key, manifest, tmp_path / "run")
+    summary = _run(sim, api_key, manifest, tmp_path / "run", settings={"api": api})
+    routes = {r["route"] for r in sim.audit.requests()}
+    assert ("v2_run_workflow" in routes) == (api == "v2") and ("create" in routes) == (api != "v2")
     records = read_results(tmp_path / "run")
     check_rows_against_audit(sim, records)
     hit = _after_work_creates(sim)
