@@ -22,7 +22,7 @@ import click
 from pipeline import __version__
 from pipeline.config import ENV_API_KEY, RedactingFilter, redact, resolve_settings
 from pipeline.errors import RhbatchError
-from pipeline.safetext import escape_controls
+from pipeline.safetext import amount, escape_controls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -279,15 +279,6 @@ class Progress:
     def close(self) -> None:
         self._stop.set()
         self.bar.close()
-
-
-def amount(value: float | None) -> str:
-    """Coins or money for people: 1,000,000,000 and 12.5, never 1e+09; None is "unknown"."""
-    if value is None:
-        return "unknown"
-    if float(value).is_integer():
-        return f"{int(value):,}"
-    return f"{value:,.2f}".rstrip("0").rstrip(".")
 
 
 def spending_lines(spending: Any) -> list[str]:

@@ -21,6 +21,7 @@ from pipeline.config import resolve_settings
 from pipeline.errors import StateError
 from pipeline.report import build_report
 from pipeline.runs import ManifestArgs, run_batch
+from pipeline.safetext import amount
 
 DEMO_MANIFEST_NAME = "demo_sweep.csv"  # shipped with rhbatch, see pipeline/resources.py
 DEMO_TIME_SCALE = 200.0
@@ -95,13 +96,13 @@ def run_demo(
         summary = run_batch(
             ManifestArgs(manifest), out_dir, settings, handle_signals=True, download=True,
             on_account=lambda a: echo(
-                f"Account: {a.api_type}, {a.remain_coins:g} coins, {a.current_task_counts} live"
+                f"Account: {a.api_type}, {amount(a.remain_coins)} coins, {a.current_task_counts} live"
             ),
         )
         report = build_report(out_dir)
     counts = ", ".join(f"{n} {s}" for s, n in summary.counts.items() if n)
     echo(f"Demo finished: {summary.total} rows ({counts}) in {summary.elapsed_s:.1f}s, "
-         f"{summary.coins:g} simulated coins, {summary.requests} API requests")
+         f"{amount(summary.coins)} simulated coins, {summary.requests} API requests")
     echo(f"Output manifest: {out_dir / 'results.jsonl'} (and results.csv)")
     echo(f"Images: {out_dir / 'files'}   Report: {report}")
     echo(f"Next: rhbatch status {out_dir}   |   rhbatch export {out_dir} --format parquet")

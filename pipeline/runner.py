@@ -47,7 +47,7 @@ from pipeline.errors import (
     TransientApiError,
     code_name,
 )
-from pipeline.safetext import clean_text
+from pipeline.safetext import amount, clean_text, number
 
 log = logging.getLogger("rhbatch.runner")
 
@@ -440,9 +440,11 @@ class Runner:
     def _budget_message(self) -> str:
         parts = []
         if self.max_coins is not None:
-            parts.append(f"{self._spent:g} coins spent of --max-coins {self.max_coins:g}")
+            parts.append(f"{amount(self._spent)} coins spent of --max-coins "
+                         f"{number(self.max_coins)}")
         if self.max_money is not None:
-            parts.append(f"{self._spent_money:g} money spent of --max-money {self.max_money:g}")
+            parts.append(f"{amount(self._spent_money)} money spent of --max-money "
+                         f"{number(self.max_money)}")
         doubt = (f"; {self._doubtful} task(s) in doubt or unpriced count at their expected cost"
                  if self._doubtful else "")
         return (f"budget reached: {', '.join(parts)}, and the next task could pass it{doubt}; "
@@ -785,7 +787,7 @@ class Runner:
         self._priced += 1
         self._max_coins = max(self._max_coins, cost.coins or 0.0)
         self._max_money = max(self._max_money, money)
-        self.on_event(Event("cost", detail=f"{self._spent:g}"))
+        self.on_event(Event("cost", detail=repr(self._spent)))
 
     # -- stuck tasks, outages, the run directory -----------------------------------------------
 

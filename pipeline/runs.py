@@ -38,6 +38,7 @@ from pipeline.prepare import load_checked, prepare_rows
 from pipeline.refresh import refresh_in_child, remove_stale_temporaries
 from pipeline.report import cut_words
 from pipeline.runner import Event, Runner, RunSummary
+from pipeline.safetext import number
 
 log = logging.getLogger("rhbatch")
 LOG_FILE = "rhbatch.log"
@@ -454,11 +455,12 @@ def resolve_budget(store: st.RunStore, options: RunOptions) -> RunOptions:
             continue
         before = stored.get(name)
         if before is not None and before != value:
-            options.on_notice(f"{flags[name]} is now {value:g} (this run had {before:g})")
+            options.on_notice(f"{flags[name]} is now {number(value)} (this run had "
+                              f"{number(before)})")
         merged[name] = value
     for name, value in merged.items():
         if given.get(name) is None and value is not None and name != "expected_task_coins":
-            options.on_notice(f"{flags[name]} {value:g} kept from the run's earlier start")
+            options.on_notice(f"{flags[name]} {number(value)} kept from the run's earlier start")
     if merged != stored:
         store.set_meta(**{BUDGET_META: merged})
     return dataclasses.replace(options, max_coins=merged.get("max_coins"),

@@ -44,3 +44,19 @@ def clip(text: str, limit: int) -> str:
 def clean_text(text: Any, limit: int) -> str:
     """Service text fit for a message or a log line: controls escaped, then clipped."""
     return clip(escape_controls(text), limit)
+
+
+def amount(value: float | None) -> str:
+    """Coins or money for people: 1,000,000,000 and 12.5, never 1e+09; None is "unknown"."""
+    if value is None:
+        return "unknown"
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:,.2f}".rstrip("0").rstrip(".")
+
+
+def number(value: float) -> str:
+    """A number as a flag takes it: 1000000000 and 12.5, never 1e+09 nor 1,000."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.6f}".rstrip("0").rstrip(".")

@@ -62,3 +62,10 @@ def test_top_failures_cut_after_a_whole_word(tmp_path):
     assert cause == ("805: RunningHub task failed (805): CUDA out of memory while sampling CUDA out "
                      "of memory while sampling CUDA out of memory while sampling CUDA out of "
                      "memory while…")
+
+
+def test_a_flag_value_is_echoed_as_it_is_typed_and_amounts_for_people_have_thousands():
+    from pipeline.safetext import amount, number
+
+    assert number(1e9) == "1000000000" and number(12.5) == "12.5" and number(0.014) == "0.014"
+    assert amount(1e9) == "1,000,000,000" and amount(12.5) == "12.5" and amount(None) == "unknown"
