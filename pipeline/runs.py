@@ -356,6 +356,9 @@ async def _drive_loop(
                 await asyncio.gather(downloader, return_exceptions=True)
             for sig in installed:
                 loop.remove_signal_handler(sig)
+                # the results are still to be written: a signal now is noted, not obeyed (the
+                # _signals_held around the whole run puts the caller's handlers back after)
+                signal.signal(sig, _note_signal)
 
 
 def key_fingerprint(key: str) -> str:
@@ -419,18 +422,21 @@ def check_base_url(store: st.RunStore, settings: Settings, moved: bool = False, 
             f"at {current}")
 
 
+def _note_signal(signum: int, frame: Any) -> None:
+    log.warning("still writing the results file; it is current in a moment")
+
+
 @contextlib.contextmanager
 def _signals_held(active: bool) -> Iterator[None]:
-    """While the final results are written, Ctrl-C and SIGTERM are noted, not obeyed: the write
-    takes seconds on a large run, and a results file cut short is worse than a short wait."""
+    """Around the run and its final results write: once the loop ends, its signal handlers give
+    way to :func:`_note_signal` (see ``_drive_loop``), so a Ctrl-C or SIGTERM during the write is
+    noted, not obeyed: the write takes seconds on a large run, and a results file cut short is
+    worse than a short wait. The handlers in force before the run come back after the write; a
+    Ctrl-C before the loop starts (loading, the account check) still interrupts at once."""
     if not active or threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def note(signum: int, frame: Any) -> None:
-        log.warning("still writing the results file; it is current in a moment")
-
-    before = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -504,8 +510,8 @@ def _execute(store: st.RunStore, settings: Settings, created: bool, options: Run
         log.info("%s run in %s: %s", "new" if created else "resuming", store.run_dir,
                  store.counts())
         options.on_open(store, created)
-        summary = asyncio.run(_drive(store, settings, options))
         with _signals_held(options.handle_signals):
+            summary = asyncio.run(_drive(store, settings, options))
             export.write_results(store)  # a Ctrl-C now waits for it: results stay whole
         log.info("run ended: %s exit %d", summary.counts, summary.exit_code)
         return summary

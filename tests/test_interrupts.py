@@ -19,7 +19,12 @@ from pipeline import store as st
 @pytest.mark.parametrize("gap_s", [0.0, 0.2])
 def test_a_second_ctrl_c_still_writes_the_summary_and_current_results_then_exits_3(
         gap_s, make_sim, api_key, tmp_path):
-    sim = make_sim(time_scale=1.0, task_duration_s=60.0, queue_delay_s=0.0)
+    from pipeline.sim import Faults
+
+    # every create's answer takes 3 s after the task is made: the first Ctrl-C waits for the
+    # create in flight, the second one (or the same two signals at once) lands during that wait
+    sim = make_sim(time_scale=1.0, task_duration_s=60.0, queue_delay_s=0.0,
+                   faults=Faults(slow_answer=1.0, slow_answer_s=3.0, routes=("create",)))
     manifest = write_manifest(tmp_path / "m.csv", 40)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
@@ -28,9 +33,10 @@ def test_a_second_ctrl_c_still_writes_the_summary_and_current_results_then_exits
         env=subprocess_env(sim.base_url, api_key), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while len(sim.audit.tasks()) < 3:
+    while len(sim.audit.tasks()) < 2:  # the first create answered, the second one in flight
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.02)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     time.sleep(gap_s)
     proc.send_signal(signal.SIGINT)
