@@ -502,11 +502,12 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         give_up_after_s=give_up_after,
         task_options=task_options,
     )
+    verbose_handler: logging.Handler | None = None
     if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.addFilter(RedactingFilter())
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("rhbatch").addHandler(handler)
+        verbose_handler = logging.StreamHandler(sys.stderr)
+        verbose_handler.addFilter(RedactingFilter())
+        verbose_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("rhbatch").addHandler(verbose_handler)
 
     progress: Progress | None = None
 
@@ -542,6 +543,8 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
     finally:
         if progress:
             progress.close()
+        if verbose_handler is not None:  # in-process callers (tests, a notebook) run again
+            logging.getLogger("rhbatch").removeHandler(verbose_handler)
     print_summary(out_dir, summary)
     sys.exit(summary.exit_code)
 

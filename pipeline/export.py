@@ -233,7 +233,24 @@ def write_parquet(store: RunStore, target: Path) -> int:
 
     columns = input_columns(store)
     records = [flat_record(r, columns) for r in iter_records(store)]
-    table = pa.Table.from_pylist(records) if records else pa.table({"row": pa.array([], pa.int64())})
+    if not records:
+        table = pa.table({"row": pa.array([], pa.int64())})
+    else:
+        # A seed may be up to 2**64-1 (ComfyUI's range), past Parquet's int64: such a column is
+        # written as uint64 when every value fits it, else as text; nothing is cut or rounded.
+        wide = {key for r in records for key, v in r.items()
+                if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63}
+        table = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in wide}
+                                      for r in records])
+        for position, key in enumerate(records[0]):
+            if key not in wide:
+                continue
+            values = [r.get(key) for r in records]
+            unsigned = all(v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                         and 0 <= v < 2**64) for v in values)
+            column = (pa.array(values, pa.uint64()) if unsigned else
+                      pa.array([None if v is None else str(v) for v in values], pa.string()))
+            table = table.add_column(position, key, column)
     with _AtomicFile(target, "wb", run_dir=_run_dir_of(store, target)) as fh:
         pq.write_table(table, fh)
     return len(records)

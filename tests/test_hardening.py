@@ -261,3 +261,43 @@ def test_run_refuses_a_device_or_a_fifo_at_once_and_leaves_no_run_directory(api_
                               env=subprocess_env("http://127.0.0.1:9", api_key))
         assert done.returncode == 2 and said in done.stderr, done.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_a_seed_past_int64_exports_to_parquet_exactly(make_sim, api_key, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.export import export
+    from pipeline.store import RunStore
+
+    sim = make_sim()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("workflowId,3.seed\n1904136902449209346,18446744073709551615\n"
+                        "1904136902449209346,7\n", encoding="utf-8")
+    run_batch(ManifestArgs(manifest, preflight=False), tmp_path / "run",
+              fast_settings(sim, api_key), handle_signals=False)
+    store = RunStore.open(tmp_path / "run", readonly=True)
+    try:
+        assert export(store, "parquet", tmp_path / "out.parquet") == 2
+    finally:
+        store.close()
+    seeds = pq.read_table(tmp_path / "out.parquet").column("inputs.3.seed").to_pylist()
+    assert seeds == [2**64 - 1, 7]
+
+
+def test_run_verbose_leaves_no_log_handler_behind(make_sim, api_key, tmp_path):
+    import logging
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    sim = make_sim()
+    manifest = write_manifest(tmp_path / "m.csv", 2)
+    before = list(logging.getLogger("rhbatch").handlers)
+    result = CliRunner().invoke(cli, ["run", str(manifest), "--out", str(tmp_path / "run"), "-v",
+                                      "--no-preflight"],
+                                env={"RUNNINGHUB_API_KEY": api_key,
+                                     "RUNNINGHUB_BASE_URL": sim.base_url})
+    assert result.exit_code == 0, result.output
+    assert "INFO rhbatch" in result.stderr  # -v did log to stderr during the run
+    assert logging.getLogger("rhbatch").handlers == before
