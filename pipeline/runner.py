@@ -297,7 +297,10 @@ class Runner:
         self._priced = self.store.priced_rows()
         self._max_coins = spending.max_coins or 0.0
         self._max_money = spending.max_money or 0.0
-        self._doubtful = self.store.counts()[st.SUBMIT_UNKNOWN] + spending.unpriced
+        # counted at their expected cost by budgets: unknown creates (now, and earlier attempts
+        # resubmitted on consent) and ended tasks whose cost was never reported
+        self._doubtful = (self.store.counts()[st.SUBMIT_UNKNOWN] + spending.unpriced
+                          + spending.unknown_attempts)
         if self.webhook_tokens:
             self._unknown_tokens = self.store.unknown_tokens()
         for known in self.store.active():

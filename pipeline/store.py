@@ -192,6 +192,9 @@ class Spending:
     third_party_money: float = 0.0
     by_status: dict[str, dict[str, float]] = field(default_factory=dict)
     unpriced: int = 0  # tasks that ran (they have an id) whose cost the service never reported
+    # earlier attempts that ended SUBMIT_UNKNOWN and were resubmitted on the user's consent: each
+    # may have been billed, at a cost no answer will ever say
+    unknown_attempts: int = 0
     max_coins: float | None = None  # the dearest task so far
     max_money: float | None = None
 
@@ -795,6 +798,8 @@ class RunStore:
                 "GROUP BY status"
             ):
                 out.add(status, n, coins, money, third, unpriced or 0, max_coins, max_money)
+                if source == "attempts_log" and status == SUBMIT_UNKNOWN:
+                    out.unknown_attempts += n
         return out
 
 

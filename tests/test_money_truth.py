@@ -204,3 +204,19 @@ def test_a_433_keeps_comfyuis_node_errors_and_says_what_to_fix(make_sim, api_key
     assert bad["error"].startswith("433 VALIDATE_PROMPT_FAILED: node 6 (CLIPTextEncode) input "
                                    "clip: ")
     assert by_id["good"]["status"] == "SUCCESS"
+
+
+def test_an_unknown_attempt_resubmitted_on_consent_still_counts_at_its_expected_cost(tmp_path):
+    from conftest import explicit_row
+
+    store = st.RunStore.open(tmp_path / "run", create=True)
+    try:
+        store.insert_rows([explicit_row(1, ("3", "seed", 1)), explicit_row(2, ("3", "seed", 2))])
+        store.mark_submitting(0)
+        store.mark_unknown(0, "create answered HTTP 503")
+        assert store.spending().unknown_attempts == 0  # still SUBMIT_UNKNOWN, counted as such
+        store.requeue([0])  # `retry --unknown --accept-double-pay`
+        spending = store.spending()
+        assert spending.unknown_attempts == 1 and store.counts()[st.SUBMIT_UNKNOWN] == 0
+    finally:
+        store.close()
