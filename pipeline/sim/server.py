@@ -1400,17 +1400,31 @@ class Simulator:
         assert account is not None
         fp = account.key_fp
         file = upload["file"]
-        if upload["bad"] or file is None or file["size"] == 0:
-            return envelope(301, key_fp=fp)
-        if file["size"] > self.config.max_upload_bytes:
+        problem = self._upload_problem(upload)
+        if problem == "size":
             return envelope(809, key_fp=fp)
-        ext = Path(file["filename"]).suffix.lower().lstrip(".")
-        if ext not in UPLOAD_EXTENSIONS:
+        if problem == "type":
             return envelope(301, None, "PARAMS_INVALID", key_fp=fp)
+        if problem:
+            return envelope(301, key_fp=fp)
+        ext = Path(file["filename"]).suffix.lower().lstrip(".")
         name = file["sha256"] if ext == "zip" else f"api/{file['sha256']}.{ext}"
         self.service.uploads[name] = file["size"]
         file_type = body.get("fileType") or "input"
         return envelope(0, {"fileName": name, "fileType": file_type}, key_fp=fp)
+
+    def _upload_problem(self, upload: dict[str, Any]) -> str | None:
+        """What is wrong with an upload, for both generations' envelopes: "bad" (no file, an
+        empty one, a body that is not multipart), "size" (over ``max_upload_bytes``) or "type"
+        (an extension the service does not take); None when it is accepted."""
+        file = upload["file"]
+        if upload["bad"] or file is None or file["size"] == 0:
+            return "bad"
+        if file["size"] > self.config.max_upload_bytes:
+            return "size"
+        if Path(file["filename"]).suffix.lower().lstrip(".") not in UPLOAD_EXTENSIONS:
+            return "type"
+        return None
 
     def _v2_upload(self, body: dict[str, Any], key: str | None, now: float, request: web.Request,
                    upload: dict[str, Any] | None) -> Reply:
@@ -1423,13 +1437,10 @@ class Simulator:
         assert account is not None
         fp = account.key_fp
         file = upload["file"]
-        if upload["bad"] or file is None or file["size"] == 0:
-            return _v2_upload_envelope(1007, key_fp=fp)
-        if file["size"] > self.config.max_upload_bytes:
-            return _v2_upload_envelope(1008, key_fp=fp)
+        problem = self._upload_problem(upload)
+        if problem:
+            return _v2_upload_envelope(1008 if problem == "size" else 1007, key_fp=fp)
         ext = Path(file["filename"]).suffix.lower().lstrip(".")
-        if ext not in UPLOAD_EXTENSIONS:
-            return _v2_upload_envelope(1007, key_fp=fp)
         stored = f"{file['sha256']}.{ext}"
         name = f"api/{stored}"
         self.service.uploads[name] = file["size"]
