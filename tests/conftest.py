@@ -77,6 +77,22 @@ def frozen_sim(api_key: str) -> Iterator[Callable[..., Any]]:
         thing.close()
 
 
+# One small create that every simulator fault test sends.
+SIM_CREATE = {"workflowId": "1904136902449209346",
+              "nodeInfoList": [{"nodeId": "3", "fieldName": "seed", "fieldValue": 1}]}
+
+
+@pytest.fixture
+def fault_sim(frozen_sim: Callable[..., Any]) -> Callable[..., Any]:
+    """``fault_sim(faults, **config)``: a frozen-clock simulator with ``faults`` and a client
+    whose timeout (5 s) outlasts the stalls and trickles those tests inject."""
+
+    def factory(faults: Any, **config: Any) -> tuple[Any, Any]:
+        return frozen_sim(faults=faults, client_timeout_s=5.0, **config)
+
+    return factory
+
+
 def fast_settings(sim: Any, key: str, **overrides: Any) -> Any:
     from pipeline.config import resolve_settings
 

@@ -8,17 +8,16 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from conftest import SIM_CREATE as CREATE
 
 from pipeline.errors import ConfigError
 from pipeline.sim import (
     AFTER_WORK_MODES,
     DEFAULT_WEBAPP_ID,
-    TEXT2IMG_WORKFLOW_ID,
     AccountConfig,
     Faults,
     SimConfig,
@@ -27,22 +26,13 @@ from pipeline.sim import (
 from pipeline.sim.server import SHUTDOWN_TIMEOUT_S
 from pipeline.sim.testing import SimClient
 
-CREATE = {"workflowId": TEXT2IMG_WORKFLOW_ID,
-          "nodeInfoList": [{"nodeId": "3", "fieldName": "seed", "fieldValue": 1}]}
 DURATION_S = 10.0  # frozen_sim: queue delay 1 s, then 10 s of GPU time at 0.2 coins/s
 COINS = math.ceil(DURATION_S * 0.2)
 STALL_S = 0.3
 TRICKLE_S = 0.002
 
-Starter = Callable[..., tuple[Simulator, SimClient]]
 
 
-@pytest.fixture
-def start(frozen_sim: Starter) -> Starter:
-    def factory(faults: Faults, **config: Any) -> tuple[Simulator, SimClient]:
-        return frozen_sim(faults=faults, client_timeout_s=5.0, **config)
-
-    return factory
 
 
 def _after(mode: str, **more: Any) -> Faults:
@@ -87,8 +77,8 @@ def _check_task_behind_the_fault(sim: Simulator, api: SimClient, mode: str) -> s
 
 
 @pytest.mark.parametrize("mode", [m for m in AFTER_WORK_MODES if m.startswith("http_")])
-def test_http_status_after_work_is_an_nginx_page_and_the_task_is_billed(start, key, mode):
-    sim, api = start(_after(mode))
+def test_http_status_after_work_is_an_nginx_page_and_the_task_is_billed(fault_sim, key, mode):
+    sim, api = fault_sim(_after(mode))
     response = api.http.post("/task/openapi/create", json={"apiKey": key, **CREATE})
     status = int(mode.removeprefix("http_"))
     assert response.status_code == status
@@ -110,9 +100,9 @@ ENVELOPES: dict[str, tuple[Any, str, bool]] = {  # mode -> (code, msg, data carr
 
 
 @pytest.mark.parametrize("mode", list(ENVELOPES))
-def test_envelope_after_work_has_the_promised_code_and_data(start, key, mode):
+def test_envelope_after_work_has_the_promised_code_and_data(fault_sim, key, mode):
     code, msg, with_task = ENVELOPES[mode]
-    sim, api = start(_after(mode))
+    sim, api = fault_sim(_after(mode))
     response = api.http.post("/task/openapi/create", json={"apiKey": key, **CREATE})
     assert response.status_code == 200
     answer = response.json()
@@ -129,8 +119,8 @@ def test_envelope_after_work_has_the_promised_code_and_data(start, key, mode):
     assert audited["code"] == (code if isinstance(code, int) else None)
 
 
-def test_redirect_after_work_is_a_302_to_the_base_url_with_no_body(start, key):
-    sim, api = start(_after("redirect"))
+def test_redirect_after_work_is_a_302_to_the_base_url_with_no_body(fault_sim, key):
+    sim, api = fault_sim(_after("redirect"))
     response = api.http.post("/task/openapi/create", json={"apiKey": key, **CREATE})
     assert response.status_code == 302
     assert response.headers["location"] == sim.base_url + "/"
@@ -138,8 +128,8 @@ def test_redirect_after_work_is_a_302_to_the_base_url_with_no_body(start, key):
     _check_task_behind_the_fault(sim, api, "redirect")
 
 
-def test_truncated_after_work_announces_the_whole_body_and_sends_half(start, key):
-    sim, api = start(_after("truncated"))
+def test_truncated_after_work_announces_the_whole_body_and_sends_half(fault_sim, key):
+    sim, api = fault_sim(_after("truncated"))
     raw, _ = _raw_post(sim, "/task/openapi/create", {"apiKey": key, **CREATE})
     status, headers, body = _split(raw)
     assert status == 200 and headers["content-type"].startswith("application/json")
@@ -157,8 +147,8 @@ def test_truncated_after_work_announces_the_whole_body_and_sends_half(start, key
     assert sim.audit.ledger_total() == 2 * COINS
 
 
-def test_garbage_after_work_is_http_200_that_is_not_json(start, key):
-    sim, api = start(_after("garbage"))
+def test_garbage_after_work_is_http_200_that_is_not_json(fault_sim, key):
+    sim, api = fault_sim(_after("garbage"))
     response = api.http.post("/task/openapi/create", json={"apiKey": key, **CREATE})
     assert response.status_code == 200
     with pytest.raises(ValueError):
@@ -166,16 +156,16 @@ def test_garbage_after_work_is_http_200_that_is_not_json(start, key):
     _check_task_behind_the_fault(sim, api, "garbage")
 
 
-def test_drop_after_work_closes_the_socket_with_no_answer(start, key):
-    sim, api = start(_after("drop"))
+def test_drop_after_work_closes_the_socket_with_no_answer(fault_sim, key):
+    sim, api = fault_sim(_after("drop"))
     raw, _ = _raw_post(sim, "/task/openapi/create", {"apiKey": key, **CREATE})
     assert raw == b""
     _check_task_behind_the_fault(sim, api, "drop")
     assert sim.audit.requests("create")[0]["status_http"] is None
 
 
-def test_stall_after_work_holds_the_normal_answer(start, key):
-    sim, api = start(_after("stall"))
+def test_stall_after_work_holds_the_normal_answer(fault_sim, key):
+    sim, api = fault_sim(_after("stall"))
     began = time.monotonic()
     answer = api.http.post("/task/openapi/create", json={"apiKey": key, **CREATE}).json()
     assert time.monotonic() - began >= STALL_S
@@ -188,8 +178,8 @@ def test_stall_after_work_holds_the_normal_answer(start, key):
     assert len(sim.audit.tasks()) == 2  # the create the client gave up on exists and will be billed
 
 
-def test_trickle_after_work_sends_the_normal_answer_one_byte_at_a_time(start, key):
-    sim, api = start(_after("trickle"))
+def test_trickle_after_work_sends_the_normal_answer_one_byte_at_a_time(fault_sim, key):
+    sim, api = fault_sim(_after("trickle"))
     began = time.monotonic()
     raw, chunks = _raw_post(sim, "/task/openapi/create", {"apiKey": key, **CREATE})
     status, headers, body = _split(raw)
@@ -201,8 +191,8 @@ def test_trickle_after_work_sends_the_normal_answer_one_byte_at_a_time(start, ke
     assert answer["data"]["taskId"] == _check_task_behind_the_fault(sim, api, "trickle")
 
 
-def test_after_work_applies_to_ai_app_runs_and_not_to_refused_creates(start, key):
-    sim, api = start(Faults(after_work=1.0, after_work_modes=("code_500",)))
+def test_after_work_applies_to_ai_app_runs_and_not_to_refused_creates(fault_sim, key):
+    sim, api = fault_sim(Faults(after_work=1.0, after_work_modes=("code_500",)))
     answer = api.post("/task/openapi/ai-app/run", {"webappId": DEFAULT_WEBAPP_ID, "nodeInfoList": []})
     assert answer == {"code": 500, "msg": "UNKNOWN_ERROR", "data": None}
     [task] = sim.audit.tasks()
@@ -212,14 +202,14 @@ def test_after_work_applies_to_ai_app_runs_and_not_to_refused_creates(start, key
     assert [r["fault"] for r in sim.audit.requests()] == ["after_work:code_500", None, None]
 
 
-def test_after_work_respects_routes(start, key):
-    sim, api = start(Faults(after_work=1.0, routes=("ai_app_run",)))
+def test_after_work_respects_routes(fault_sim, key):
+    sim, api = fault_sim(Faults(after_work=1.0, routes=("ai_app_run",)))
     assert api.create()["code"] == 0
     assert sim.audit.tasks()[0]["faults"] == []
 
 
-def test_all_modes_are_drawn_when_none_are_named(start, key):
-    sim, _api = start(Faults(after_work=1.0, stall_s=0.0, trickle_interval_s=0.0),
+def test_all_modes_are_drawn_when_none_are_named(fault_sim, key):
+    sim, _api = fault_sim(Faults(after_work=1.0, stall_s=0.0, trickle_interval_s=0.0),
                       accounts=[AccountConfig(key=key, concurrency=1000)])
     with httpx.Client(base_url=sim.base_url, timeout=5.0, follow_redirects=False) as http:
         for seed in range(150):
@@ -287,8 +277,8 @@ def _usage(api: SimClient, task_id: str) -> dict[str, Any]:
     return api.post("/openapi/v2/query", {"taskId": task_id}, key_field=None, bearer=True)
 
 
-def test_failed_and_cancelled_tasks_are_billed_for_the_runtime_they_used(start, key):
-    sim, api = start(Faults(), failure_rate=1.0, task_duration_s=60.0)
+def test_failed_and_cancelled_tasks_are_billed_for_the_runtime_they_used(fault_sim, key):
+    sim, api = fault_sim(Faults(), failure_rate=1.0, task_duration_s=60.0)
     failed = api.task_id([("3", "seed", 1)])
     sim.set_faults(Faults())
     sim.advance(100)
@@ -304,8 +294,8 @@ def test_failed_and_cancelled_tasks_are_billed_for_the_runtime_they_used(start, 
     assert query["failedReason"]["node_id"] and query["errorCode"] == "1000"
 
 
-def test_cancel_bills_the_seconds_run_so_far(start, key):
-    sim, api = start(Faults(), task_duration_s=100.0)
+def test_cancel_bills_the_seconds_run_so_far(fault_sim, key):
+    sim, api = fault_sim(Faults(), task_duration_s=100.0)
     running = api.task_id([("3", "seed", 1)])
     waiting = api.task_id([("3", "seed", 2)])
     sim.advance(1 + 16)  # both started at 1 and have run 16 s of their 100
@@ -320,8 +310,8 @@ def test_cancel_bills_the_seconds_run_so_far(start, key):
     assert sim.audit.ledger() == {running: 4}
 
 
-def test_v2_usage_of_a_success_is_the_exact_billed_coins(start, key):
-    sim, api = start(Faults())
+def test_v2_usage_of_a_success_is_the_exact_billed_coins(fault_sim, key):
+    sim, api = fault_sim(Faults())
     task_id = api.task_id()
     assert _usage(api, task_id)["usage"] is None  # not ended: no usage yet
     sim.advance(20)
@@ -332,8 +322,8 @@ def test_v2_usage_of_a_success_is_the_exact_billed_coins(start, key):
     assert api.outputs(task_id)["data"][0]["consumeCoins"] == str(COINS)
 
 
-def test_costs_vary_with_runtime_and_the_ledger_adds_up(start, key):
-    sim, api = start(Faults(), task_duration_s=(10.0, 300.0), failure_rate=0.3,
+def test_costs_vary_with_runtime_and_the_ledger_adds_up(fault_sim, key):
+    sim, api = fault_sim(Faults(), task_duration_s=(10.0, 300.0), failure_rate=0.3,
                      accounts=[AccountConfig(key=key, concurrency=100, coins=100_000)])
     ids = [api.task_id([("3", "seed", i)]) for i in range(30)]
     api.cancel(ids[0])  # in its queue delay: nothing ran, nothing billed

@@ -4,36 +4,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from conftest import SIM_CREATE as CREATE
 
 from pipeline.errors import ConfigError
-from pipeline.sim import TEXT2IMG_WORKFLOW_ID, AccountConfig, Faults, SimConfig, Simulator
-from pipeline.sim.testing import SimClient
-
-CREATE = {"workflowId": TEXT2IMG_WORKFLOW_ID,
-          "nodeInfoList": [{"nodeId": "3", "fieldName": "seed", "fieldValue": 1}]}
-
-
-Starter = Callable[..., tuple[Simulator, SimClient]]
-
-@pytest.fixture
-def start(frozen_sim: Starter) -> Starter:
-    def factory(faults: Faults, **config: Any) -> tuple[Simulator, SimClient]:
-        return frozen_sim(faults=faults, client_timeout_s=5.0, **config)
-
-    return factory
+from pipeline.sim import AccountConfig, Faults, SimConfig, Simulator
 
 
 def _body(key: str) -> dict[str, Any]:
     return {"apiKey": key, **CREATE}
 
 
-def test_drop_connection_closes_the_socket_before_anything_happens(start, key):
-    sim, api = start(Faults(drop_connection=1.0))
+def test_drop_connection_closes_the_socket_before_anything_happens(fault_sim, key):
+    sim, api = fault_sim(Faults(drop_connection=1.0))
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
         api.http.post("/task/openapi/create", json=_body(key))
     assert sim.audit.tasks() == []
@@ -42,8 +28,8 @@ def test_drop_connection_closes_the_socket_before_anything_happens(start, key):
     assert record["code"] is None and record["route"] == "create"
 
 
-def test_garbage_body_is_http_200_that_is_not_json_and_nothing_is_processed(start, key):
-    sim, api = start(Faults(garbage_body=1.0))
+def test_garbage_body_is_http_200_that_is_not_json_and_nothing_is_processed(fault_sim, key):
+    sim, api = fault_sim(Faults(garbage_body=1.0))
     response = api.http.post("/task/openapi/create", json=_body(key))
     assert response.status_code == 200
     with pytest.raises(json.JSONDecodeError):
@@ -52,8 +38,8 @@ def test_garbage_body_is_http_200_that_is_not_json_and_nothing_is_processed(star
     assert sim.audit.requests()[0]["fault"] == "garbage_body"
 
 
-def test_http_5xx_answers_an_html_page_and_nothing_is_processed(start, key):
-    sim, api = start(Faults(http_5xx=1.0))
+def test_http_5xx_answers_an_html_page_and_nothing_is_processed(fault_sim, key):
+    sim, api = fault_sim(Faults(http_5xx=1.0))
     statuses = set()
     for _ in range(12):
         response = api.http.post("/task/openapi/create", json=_body(key))
@@ -66,8 +52,8 @@ def test_http_5xx_answers_an_html_page_and_nothing_is_processed(start, key):
     assert {r["status_http"] for r in sim.audit.requests()} == statuses
 
 
-def test_slow_answer_is_processed_and_delayed(start, key):
-    sim, api = start(Faults(slow_answer=1.0, slow_answer_s=0.4))
+def test_slow_answer_is_processed_and_delayed(fault_sim, key):
+    sim, api = fault_sim(Faults(slow_answer=1.0, slow_answer_s=0.4))
     began = time.monotonic()
     answer = api.http.post("/task/openapi/create", json=_body(key)).json()
     assert time.monotonic() - began >= 0.4
@@ -79,8 +65,8 @@ def test_slow_answer_is_processed_and_delayed(start, key):
     assert {r["fault"] for r in sim.audit.requests()} == {"slow_answer"}
 
 
-def test_lost_create_makes_the_task_then_drops_the_answer(start, key):
-    sim, api = start(Faults(lost_create=1.0))
+def test_lost_create_makes_the_task_then_drops_the_answer(fault_sim, key):
+    sim, api = fault_sim(Faults(lost_create=1.0))
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
         api.http.post("/task/openapi/create", json=_body(key))
     [task] = sim.audit.tasks()
@@ -92,8 +78,8 @@ def test_lost_create_makes_the_task_then_drops_the_answer(start, key):
     assert api.outputs(task["taskId"])["code"] == 813
 
 
-def test_create_813_answers_queued_with_the_task_id_and_the_task_exists(start, key):
-    sim, api = start(Faults(create_813=1.0))
+def test_create_813_answers_queued_with_the_task_id_and_the_task_exists(fault_sim, key):
+    sim, api = fault_sim(Faults(create_813=1.0))
     answer = api.http.post("/task/openapi/create", json=_body(key)).json()
     assert answer["code"] == 813 and answer["msg"] == "APIKEY_TASK_IS_QUEUED"
     task_id = answer["data"]["taskId"]
@@ -103,8 +89,8 @@ def test_create_813_answers_queued_with_the_task_id_and_the_task_exists(start, k
     assert sim.audit.requests()[0]["fault"] == "create_813"
 
 
-def test_task_failure_fault_fails_accepted_tasks(start, key):
-    sim, api = start(Faults(task_failure=1.0))
+def test_task_failure_fault_fails_accepted_tasks(fault_sim, key):
+    sim, api = fault_sim(Faults(task_failure=1.0))
     task_id = api.task_id()
     sim.advance(20)
     assert api.outputs(task_id)["code"] == 805
@@ -112,8 +98,8 @@ def test_task_failure_fault_fails_accepted_tasks(start, key):
     assert task["status"] == "FAILED" and task["faults"] == ["task_failure"]
 
 
-def test_poll_rate_limit_answers_1003_beyond_the_rate(start, key):
-    sim, api = start(Faults(poll_rate_limit_per_s=5))
+def test_poll_rate_limit_answers_1003_beyond_the_rate(fault_sim, key):
+    sim, api = fault_sim(Faults(poll_rate_limit_per_s=5))
     task_id = api.task_id()
     codes = [api.outputs(task_id)["code"] for _ in range(12)]
     assert codes[:5] == [813] * 5 and 1003 in codes[5:]
@@ -125,8 +111,8 @@ def test_poll_rate_limit_answers_1003_beyond_the_rate(start, key):
     assert api.outputs(task_id)["code"] == 813
 
 
-def test_status_outputs_lag_reports_success_before_outputs_are_ready(start, key):
-    sim, api = start(Faults(status_outputs_lag_s=10.0))
+def test_status_outputs_lag_reports_success_before_outputs_are_ready(fault_sim, key):
+    sim, api = fault_sim(Faults(status_outputs_lag_s=10.0))
     task_id = api.task_id()
     sim.advance(12)  # ended at 11
     assert api.status(task_id)["data"] == "SUCCESS"
@@ -137,8 +123,8 @@ def test_status_outputs_lag_reports_success_before_outputs_are_ready(start, key)
     assert [r["fault"] for r in sim.audit.requests("outputs")] == ["status_outputs_lag", None]
 
 
-def test_faults_apply_only_to_the_configured_routes_and_never_to_files_by_default(start, key):
-    sim, api = start(Faults(http_5xx=1.0, routes=("outputs",)))
+def test_faults_apply_only_to_the_configured_routes_and_never_to_files_by_default(fault_sim, key):
+    sim, api = fault_sim(Faults(http_5xx=1.0, routes=("outputs",)))
     task_id = api.task_id()
     sim.advance(20)
     assert api.http.post("/task/openapi/outputs", json={"apiKey": key, "taskId": task_id}).status_code >= 500
@@ -150,8 +136,8 @@ def test_faults_apply_only_to_the_configured_routes_and_never_to_files_by_defaul
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 
-def test_set_faults_switches_at_runtime(start, key):
-    sim, api = start(Faults())
+def test_set_faults_switches_at_runtime(fault_sim, key):
+    sim, api = fault_sim(Faults())
     assert api.create()["code"] == 0
     sim.set_faults(Faults(garbage_body=1.0))
     assert api.http.post("/task/openapi/create", json=_body(key)).content.startswith(b'{"code":0')
@@ -185,11 +171,11 @@ def test_fault_draws_are_reproducible_under_a_seed(key):
     assert {"http_5xx", "garbage_body", None} <= kinds
 
 
-def test_a_client_that_vanishes_mid_body_is_not_a_server_error(start, key, caplog):
+def test_a_client_that_vanishes_mid_body_is_not_a_server_error(fault_sim, key, caplog):
     import logging
     import socket
 
-    sim, api = start(Faults())
+    sim, api = fault_sim(Faults())
     host, port = sim.base_url.removeprefix("http://").split(":")
     with caplog.at_level(logging.ERROR), socket.create_connection((host, int(port))) as raw:
         raw.sendall(b"POST /task/openapi/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

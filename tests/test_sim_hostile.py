@@ -19,32 +19,22 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
+from conftest import SIM_CREATE as CREATE
 
 from pipeline.sim import (
     CONTROL_INJECTION,
     FORGED_LOG_LINE,
-    TEXT2IMG_WORKFLOW_ID,
     AccountConfig,
     Faults,
     SimConfig,
     Simulator,
 )
 from pipeline.sim.server import SHUTDOWN_TIMEOUT_S, gzip_bomb
-from pipeline.sim.testing import SimClient
 
-CREATE = {"workflowId": TEXT2IMG_WORKFLOW_ID,
-          "nodeInfoList": [{"nodeId": "3", "fieldName": "seed", "fieldValue": 1}]}
 BOMB_HEAD = b'{"code":0,"msg":"success","data":null'
 
-Starter = Callable[..., tuple[Simulator, SimClient]]
 
 
-@pytest.fixture
-def start(frozen_sim: Starter) -> Starter:
-    def factory(faults: Faults, **config: Any) -> tuple[Simulator, SimClient]:
-        return frozen_sim(faults=faults, client_timeout_s=5.0, **config)
-
-    return factory
 
 
 def _stream(sim: Simulator, path: str, body: dict[str, Any]) -> tuple[httpx.Headers, int, bytes, bytes]:
@@ -65,8 +55,8 @@ def _stream(sim: Simulator, path: str, body: dict[str, Any]) -> tuple[httpx.Head
 # -- trickle ------------------------------------------------------------------------------------
 
 
-def test_trickle_sends_the_real_answer_one_byte_per_interval(start, key):
-    sim, api = start(Faults())
+def test_trickle_sends_the_real_answer_one_byte_per_interval(fault_sim, key):
+    sim, api = fault_sim(Faults())
     task_id = api.task_id()
     normal = api.http.post("/task/openapi/status", json={"apiKey": key, "taskId": task_id}).content
     sim.set_faults(Faults(trickle=1.0, trickle_interval_s=0.01, routes=("status",)))
@@ -90,8 +80,8 @@ def test_trickle_sends_the_real_answer_one_byte_per_interval(start, key):
 # -- oversized ----------------------------------------------------------------------------------
 
 
-def test_oversized_is_the_real_envelope_padded_to_the_configured_size(start, key):
-    sim, api = start(Faults(oversized=1.0, oversized_bytes=3 * 2**20 + 7, routes=("account_status",)))
+def test_oversized_is_the_real_envelope_padded_to_the_configured_size(fault_sim, key):
+    sim, api = fault_sim(Faults(oversized=1.0, oversized_bytes=3 * 2**20 + 7, routes=("account_status",)))
     assert len(api.http.post("/task/openapi/status", json={"apiKey": key, "taskId": "1"}).content) < 100
     headers, size, first, last = _stream(sim, "/uc/openapi/accountStatus", {"apikey": key})
     assert int(headers["content-length"]) == size == 3 * 2**20 + 7
@@ -105,8 +95,8 @@ def test_oversized_is_the_real_envelope_padded_to_the_configured_size(start, key
     assert {r["fault"] for r in sim.audit.requests("account_status")} == {"oversized"}
 
 
-def test_an_oversized_create_answer_still_made_the_task(start, key):
-    sim, api = start(Faults(oversized=1.0, oversized_bytes=100_000))
+def test_an_oversized_create_answer_still_made_the_task(fault_sim, key):
+    sim, api = fault_sim(Faults(oversized=1.0, oversized_bytes=100_000))
     response = api.http.post("/task/openapi/create", json={"apiKey": key, **CREATE})
     assert len(response.content) == 100_000
     answer = response.json()
@@ -115,8 +105,8 @@ def test_an_oversized_create_answer_still_made_the_task(start, key):
     assert task["faults"] == ["oversized"]
 
 
-def test_oversized_at_its_default_size_is_streamed(start, key):
-    sim, _api = start(Faults(oversized=1.0, routes=("account_status",)))
+def test_oversized_at_its_default_size_is_streamed(fault_sim, key):
+    sim, _api = fault_sim(Faults(oversized=1.0, routes=("account_status",)))
     with _peak_rss() as peak:
         headers, size, first, _last = _stream(sim, "/uc/openapi/accountStatus", {"apikey": key})
     assert int(headers["content-length"]) == size == 200 * 2**20
@@ -137,8 +127,8 @@ def test_gzip_bomb_inflates_to_exactly_its_size_as_valid_json(size):
     assert gzip_bomb(size) is raw  # built once per size
 
 
-def test_gzip_bomb_is_a_small_gzip_body_that_inflates_big(start, key):
-    sim, api = start(Faults(gzip_bomb=1.0, gzip_bomb_bytes=8 * 2**20, routes=("outputs",)))
+def test_gzip_bomb_is_a_small_gzip_body_that_inflates_big(fault_sim, key):
+    sim, api = fault_sim(Faults(gzip_bomb=1.0, gzip_bomb_bytes=8 * 2**20, routes=("outputs",)))
     task_id = api.task_id()
     headers, size, first, _last = _stream(sim, "/task/openapi/outputs", {"apiKey": key, "taskId": task_id})
     assert headers["content-encoding"] == "gzip" and int(headers["content-length"]) == size < 20_000
@@ -151,8 +141,8 @@ def test_gzip_bomb_is_a_small_gzip_body_that_inflates_big(start, key):
     assert {r["code"] for r in polls} == {0}
 
 
-def test_gzip_bomb_at_its_default_size_is_small_and_the_simulator_stays_small(start, key):
-    sim, _api = start(Faults(gzip_bomb=1.0, routes=("account_status",)))
+def test_gzip_bomb_at_its_default_size_is_small_and_the_simulator_stays_small(fault_sim, key):
+    sim, _api = fault_sim(Faults(gzip_bomb=1.0, routes=("account_status",)))
     with _peak_rss() as peak:
         headers, size, first, last = _stream(sim, "/uc/openapi/accountStatus", {"apikey": key})
     assert headers["content-encoding"] == "gzip" and size == int(headers["content-length"]) < 2 * 2**20
@@ -203,8 +193,8 @@ def _peak_rss() -> Iterator[Callable[[], int]]:
 # -- deep JSON ----------------------------------------------------------------------------------
 
 
-def test_deep_json_nests_data_to_the_configured_depth(start, key):
-    sim, api = start(Faults(deep_json=1.0, routes=("account_status",)))
+def test_deep_json_nests_data_to_the_configured_depth(fault_sim, key):
+    sim, api = fault_sim(Faults(deep_json=1.0, routes=("account_status",)))
     raw = api.http.post("/uc/openapi/accountStatus", json={"apikey": key}).content
     prefix = b'{"code":0,"msg":"success","data":'
     assert raw == prefix + b"[" * 100_000 + b"]" * 100_000 + b"}"
@@ -220,8 +210,8 @@ def test_deep_json_nests_data_to_the_configured_depth(start, key):
 # -- NaN counts ---------------------------------------------------------------------------------
 
 
-def test_nan_counts_as_a_string(start, key):
-    sim, api = start(Faults(nan_counts=1.0, nan_counts_style="string"))
+def test_nan_counts_as_a_string(fault_sim, key):
+    sim, api = fault_sim(Faults(nan_counts=1.0, nan_counts_style="string"))
     data = api.account()["data"]
     assert data["currentTaskCounts"] == "NaN" and data["remainCoins"] == "Infinity"
     assert data["apiType"] == "SHARED"
@@ -229,8 +219,8 @@ def test_nan_counts_as_a_string(start, key):
     assert sim.audit.requests("account_status")[0]["fault"] == "nan_counts"
 
 
-def test_nan_counts_as_a_bare_token_and_in_turn(start, key):
-    sim, api = start(Faults(nan_counts=1.0, nan_counts_style="token"))
+def test_nan_counts_as_a_bare_token_and_in_turn(fault_sim, key):
+    sim, api = fault_sim(Faults(nan_counts=1.0, nan_counts_style="token"))
     raw = api.http.post("/uc/openapi/accountStatus", json={"apikey": key}).content
     assert b'"currentTaskCounts":NaN' in raw and b'"remainCoins":"Infinity"' in raw
     assert math.isnan(json.loads(raw)["data"]["currentTaskCounts"])
@@ -240,8 +230,8 @@ def test_nan_counts_as_a_bare_token_and_in_turn(start, key):
     assert [b'"currentTaskCounts":"NaN"' in r for r in raws] == [True, False, True, False]
 
 
-def test_nan_counts_leave_errors_alone(start, key):
-    sim, api = start(Faults(nan_counts=1.0))
+def test_nan_counts_leave_errors_alone(fault_sim, key):
+    sim, api = fault_sim(Faults(nan_counts=1.0))
     assert api.post("/uc/openapi/accountStatus", key_field="apikey", key="x" * 32) == {
         "code": 412, "msg": "TOKEN_INVALID", "data": None}
 
@@ -254,8 +244,8 @@ def _injected(text: str) -> bool:
             and "\rOK\n" in text and "\n" + FORGED_LOG_LINE in text)
 
 
-def test_control_chars_reach_every_text_the_service_writes(start, key):
-    sim, api = start(Faults(), failure_rate=1.0)
+def test_control_chars_reach_every_text_the_service_writes(fault_sim, key):
+    sim, api = fault_sim(Faults(), failure_rate=1.0)
     failed = api.task_id()
     sim.advance(20)
     sim.set_faults(Faults(control_chars=1.0))
@@ -274,8 +264,8 @@ def test_control_chars_reach_every_text_the_service_writes(start, key):
     assert _injected(api.post("/task/openapi/status", {"taskId": "1"})["msg"])  # errors too
 
 
-def test_control_chars_in_output_file_types(start, key):
-    sim, api = start(Faults())
+def test_control_chars_in_output_file_types(fault_sim, key):
+    sim, api = fault_sim(Faults())
     task_id = api.task_id()
     sim.advance(20)
     sim.set_faults(Faults(control_chars=1.0, routes=("outputs", "v2_query")))
@@ -291,8 +281,8 @@ def test_control_chars_in_output_file_types(start, key):
 # -- newline task ids ---------------------------------------------------------------------------
 
 
-def test_newline_task_id_is_stored_and_accepted_exactly(start, key):
-    sim, api = start(Faults(newline_task_id=1.0))
+def test_newline_task_id_is_stored_and_accepted_exactly(fault_sim, key):
+    sim, api = fault_sim(Faults(newline_task_id=1.0))
     created = api.create()
     task_id = created["data"]["taskId"]
     digits, newline, forged = task_id.partition("\n")
@@ -320,8 +310,8 @@ def test_newline_task_id_is_stored_and_accepted_exactly(start, key):
 # -- where and how often ------------------------------------------------------------------------
 
 
-def test_hostile_faults_follow_routes_and_spare_files_by_default(start, key):
-    sim, api = start(Faults(deep_json=1.0, control_chars=1.0, routes=("status",)))
+def test_hostile_faults_follow_routes_and_spare_files_by_default(fault_sim, key):
+    sim, api = fault_sim(Faults(deep_json=1.0, control_chars=1.0, routes=("status",)))
     task_id = api.task_id()
     assert api.account()["msg"] == "success"
     status = api.http.post("/task/openapi/status", json={"apiKey": key, "taskId": task_id}).content
@@ -333,8 +323,8 @@ def test_hostile_faults_follow_routes_and_spare_files_by_default(start, key):
     assert [r["fault"] for r in sim.audit.requests("files")] == [None]
 
 
-def test_shape_faults_are_one_exclusive_draw(start, key):
-    sim, api = start(Faults(trickle=0.5, trickle_interval_s=0.0, oversized=0.5, oversized_bytes=4096,
+def test_shape_faults_are_one_exclusive_draw(fault_sim, key):
+    sim, api = fault_sim(Faults(trickle=0.5, trickle_interval_s=0.0, oversized=0.5, oversized_bytes=4096,
                             routes=("account_status",)))
     for _ in range(30):
         assert api.http.post("/uc/openapi/accountStatus", json={"apikey": key}).json()["code"] == 0
