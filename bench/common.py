@@ -20,16 +20,26 @@ SIM_START_TIMEOUT_S = 30.0
 
 
 def sim_config(*, concurrency: int, duration_s: float, time_scale: float,
-               api_type: str = "SHARED") -> dict[str, Any]:
-    """A config for ``rhbatch sim --config``: every well-formed key is an account (no key on disk)."""
-    return {
-        "seed": 1,
+               api_type: str = "SHARED", round_trip_s: float = 0.0,
+               faults: dict[str, Any] | None = None, seed: int = 1) -> dict[str, Any]:
+    """A config for ``rhbatch sim --config``: every well-formed key is an account (no key on disk).
+
+    ``round_trip_s`` is a network round trip in simulated seconds: the simulator waits it out in
+    real seconds (``Faults.latency_s`` = round trip / time scale) before each answer."""
+    config: dict[str, Any] = {
+        "seed": seed,
         "time_scale": time_scale,
         "task_duration_s": duration_s,
         "queue_delay_s": 0.0,
         "open_accounts": True,
         "default_account": {"api_type": api_type, "concurrency": concurrency, "coins": 1e15},
     }
+    faults = dict(faults or {})
+    if round_trip_s:
+        faults["latency_s"] = round_trip_s / time_scale
+    if faults:
+        config["faults"] = faults
+    return config
 
 
 class SimProcess:

@@ -2,17 +2,25 @@
 
 Exit codes: 0 every row succeeded; 1 some rows failed or are unknown; 2 bad input or usage;
 3 the run was stopped (account, credentials, interrupt, budget). Data goes to stdout, progress and
-messages to stderr.
+messages to stderr. An error that is not rhbatch's own (a bug) is one line too, naming the log
+that holds its traceback, or the way to see it: ``RHBATCH_DEBUG=1`` lets it through, traceback and
+all.
+
+Each command imports the core module it calls when it runs, not at the top of this file: all of
+them (the client, runner, manifest and their libraries) take several times as long to import as
+this file and click do (bench/README.md has the figures), and ``rhbatch --help``, ``validate`` or
+``status`` need few of them or none. ``sim`` (aiohttp's server) is loaded only when it is asked
+for or listed (``_Commands``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
-import logging
+import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,13 +28,19 @@ from typing import Any, TypeVar
 import click
 
 from pipeline import __version__
-from pipeline.config import ENV_API_KEY, RedactingFilter, redact, resolve_settings
+from pipeline.config import (
+    ENV_API_KEY,
+    PROGRESS_INTERVAL_S,
+    TRACEBACK_NOTE,
+    redact,
+    resolve_settings,
+)
 from pipeline.errors import RhbatchError
 from pipeline.safetext import amount, escape_controls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+ENV_DEBUG = "RHBATCH_DEBUG"  # set (to anything but "" or "0"): unexpected errors show their traceback
 
 
 def safe_lines(text: Any) -> str:
@@ -41,8 +55,25 @@ def echo_err(message: str) -> None:
     click.echo(safe_lines(message), err=True)
 
 
+def _debugging() -> bool:
+    return os.environ.get(ENV_DEBUG, "") not in ("", "0")
+
+
+def unexpected_message(exc: BaseException) -> str:
+    """The one line an error that is not rhbatch's own gets: what it is, and where its traceback
+    is (the run's log, when the run wrote it there) or how to see it."""
+    logs = [note[len(TRACEBACK_NOTE):] for note in getattr(exc, "__notes__", ())
+            if isinstance(note, str) and note.startswith(TRACEBACK_NOTE)]
+    said = str(exc).splitlines()[0] if str(exc) else ""
+    what = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+    where = (f"the traceback is in {logs[0]}" if logs
+             else f"run with {ENV_DEBUG}=1 for the traceback")
+    return f"Error: unexpected {what} ({where}); this is a bug in rhbatch, please report it"
+
+
 def handle_errors(func: F) -> F:
-    """Turn rhbatch errors into a one-line message on stderr and their exit code."""
+    """Turn rhbatch errors into a one-line message on stderr and their exit code; any other
+    exception into one line naming where its traceback is (exit 1), unless RHBATCH_DEBUG is set."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -56,6 +87,13 @@ def handle_errors(func: F) -> F:
             # on disk is whole, since every write commits before it returns
             echo_err("Interrupted: nothing was lost; run the same command again to resume")
             sys.exit(3)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            if _debugging():
+                raise
+            echo_err(unexpected_message(exc))
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
@@ -80,6 +118,14 @@ def manifest_options(func: F) -> F:
         metavar="[ID=]FILE",
         help="The workflow in API format, for preflight without fetching it (repeatable; "
              "default: the run's cache, else getJsonApiFormat with the key, else no preflight).",
+    )(func)
+    func = click.option(
+        "--object-info",
+        type=click.Path(exists=True, dir_okay=False),
+        metavar="FILE",
+        help="Your ComfyUI's node definitions (a saved GET /object_info, e.g. from `rhbatch "
+             "catalogue export`), merged over the core nodes rhbatch knows, so preflight checks "
+             "your custom nodes and models too (default: the core nodes only).",
     )(func)
     func = click.option(
         "--allow-duplicates",
@@ -120,14 +166,11 @@ def connection_options(func: F) -> F:
 def _manifest_args(manifest: Path, binds: tuple[str, ...], workflow_id: str | None,
                    schema: Path | None, allow_duplicates: bool,
                    workflow_files: tuple[str, ...] = (), no_preflight: bool = False,
-                   strict: bool = False) -> Any:
-    import dataclasses
+                   strict: bool = False, object_info: str | None = None) -> Any:
+    from pipeline.batch import ManifestArgs
 
-    from pipeline.runs import ManifestArgs
-
-    args = ManifestArgs(Path(manifest), tuple(binds), workflow_id, schema, allow_duplicates,
-                        tuple(workflow_files), not no_preflight)
-    return dataclasses.replace(args, strict=True) if strict else args
+    return ManifestArgs(Path(manifest), tuple(binds), workflow_id, schema, allow_duplicates,
+                        tuple(workflow_files), not no_preflight, strict, object_info)
 
 
 class _Commands(click.Group):
@@ -170,21 +213,26 @@ def cli() -> None:
 @connection_options
 def validate(manifest: Path, binds: tuple[str, ...], workflow_id: str | None,
              schema: Path | None, allow_duplicates: bool, workflow_files: tuple[str, ...],
-             no_preflight: bool, strict: bool, api_key: str | None, base_url: str | None) -> None:
+             object_info: str | None, no_preflight: bool, strict: bool, api_key: str | None,
+             base_url: str | None) -> None:
     """Check MANIFEST; with the workflow's API JSON (--workflow-json, or fetched with a key), also
     check every node id, field and value type. Every problem is reported at once (exit 2);
     nothing is submitted."""
+    from pipeline.manifest import workflow_ids
     from pipeline.prepare import load_and_prepare
 
     args = _manifest_args(manifest, binds, workflow_id, schema, allow_duplicates)
     settings = resolve_settings(api_key=api_key, base_url=base_url)
     loaded, prepared = load_and_prepare(args.load, settings=settings, workflow_files=workflow_files,
-                                        preflight=not no_preflight, upload=False, strict=strict)
-    workflows = sorted({r.workflow_id for r in loaded.rows})
+                                        preflight=not no_preflight, upload=False, strict=strict,
+                                        object_info=object_info)
+    workflows = workflow_ids(loaded.rows)
     click.echo(f"{escape_controls(manifest)}: {len(loaded.rows)} rows OK, workflow "
                f"{', '.join(workflows)}")
     if prepared.checked:
         click.echo("  preflight: every node id, field and value type matches the workflow")
+        if prepared.coverage:
+            click.echo(f"  catalogue: {escape_controls(prepared.coverage)}")
     elif prepared.skipped:
         click.echo(f"  preflight skipped: {prepared.skipped}")
     for column, target in loaded.bound.items():
@@ -201,111 +249,12 @@ def validate(manifest: Path, binds: tuple[str, ...], workflow_id: str | None,
 # -- run -------------------------------------------------------------------------------------
 
 
-# The runner stops with this detail when a task crashed (a full disk, ...); it then raises that
-# error, which handle_errors prints once with its fix, so the "Stopping:" line would repeat it.
-CRASH_PREFIX = "internal error: "
-
-
-PROGRESS_INTERVAL_S = 30.0
-
-
-class Progress:
-    """tqdm on stderr on a terminal; without one (nohup, CI, a pipe), a plain line every
-    ``interval_s`` on stderr and in the run's log: counts, rate, coins, ETA. --quiet: neither."""
-
-    def __init__(self, total: int, done: int, quiet: bool,
-                 interval_s: float = PROGRESS_INTERVAL_S):
-        import threading
-
-        from tqdm import tqdm
-
-        self.bar = tqdm(
-            total=total,
-            initial=done,
-            unit="row",
-            file=sys.stderr,
-            disable=quiet or not sys.stderr.isatty(),
-            dynamic_ncols=True,
-        )
-        self.counts = {"submitted": 0, "success": 0, "failed": 0, "unknown": 0}
-        self.total, self.done_before, self.coins = total, done, 0.0
-        self.started = time.monotonic()
-        self._stop = threading.Event()
-        self._lines: threading.Thread | None = None
-        if not quiet and not sys.stderr.isatty() and interval_s > 0:
-            self._lines = threading.Thread(target=self._plain_lines, args=(interval_s,),
-                                           name="progress", daemon=True)
-            self._lines.start()
-
-    def line(self) -> str:
-        """One plain progress line: what a person reading a log wants to know."""
-        done = self.counts["success"] + self.counts["failed"]
-        elapsed = time.monotonic() - self.started
-        rate = done / elapsed * 60 if elapsed > 0 else 0.0
-        left = self.total - self.done_before - done - self.counts["unknown"]
-        eta = f"{left / rate:,.0f} min" if rate > 0 and left > 0 else "n/a"
-        return (f"progress: {self.done_before + done:,}/{self.total:,} rows final "
-                f"({self.counts['success']:,} succeeded, {self.counts['failed']:,} failed, "
-                f"{self.counts['unknown']:,} unknown this session), {self.counts['submitted']:,} "
-                f"submitted, {rate:,.1f} rows/min, {amount(self.coins)} coins, ETA {eta}")
-
-    def _plain_lines(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            text = self.line()
-            echo_err(text)
-            logging.getLogger("rhbatch.progress").info("%s", text)
-
-    def __call__(self, event: Any) -> None:
-        if event.kind == "cost":
-            self.coins = float(event.detail)
-        if event.kind in self.counts:
-            self.counts[event.kind] += 1
-        if event.kind in ("success", "failed"):
-            self.bar.update(1)
-        if event.kind in ("outage", "reconciling"):
-            self.bar.write(f"{'Waiting for webhooks: ' if event.kind == 'reconciling' else ''}"
-                           f"{escape_controls(redact(event.detail))}", file=sys.stderr)
-        if event.kind == "stopping" and not str(event.detail).startswith(CRASH_PREFIX):
-            detail = escape_controls(redact(event.detail))
-            if detail == "interrupted":
-                detail = ("interrupted: finishing the create in flight and saving state; press "
-                          "Ctrl-C again to stop at once (that row then becomes SUBMIT_UNKNOWN)")
-            self.bar.write(f"Stopping: {detail}", file=sys.stderr)
-        self.bar.set_postfix(
-            sub=self.counts["submitted"], ok=self.counts["success"], fail=self.counts["failed"],
-            unk=self.counts["unknown"], refresh=False,
-        )
-
-    def close(self) -> None:
-        self._stop.set()
-        self.bar.close()
-
-
-def spending_lines(spending: Any) -> list[str]:
-    """Coins (and money, when any) billed, split by how the tasks ended; unpriced tasks named."""
-    if spending is None:
-        return []
-    lines = []
-    parts = []
-    for status in ("SUCCESS", "FAILED", "CANCELLED"):
-        bucket = spending.by_status.get(status)
-        if bucket and (bucket["coins"] or bucket["money"] or bucket["third_party_money"]):
-            parts.append(f"{amount(bucket['coins'])} {status.lower()}")
-    line = f"Billed: {amount(spending.coins)} coins"
-    if parts:
-        line += f" ({', '.join(parts)}; every attempt counted)"
-    lines.append(line)
-    if spending.money or spending.third_party_money:
-        lines.append(f"Money: {amount(spending.money)} consumeMoney, "
-                     f"{amount(spending.third_party_money)} third-party")
-    if spending.unpriced:
-        lines.append(f"Cost unknown for {spending.unpriced} task(s): the service did not report it "
-                     "(not counted as 0)")
-    return lines
-
-
 def print_summary(run_dir: Path, summary: Any) -> None:
-    from pipeline.runs import top_failures
+    from pipeline.progress import spending_lines
+    from pipeline.status import top_failures
+    from pipeline.store import RunPaths, refuse_entry
+
+    paths = RunPaths(run_dir)
 
     counts = {k: v for k, v in summary.counts.items() if v}
     parts = ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -322,16 +271,14 @@ def print_summary(run_dir: Path, summary: Any) -> None:
         echo_err("Top failure causes:")
         for count, cause in failures:
             echo_err(f"  {count} x {escape_controls(cause)}")
-    echo_err(f"Results: {run_dir / 'results.jsonl'} and {run_dir / 'results.csv'}")
-    files = run_dir / "files"
+    echo_err(f"Results: {paths.results('jsonl')} and {paths.results('csv')}")
+    files = paths.files
     if files.is_symlink():  # downloads were refused: say so here, not only in the log
-        from pipeline.store import refuse_entry
-
         link = f"a symbolic link (to {escape_controls(files.readlink())})"
         echo_err(f"Files: not downloaded: {refuse_entry(files, link)}")
     elif files.is_dir():
         echo_err(f"Files: {files}")
-    report = run_dir / "report.html"
+    report = paths.report
     echo_err(f"Report: {report}" if report.exists() else f"Report: rhbatch report {run_dir}")
     if summary.counts.get("SUBMIT_UNKNOWN"):
         echo_err(
@@ -342,35 +289,14 @@ def print_summary(run_dir: Path, summary: Any) -> None:
         )
     if summary.stopped:
         echo_err(f"Stopped: {escape_controls(summary.stopped)}")
+        from pipeline.progress import resume_command
+
         again, key_dropped = resume_command(sys.argv[1:])
         if key_dropped:
             echo_err(f"Resume with {ENV_API_KEY} set to the key (a key given as --api-key is "
                      f"never printed): {again}")
         else:
             echo_err(f"Resume with the same command: {again}")
-
-
-def resume_command(argv: list[str]) -> tuple[str, bool]:
-    """The command that resumes this one, and whether ``--api-key`` was dropped from it: the key
-    is never printed, and ``--api-key ***`` would not work (the key then comes from the
-    environment)."""
-    import shlex
-
-    kept: list[str] = []
-    dropped = skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg == "--":
-            kept.extend(argv[i:])
-            break
-        elif arg == "--api-key":
-            dropped = skip = True
-        elif arg.startswith("--api-key="):
-            dropped = True
-        else:
-            kept.append(arg)
-    return " ".join(shlex.quote(escape_controls(a)) for a in ["rhbatch", *kept]), dropped
 
 
 def base_url_moved_option(func: F) -> F:
@@ -449,8 +375,8 @@ def budget_options(func: F) -> F:
 def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str | None,
         base_url_moved: bool,
         schema: Path | None, allow_duplicates: bool, workflow_files: tuple[str, ...],
-        no_preflight: bool, strict: bool, api_key: str | None, base_url: str | None,
-        concurrency: int | None, poll_interval: float | None,
+        object_info: str | None, no_preflight: bool, strict: bool, api_key: str | None,
+        base_url: str | None, concurrency: int | None, poll_interval: float | None,
         account_poll_interval: float | None, request_deadline: float | None, api: str | None,
         task_timeout: float | None, give_up_after: float | None, max_coins: float | None,
         max_money: float | None, expected_coins: float | None, webapp_id: str | None,
@@ -459,13 +385,11 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         dry_run: bool, download: bool, progress_interval: float, quiet: bool,
         verbose: bool) -> None:
     """Submit every row of MANIFEST, collect results into OUT; resume if OUT holds this run."""
-    from pipeline import runs
+    from pipeline import batch
+    from pipeline.progress import Progress, verbose_log
 
-    if webapp_id:  # AI apps have no workflow JSON to preflight against
-        workflow_id = workflow_id or webapp_id
-        no_preflight = True
     args = _manifest_args(manifest, binds, workflow_id, schema, allow_duplicates, workflow_files,
-                          no_preflight, strict)
+                          no_preflight, strict, object_info)
     task_options = {
         k: v
         for k, v in {
@@ -477,18 +401,13 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         if v is not None
     }
     if dry_run:
-        settings = resolve_settings(api_key=None, base_url=base_url, env={},
-                                    task_options=task_options)
-        from pipeline.prepare import load_and_prepare
-
-        loaded, prepared = load_and_prepare(
-            args.load, settings=None, workflow_files=workflow_files, preflight=not no_preflight,
-            upload=False, strict=strict)
-        for warning in prepared.warnings:
+        planned = batch.dry_run(args, resolve_settings(api_key=None, base_url=base_url, env={},
+                                                       task_options=task_options))
+        for warning in planned.prepared.warnings:
             echo_err(f"Warning: {warning}")
-        for payload in runs.dry_run_payloads(loaded, settings):
+        for payload in planned.payloads():
             click.echo(json.dumps(payload, ensure_ascii=False))
-        echo_err(f"Dry run: {len(loaded.rows)} request bodies printed, nothing sent.")
+        echo_err(f"Dry run: {len(planned.manifest.rows)} request bodies printed, nothing sent.")
         return
     settings = resolve_settings(
         api_key=api_key,
@@ -502,14 +421,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         give_up_after_s=give_up_after,
         task_options=task_options,
     )
-    verbose_handler: logging.Handler | None = None
-    if verbose:
-        verbose_handler = logging.StreamHandler(sys.stderr)
-        verbose_handler.addFilter(RedactingFilter())
-        verbose_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("rhbatch").addHandler(verbose_handler)
-
-    progress: Progress | None = None
+    progress: Any = None  # a pipeline.progress.Progress once the run is open
 
     def on_open(store: Any, created: bool) -> None:
         nonlocal progress
@@ -518,7 +430,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         done = counts["SUCCESS"] + counts["FAILED"] + counts["CANCELLED"]
         verb = "Starting" if created else "Resuming"
         echo_err(f"{verb} {total} rows in {out_dir} ({done} already final)")
-        progress = Progress(total, done, quiet, progress_interval)
+        progress = Progress(total, done, quiet, progress_interval, echo=echo_err)
         progress.coins = store.spent_coins()
 
     def on_event(event: Any) -> None:
@@ -533,18 +445,17 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         )
 
     try:
-        summary = runs.run_batch(
-            args, out_dir, settings, on_event=on_event, on_account=on_account, on_open=on_open,
-            on_warning=lambda w: echo_err(f"Warning: {w}"), max_coins=max_coins,
-            max_money=max_money, expected_task_coins=expected_coins, verbose=verbose,
-            download=download, webhook_listen=webhook_listen, on_notice=echo_err,
-            base_url_moved=base_url_moved,
-        )
+        with verbose_log(verbose):
+            summary = batch.run_batch(
+                args, out_dir, settings, on_event=on_event, on_account=on_account,
+                on_open=on_open, on_warning=lambda w: echo_err(f"Warning: {w}"),
+                max_coins=max_coins, max_money=max_money, expected_task_coins=expected_coins,
+                verbose=verbose, download=download, webhook_listen=webhook_listen,
+                on_notice=echo_err, base_url_moved=base_url_moved,
+            )
     finally:
         if progress:
             progress.close()
-        if verbose_handler is not None:  # in-process callers (tests, a notebook) run again
-            logging.getLogger("rhbatch").removeHandler(verbose_handler)
     print_summary(out_dir, summary)
     sys.exit(summary.exit_code)
 
@@ -590,27 +501,21 @@ def retry(run_dir: Path, statuses: tuple[str, ...], codes: tuple[int, ...], clas
     Only the rows the selection names are sent; rows still PENDING are `rhbatch run`'s business.
     The run's budget holds here too.
     """
-    from pipeline import runs
-    from pipeline.errors import UsageError
+    from pipeline.retry import Selection, retry_rows
 
-    if unknown and not accept_double_pay:
-        raise UsageError(
-            "SUBMIT_UNKNOWN rows may already have run and been billed: check RunningHub's call "
-            "records, then add --accept-double-pay to resubmit them"
-        )
-    selection = runs.Selection(
-        statuses=statuses or (() if unknown else ("FAILED",)), codes=codes, classes=classes, where=where,
-        unknown=unknown,
+    selection = Selection(
+        statuses=statuses or (() if unknown else ("FAILED",)), codes=codes, classes=classes,
+        where=where, unknown=unknown, accept_double_pay=accept_double_pay,
     )
     settings = resolve_settings(
         api_key=api_key, base_url=base_url, env=None if not dry_run else {},
         concurrency=concurrency, poll_interval_s=poll_interval,
         account_poll_interval_s=account_poll_interval, request_deadline_s=request_deadline,
     )
-    plan, summary = runs.retry_rows(run_dir, settings, selection, dry_run=dry_run,
-                                    max_coins=max_coins, max_money=max_money,
-                                    expected_task_coins=expected_coins, on_notice=echo_err,
-                                    base_url_moved=base_url_moved)
+    plan, summary = retry_rows(run_dir, settings, selection, dry_run=dry_run,
+                               max_coins=max_coins, max_money=max_money,
+                               expected_task_coins=expected_coins, on_notice=echo_err,
+                               base_url_moved=base_url_moved)
     if summary is None:
         for row in plan.rows:
             click.echo(json.dumps({"row": row["row"], "row_id": row["row_id"],
@@ -640,9 +545,10 @@ def retry(run_dir: Path, statuses: tuple[str, ...], codes: tuple[int, ...], clas
 @handle_errors
 def status(run_dir: Path, by: tuple[str, ...], as_json: bool) -> None:
     """Counts per state of the run in RUN_DIR (safe while it runs)."""
-    from pipeline.runs import run_status, top_failures
+    from pipeline.progress import spending_lines
+    from pipeline.status import run_status
 
-    report = run_status(run_dir, by)
+    report = run_status(run_dir, by, failures=5)
     if as_json:
         spending = report.spending
         data = {"run_dir": str(run_dir), "total": report.total, "counts": report.counts,
@@ -668,10 +574,9 @@ def status(run_dir: Path, by: tuple[str, ...], as_json: bool) -> None:
         click.echo(f"  {line}")
     for how, n in report.reconciled.items():
         click.echo(f"  reconciled by {how}: {n} unknown create(s) proven to be a task")
-    failures = top_failures(run_dir, limit=5)
-    if failures:
+    if report.top_failures:
         click.echo("  top failure causes:")
-        for count, cause in failures:
+        for count, cause in report.top_failures:
             click.echo(f"    {count} x {escape_controls(cause)}")
     for number, row_id, why in report.unknown:
         click.echo(f"  unknown: row {number} ({escape_controls(row_id)}): {escape_controls(why)}")
@@ -694,15 +599,9 @@ def status(run_dir: Path, by: tuple[str, ...], as_json: bool) -> None:
 @handle_errors
 def export_cmd(run_dir: Path, fmt: str, output: Path | None) -> None:
     """Write the output manifest of RUN_DIR (works while the run is going)."""
-    from pipeline import export
-    from pipeline.store import RunStore
+    from pipeline.export import export_run
 
-    target = output or run_dir / f"results.{fmt}"
-    store = RunStore.open(run_dir, readonly=True)
-    try:
-        count = export.export(store, fmt, target)
-    finally:
-        store.close()
+    target, count = export_run(run_dir, fmt, output)
     echo_err(f"Wrote {count} rows to {target}")
 
 
@@ -714,17 +613,9 @@ def export_cmd(run_dir: Path, fmt: str, output: Path | None) -> None:
 @handle_errors
 def account(api_key: str | None, base_url: str | None) -> None:
     """Show the account's balance and live task count."""
-    import asyncio
+    from pipeline.prepare import read_account
 
-    from pipeline.client import RunningHubClient
-
-    settings = resolve_settings(api_key=api_key, base_url=base_url)
-
-    async def read() -> Any:
-        async with RunningHubClient(settings) as client:
-            return await client.account_status()
-
-    status = asyncio.run(read())
+    status = read_account(resolve_settings(api_key=api_key, base_url=base_url))
     click.echo(f"type:          {escape_controls(status.api_type or 'unknown')}")
     click.echo(f"coins:         {amount(status.remain_coins)}")
     if status.remain_money is not None:
@@ -739,42 +630,34 @@ def account(api_key: str | None, base_url: str | None) -> None:
               help="Read the API-format JSON from a file instead of RunningHub (default: "
                    "fetched with getJsonApiFormat, which needs the key).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--object-info", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Your ComfyUI's saved GET /object_info, merged over the core nodes rhbatch "
+                   "knows, for the ALLOWED column (default: the core nodes only).")
 @connection_options
 @handle_errors
 def inspect(workflow_id: str | None, workflow_file: str | None, as_json: bool,
-            api_key: str | None, base_url: str | None) -> None:
-    """List what a workflow lets you bind: node id, class, title, field, value, kind."""
-    import asyncio
-
+            object_info: str | None, api_key: str | None, base_url: str | None) -> None:
+    """List what a workflow lets you bind: node id, class, title, field, value, kind, and what the
+    node catalogue allows (range, step, default, options) where it knows the node."""
     from pipeline import preflight
-    from pipeline.errors import UsageError
+    from pipeline.catalogue import load_catalogue
+    from pipeline.prepare import load_workflow
+    from pipeline.workflows import workflow_hash
 
-    if workflow_file:
-        api_json = preflight.load_workflow_file(workflow_file)
-    elif workflow_id:
-        settings = resolve_settings(api_key=api_key, base_url=base_url)
-        from pipeline.client import RunningHubClient
-
-        async def fetch() -> Any:
-            async with RunningHubClient(settings) as client:
-                return await client.workflow_json(workflow_id)
-
-        api_json = asyncio.run(fetch())
-    else:
-        raise UsageError("Name a WORKFLOW_ID, or pass --workflow-json FILE")
-    fields = preflight.describe_workflow(api_json)
+    fetched = workflow_id is not None and not workflow_file  # only a fetch needs the settings
+    api_json = load_workflow(workflow_id, workflow_file, resolve_settings(
+        api_key=api_key, base_url=base_url) if fetched else None)
+    fields = preflight.describe_workflow(api_json, load_catalogue(object_info))
     if as_json:
         click.echo(json.dumps(preflight.fields_to_json(fields), ensure_ascii=False))
     else:
-        click.echo(f"workflow sha256 {preflight.workflow_hash(api_json)}")
+        click.echo(f"workflow sha256 {workflow_hash(api_json)}")
         # names and titles come from the workflow JSON (the service's): one escaped line each
         click.echo(preflight.format_fields([_shown_field(f) for f in fields]))
 
 
 def _shown_field(field: Any) -> Any:
     """A workflow field with its texts' control characters escaped, for the inspect table."""
-    import dataclasses
-
     from pipeline.preflight import is_link
 
     value = field.value  # shown as JSON, which escapes control characters itself
@@ -783,7 +666,27 @@ def _shown_field(field: Any) -> Any:
     return dataclasses.replace(
         field, node_id=escape_controls(field.node_id), class_type=escape_controls(field.class_type),
         title=None if field.title is None else escape_controls(field.title),
-        name=escape_controls(field.name), value=value)
+        name=escape_controls(field.name), value=value,
+        allowed=None if field.allowed is None else escape_controls(field.allowed))
+
+
+@cli.group()
+def catalogue() -> None:
+    """The node catalogue preflight checks values against (ranges, options, required inputs)."""
+
+
+@catalogue.command("export")
+@click.argument("url")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to save the definitions (JSON), for --object-info.")
+@handle_errors
+def catalogue_export(url: str, output: Path) -> None:
+    """Save the node definitions (GET /object_info) of the ComfyUI server at URL, for --object-info."""
+    from pipeline.catalogue import export_object_info
+
+    r = export_object_info(url, output)
+    click.echo(f"{escape_controls(r.path)}: {r.classes} node classes from {escape_controls(r.url)} "
+               f"({r.bytes:,} bytes, sha256 {r.sha256[:12]})")
 
 
 @cli.command()
@@ -837,7 +740,7 @@ def report(run_dir: Path, x: str | None, y: str | None, output: Path | None) -> 
 @handle_errors
 def sweep(spec: Path, output: Path, max_rows: int, yes: bool, cost_from: Path | None) -> None:
     """Expand a sweep SPEC (YAML or JSON) into a manifest, streaming."""
-    from pipeline.runs import cost_per_task
+    from pipeline.status import cost_per_task
     from pipeline.sweep import count_rows, expand_sweep, load_spec
 
     rows = count_rows(load_spec(spec))

@@ -8,8 +8,10 @@ Every exchange is bounded: a total deadline covers connect, send and the whole a
 decompression, so a trickling gateway, a 200 MB page or a gzip bomb ends as one clear error.
 Answers are parsed strictly: no NaN or Infinity, no nesting deep enough to crash the parser.
 
-Retries follow one :class:`RetryPolicy` (tenacity underneath): bounded by attempts and total time,
-exponential with full jitter, ``Retry-After`` honoured up to a cap, only for errors marked transient.
+Retries follow one :class:`RetryPolicy`: bounded by attempts and total time, exponential with full
+jitter, ``Retry-After`` honoured up to a cap, only for errors marked transient. The API calls run it
+as a plain loop (:meth:`RetryPolicy.call`); :meth:`RetryPolicy.retrying` is the same policy as a
+tenacity object, for callers that want one (downloads).
 ``create`` is the exception that shapes everything: RunningHub has no idempotency key and bills every
 accepted task. What a create's answer means is decided in one place, :func:`interpret_create`, by the
 rules of :data:`CREATE_RULES` (the README prints the same table): a create is resent only when the
@@ -26,17 +28,17 @@ import json
 import logging
 import math
 import random
+import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    RetryError,
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
@@ -45,9 +47,12 @@ from tenacity import (
 from pipeline.config import Settings, redact
 from pipeline.errors import (
     CODES,
+    AnswerTooLarge,
+    ApiConnectionError,
     ApiError,
     CapacityError,
     Kind,
+    RouteMissing,
     RunFatalError,
     SubmitUnknownError,
     TransientApiError,
@@ -57,7 +62,11 @@ from pipeline.errors import (
 from pipeline.safetext import clean_text, clip
 from pipeline.store import Cost
 
+if TYPE_CHECKING:
+    from pipeline.transport import AiohttpTransport
+
 log = logging.getLogger("rhbatch.client")
+T = TypeVar("T")
 
 CREATE_PATH = "/task/openapi/create"
 APP_RUN_PATH = "/task/openapi/ai-app/run"
@@ -93,24 +102,11 @@ MAX_STORED_TEXT = 4000
 # httpcore's per-request scan of all connections (quadratic in the pool size, a syscall per idle
 # connection): 60 connections cost ~0.6 ms of CPU per request, 1,000 would cost tens of ms.
 HTTP_MAX_CONNECTIONS = 16
+# aiohttp's pool has no such scan: enough connections for the polls and creates that a far
+# service keeps in flight (a wave of ends of 1,000 slots at a 200 ms round trip: about 60 polls
+# and 32 creates).
+AIOHTTP_MAX_CONNECTIONS = 96
 TASK_OPTION_FIELDS = ("addMetadata", "instanceType", "usePersonalQueue", "retainSeconds", "webhookUrl")
-
-
-class _NoRoute(Exception):
-    """The service has no such route (HTTP 404): use the other generation's."""
-
-
-class AnswerTooLarge(httpx.ReadError):
-    """An answer grew past the cap while it was read (raw or decompressed)."""
-
-
-class TransportError(TransientApiError):
-    """The exchange failed below the API: ``sent`` says whether the request may have been acted on."""
-
-    def __init__(self, message: str, *, sent: bool, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.sent = sent
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -132,6 +128,27 @@ class RetryPolicy:
             return min(self.max_wait_s, 10.0 * random.uniform(0.5, 1.0))
         ceiling = min(self.max_wait_s, self.initial_wait_s * 2 ** (attempt - 1))
         return random.uniform(0, ceiling)
+
+    async def call(self, attempt: Callable[[], Awaitable[T]],
+                   predicate: Callable[[BaseException], bool], what: str) -> T:
+        """``attempt()`` under the policy: again while ``predicate`` says its error is worth
+        another try, within ``max_attempts`` and ``max_total_s``; the last error is raised as
+        it is. A plain loop: the API calls' hot path pays nothing for the policy until a retry."""
+        started = time.monotonic()
+        number = 1
+        while True:
+            try:
+                return await attempt()
+            except Exception as exc:
+                if (not predicate(exc) or number >= self.max_attempts
+                        or time.monotonic() - started >= self.max_total_s):
+                    raise
+                # one line per retry only in the debug log: during an outage the runner reports
+                # once a minute instead of thousands of identical warnings
+                log.debug("%s failed (attempt %d of %d), retrying: %s", what, number,
+                          self.max_attempts, redact(exc))
+                await self.sleep(self.wait_s(number, exc))
+                number += 1
 
     def retrying(self, predicate: Callable[[BaseException], bool], what: str) -> AsyncRetrying:
         def wait(state: RetryCallState) -> float:
@@ -165,7 +182,7 @@ def _poll_retryable(exc: BaseException) -> bool:
 
 
 def _create_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, TransportError) and not exc.sent
+    return isinstance(exc, ApiConnectionError) and not exc.sent
 
 
 # -- reading an answer ----------------------------------------------------------------------
@@ -195,10 +212,10 @@ def parse_json(body: bytes | str) -> Any:
 
 @dataclass
 class Answer:
-    """One HTTP answer, read whole (bounded) and decoded."""
+    """One HTTP answer, read whole (bounded) and decoded; ``headers`` look names up in any case."""
 
     status: int
-    headers: httpx.Headers
+    headers: Mapping[str, str]
     body: bytes
     _parsed: Any = field(default=None, repr=False)
 
@@ -385,7 +402,7 @@ def _task_id(data: Any) -> str | None:
     return None
 
 
-def create_rule(answer: Answer | None, error: TransportError | None) -> int:
+def create_rule(answer: Answer | None, error: ApiConnectionError | None) -> int:
     """The index in :data:`CREATE_RULES` of the rule that decides this create's outcome."""
     if answer is None:
         assert error is not None
@@ -404,7 +421,7 @@ def create_rule(answer: Answer | None, error: TransportError | None) -> int:
     return 6 if answer.status != 200 else 7
 
 
-def interpret_create(answer: Answer | None, error: TransportError | None, *,
+def interpret_create(answer: Answer | None, error: ApiConnectionError | None, *,
                      base_url: str) -> Submitted:
     """Apply :data:`CREATE_RULES`: a :class:`Submitted`, or the error that says what happened."""
     rule = CREATE_RULES[create_rule(answer, error)]
@@ -538,11 +555,23 @@ class RunningHubClient:
         self._key = settings.require_key()
         self.base_url = settings.base_url
         self.policy = policy or RetryPolicy()
-        limit = max_connections or HTTP_MAX_CONNECTIONS
-        if transport is None and settings.http_transport == "aiohttp":
+        fast = transport is None and settings.http_transport == "aiohttp"
+        limit = max_connections or (AIOHTTP_MAX_CONNECTIONS if fast else HTTP_MAX_CONNECTIONS)
+        self.max_connections = limit  # requests that can be in flight at once
+        # the JSON calls go straight to aiohttp's pool (transport.py); the rest through httpx
+        self._fast: AiohttpTransport | None = None
+        if fast:
             from pipeline.transport import AiohttpTransport
 
-            transport = AiohttpTransport(max_connections=limit)
+            transport = self._fast = AiohttpTransport(max_connections=limit)
+            self._fast_headers = {"Authorization": f"Bearer {self._key}", "User-Agent": "rhbatch",
+                                  "Accept-Encoding": "gzip, deflate",
+                                  "Content-Type": "application/json"}
+            self._fast_timeout = AiohttpTransport.timeouts(
+                connect_s=settings.connect_timeout_s, read_s=settings.read_timeout_s,
+                pool_s=settings.read_timeout_s)
+            base = httpx.URL(settings.base_url)
+            self._fast_proxy = self._fast.proxy_for(base.scheme, base.host)
         self._http = httpx.AsyncClient(
             base_url=settings.base_url,
             timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
@@ -575,51 +604,68 @@ class RunningHubClient:
         """One request (POST unless ``method``) within the request deadline; the answer read
         whole, bounded and decoded.
 
-        Raises :class:`TransportError` whose ``sent`` is False only when no byte of the request can
-        have reached the service (no connection could be made).
+        Raises :class:`ApiConnectionError` whose ``sent`` is False only when no byte of the
+        request can have reached the service (no connection could be made).
         """
-        built = self._http.build_request(method, path, **request)
-        built.extensions["rhbatch_max_bytes"] = API_MAX_BYTES  # the aiohttp stack stops reading there
         self.requests_sent += 1
+        fast = self._fast is not None and request.keys() <= {"json"}
         response: httpx.Response | None = None
+        raw: bytes | None
+        headers: Mapping[str, str]
         try:
             async with asyncio.timeout(self.deadline_s):
-                response = await self._http.send(built, stream=True)
-                try:
-                    raw = await _read_capped(response, API_MAX_BYTES)
-                finally:
-                    await response.aclose()
+                if fast:
+                    assert self._fast is not None
+                    body = (json.dumps(request["json"], ensure_ascii=False, separators=(",", ":"),
+                                       allow_nan=False).encode() if "json" in request else None)
+                    status, headers, raw = await self._fast.send(
+                        method, self.base_url + path, body, self._fast_headers,
+                        self._fast_timeout, max_bytes=API_MAX_BYTES, proxy=self._fast_proxy)
+                else:
+                    built = self._http.build_request(method, path, **request)
+                    built.extensions["rhbatch_max_bytes"] = API_MAX_BYTES  # aiohttp stops there
+                    response = await self._http.send(built, stream=True)
+                    try:
+                        raw = await _read_capped(response, API_MAX_BYTES)
+                    finally:
+                        await response.aclose()
+                    status, headers = response.status_code, response.headers
         except TimeoutError:
-            raise TransportError(
+            raise ApiConnectionError(
                 f"{path}: no complete answer within the {self.deadline_s:g} s request deadline",
                 sent=True,
             ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise TransportError(
+            raise ApiConnectionError(
                 f"could not connect to {self.base_url}: {type(exc).__name__}", sent=False
             ) from None
         except AnswerTooLarge:
-            raise TransportError(
+            raise ApiConnectionError(
                 f"{path}: the answer is larger than {API_MAX_BYTES >> 20} MiB and was not read",
                 sent=True,
             ) from None
         except httpx.HTTPError as exc:
             # The request may have reached the service: read timeout, reset, protocol error.
             detail = clean_text(redact(str(exc)), 200) or type(exc).__name__
-            raise TransportError(f"{path}: {type(exc).__name__}: {detail}", sent=True) from None
+            raise ApiConnectionError(f"{path}: {type(exc).__name__}: {detail}", sent=True) from None
         try:
-            body = (response.content if raw is None else
-                    _decode(raw, response.headers.get("content-encoding"), API_MAX_BYTES))
-            if len(body) > API_MAX_BYTES:
-                raise AnswerTooLarge("answer too large", request=built)
+            if raw is None:  # read and decoded by the transport (httpx.MockTransport in tests)
+                assert response is not None
+                content = response.content
+            else:
+                encoding = headers.get("content-encoding")
+                content = _decode(raw, encoding, API_MAX_BYTES) if encoding else raw
+            if len(content) > API_MAX_BYTES:
+                raise AnswerTooLarge("answer too large")
         except AnswerTooLarge:
-            raise TransportError(
+            raise ApiConnectionError(
                 f"{path}: the answer inflates past {API_MAX_BYTES >> 20} MiB and was not read",
                 sent=True,
             ) from None
         except ValueError as exc:
-            raise TransportError(f"{path}: the answer could not be decoded ({exc})", sent=True) from None
-        return Answer(response.status_code, response.headers, body)
+            raise ApiConnectionError(f"{path}: the answer could not be decoded ({exc})",
+                                     sent=True) from None
+        return Answer(status, headers, content)
 
     async def _post(self, path: str, body: dict[str, Any], *, key_field: str = "apiKey") -> Any:
         """POST once; return the parsed envelope or raise a classified error (polls and reads)."""
@@ -640,14 +686,14 @@ class RunningHubClient:
                 raise RunFatalError(
                     f"RunningHub refused the key (HTTP {status}): check RUNNINGHUB_API_KEY"
                 )
-            raise TransportError(f"{path}: HTTP {status}", sent=status not in RETRY_HTTP,
+            raise ApiConnectionError(f"{path}: HTTP {status}", sent=status not in RETRY_HTTP,
                                  retry_after_s=retry_after)
         if parsed is NOT_JSON:
-            raise TransportError(
+            raise ApiConnectionError(
                 f"{path}: the answer was not JSON ({len(answer.body)} bytes)", sent=True
             )
         if not isinstance(parsed, dict) or "code" not in parsed:
-            raise TransportError(f"{path}: the answer has no 'code' field", sent=True)
+            raise ApiConnectionError(f"{path}: the answer has no 'code' field", sent=True)
         return parsed
 
     # -- endpoints -------------------------------------------------------------------------
@@ -666,26 +712,23 @@ class RunningHubClient:
         else:
             path = APP_RUN_PATH if "webappId" in body else CREATE_PATH
             payload = {"apiKey": self._key, **body}
-        answer: Answer | None = None
         try:
-            async for attempt in self.policy.retrying(_create_retryable, "create"):
-                with attempt:
-                    answer = await self._exchange(path, json=payload)
-        except TransportError as exc:
+            answer = await self.policy.call(lambda: self._exchange(path, json=payload),
+                                            _create_retryable, "create")
+        except ApiConnectionError as exc:
             if exc.sent:
                 return interpret_create(None, exc, base_url=self.base_url)
             raise
-        assert answer is not None
         return interpret_create(answer, None, base_url=self.base_url)
 
     async def _poll(self, path: str, body: dict[str, Any], what: str, **kw: Any) -> dict[str, Any]:
-        async for attempt in self.policy.retrying(_poll_retryable, what):
-            with attempt:
-                envelope = await self._post(path, body, **kw)
-                code = _code(envelope)
-                if code == 1003:
-                    raise CapacityError(f"{what}: rate limited (1003)", code=1003)
-        return envelope
+        async def once() -> dict[str, Any]:
+            envelope = await self._post(path, body, **kw)
+            if _code(envelope) == 1003:
+                raise CapacityError(f"{what}: rate limited (1003)", code=1003)
+            return envelope
+
+        return await self.policy.call(once, _poll_retryable, what)
 
     async def poll(self, task_id: str) -> TaskResult:
         """A task's state, as the read generation in use tells it (v2 ``query`` or v1 ``outputs``).
@@ -708,26 +751,25 @@ class RunningHubClient:
 
     async def query(self, task_id: str) -> TaskResult:
         """v2 ``query``: state, results (``nodeId`` may be absent), usage and failedReason."""
-        data: Any = None
-        async for attempt in self.policy.retrying(_poll_retryable, "query"):
-            with attempt:
-                answer = await self._exchange(V2_QUERY_PATH, json={"taskId": task_id})
-                data = answer.json()
-                if answer.status != 200:
-                    if isinstance(data, dict) and _int_code(data) not in (None, 0):
-                        raise api_error_for(_code(data), clean_text(data.get("msg", ""), 500),
-                                            None, where="query", base_url=self.base_url)
-                    raise TransportError(f"query: HTTP {answer.status}", sent=True)
-                if not isinstance(data, dict):
-                    raise TransportError("query: the answer is not a JSON object", sent=True)
-                if "code" in data and "status" not in data:  # a v1 envelope: 412 on an old service
-                    code = _code(data)
-                    raise api_error_for(code, clean_text(data.get("msg", ""), 500),
-                                        data.get("data"), where="query", base_url=self.base_url)
-                error_code = _answer_code(data)
-                if error_code == 1003:
-                    raise CapacityError("query: rate limited (1003)", code=1003)
-        assert isinstance(data, dict)
+        async def once() -> dict[str, Any]:
+            answer = await self._exchange(V2_QUERY_PATH, json={"taskId": task_id})
+            data = answer.json()
+            if answer.status != 200:
+                if isinstance(data, dict) and _int_code(data) not in (None, 0):
+                    raise api_error_for(_code(data), clean_text(data.get("msg", ""), 500),
+                                        None, where="query", base_url=self.base_url)
+                raise ApiConnectionError(f"query: HTTP {answer.status}", sent=True)
+            if not isinstance(data, dict):
+                raise ApiConnectionError("query: the answer is not a JSON object", sent=True)
+            if "code" in data and "status" not in data:  # a v1 envelope: 412 on an old service
+                code = _code(data)
+                raise api_error_for(code, clean_text(data.get("msg", ""), 500),
+                                    data.get("data"), where="query", base_url=self.base_url)
+            if _answer_code(data) == 1003:
+                raise CapacityError("query: rate limited (1003)", code=1003)
+            return data
+
+        data = await self.policy.call(once, _poll_retryable, "query")
         state = V2_STATES.get(str(data.get("status") or "").upper())
         error_code = _answer_code(data)
         message = clean_text(data.get("errorMessage") or "", 500)
@@ -735,7 +777,7 @@ class RunningHubClient:
             if error_code:
                 raise api_error_for(error_code, message, None, where="query",
                                     base_url=self.base_url)
-            raise TransportError(f"query: unknown task status {clean_text(data.get('status'), 40)}",
+            raise ApiConnectionError(f"query: unknown task status {clean_text(data.get('status'), 40)}",
                                  sent=True)
         cost = cost_of_usage(data)
         if state == "SUCCESS":
@@ -776,7 +818,7 @@ class RunningHubClient:
         """Whether ``path`` is a live route for this key (any task-level answer counts)."""
         try:
             answer = await self._exchange(path, json=body)
-        except TransportError:
+        except ApiConnectionError:
             return True  # no verdict: keep the default, the run's own requests will tell
         if answer.status == 404:
             return False
@@ -790,7 +832,7 @@ class RunningHubClient:
         """v2 ``queue/status``'s ``concurrentLimit`` (the key's slots), or None if not given."""
         try:
             answer = await self._exchange(V2_QUEUE_PATH, method="GET")
-        except TransportError:
+        except ApiConnectionError:
             return None
         data = answer.json()
         if isinstance(data, dict) and isinstance(data.get("data"), dict):
@@ -827,7 +869,7 @@ class RunningHubClient:
         an unknown cost is recorded as unknown, not as an error of the row."""
         try:
             return (await self.query(task_id)).cost
-        except (ApiError, RetryError) as exc:
+        except ApiError as exc:
             log.info("cost of task %s not available from v2 query: %s", clean_text(task_id, 40),
                      redact(exc))
             return None
@@ -891,18 +933,14 @@ class RunningHubClient:
                 "apiKey": self._key, "fileType": file_type}
             answer = await self._exchange(route, data=fields, files={"file": (path.name, content)})
             if route == V2_UPLOAD_PATH and answer.status == 404:
-                raise _NoRoute(route)
+                raise RouteMissing(route)
             envelope = self._envelope(route, answer)
             if _code(envelope) == 808:
                 raise TransientApiError("upload failed (808)", code=808)
             return envelope
 
         async def attempt_on(route: str) -> dict[str, Any]:
-            result: dict[str, Any] = {}
-            async for attempt in self.policy.retrying(_poll_retryable, "upload"):
-                with attempt:
-                    result = await once(route)
-            return result
+            return await self.policy.call(lambda: once(route), _poll_retryable, "upload")
 
         envelope: dict[str, Any] = {}
         if v2_first:
@@ -916,7 +954,7 @@ class RunningHubClient:
                             envelope.get("message") or envelope.get("msg") or "", 500), data,
                             where=f"upload of {path.name}", base_url=self.base_url)
                     envelope = {}
-            except _NoRoute:
+            except RouteMissing:
                 envelope = {}
         if not envelope:
             envelope = await attempt_on(UPLOAD_PATH)
@@ -935,7 +973,7 @@ class RunningHubClient:
 def _code(envelope: dict[str, Any]) -> int:
     code = _int_code(envelope)
     if code is None:
-        raise TransportError("the answer's 'code' is not an integer", sent=True)
+        raise ApiConnectionError("the answer's 'code' is not an integer", sent=True)
     return code
 
 

@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,6 +45,11 @@ RESULTS_FLUSH_INTERVAL_S = 10.0
 TASK_TIMEOUT_S = 6 * 3600.0
 # While RunningHub cannot be reached, one line this often says since when and what is retried.
 OUTAGE_REPORT_INTERVAL_S = 60.0
+# Without a terminal, a plain progress line this often on stderr and in the run's log.
+PROGRESS_INTERVAL_S = 30.0
+# How the note on an unexpected exception naming the log that holds its traceback begins (added by
+# batch.execute; the CLI's last-resort message names that log).
+TRACEBACK_NOTE = "The traceback is in "
 
 
 class Secret:
@@ -109,8 +118,6 @@ _FRAME_STARTS = ("Traceback ", "File ", "Exception Group Traceback", "[Previous 
 
 
 def _safe_traceback(exc_info: Any) -> str:
-    import traceback
-
     parts = []
     for chunk in traceback.format_exception(*exc_info):
         chunk = redact(chunk)
@@ -121,7 +128,12 @@ def _safe_traceback(exc_info: Any) -> str:
     return "".join(parts).rstrip("\n")
 
 
-def _show_url(url: str) -> str:
+def key_fingerprint(key: str) -> str:
+    """A short one-way digest of the API key: tells keys apart, never reveals one."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def show_url(url: str) -> str:
     """``url`` fit for a message: anything before an ``@`` in its authority is masked."""
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -154,7 +166,12 @@ class Settings:
     outage_report_interval_s: float = OUTAGE_REPORT_INTERVAL_S
     results_flush_interval_s: float = RESULTS_FLUSH_INTERVAL_S
     http_transport: str = DEFAULT_HTTP_TRANSPORT
-    task_options: dict[str, Any] = field(default_factory=dict)
+    # sent with every create (instanceType, webhookUrl, webappId, ...); read-only, like the rest
+    task_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task_options, MappingProxyType):
+            object.__setattr__(self, "task_options", MappingProxyType(dict(self.task_options)))
 
     def require_key(self) -> str:
         if not self.api_key:
@@ -188,7 +205,7 @@ def resolve_settings(
         credentials = parts.username is not None or parts.password is not None
     except ValueError:  # urllib: "Invalid IPv6 URL", a bad port, ...
         valid, credentials = False, "@" in url
-    shown = _show_url(url)
+    shown = show_url(url)
     if not valid:
         raise ConfigError(
             f"Base URL {shown!r} is not an http(s) URL: set {ENV_BASE_URL} or --base-url to "

@@ -17,11 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import resources
+from pipeline.batch import ManifestArgs, run_batch
 from pipeline.config import resolve_settings
-from pipeline.errors import StateError
+from pipeline.errors import InputError, ResourceMissing, StateError
 from pipeline.report import build_report
-from pipeline.runs import ManifestArgs, run_batch
 from pipeline.safetext import amount
+from pipeline.sim import AccountConfig, SimConfig, Simulator
+from pipeline.store import RunPaths
 
 DEMO_MANIFEST_NAME = "demo_sweep.csv"  # shipped with rhbatch, see pipeline/resources.py
 DEMO_TIME_SCALE = 200.0
@@ -59,17 +61,15 @@ def run_demo(
     quiet: bool = False,
     echo: Callable[[str], None] = print,
 ) -> int:
-    from pipeline.sim import AccountConfig, SimConfig, Simulator
-
+    """Run ``manifest`` (default: the shipped demo sweep) against a simulator started here, into
+    ``out_dir`` (see :func:`prepare_out_dir`); returns the run's exit code."""
     if manifest is None:
         try:
             manifest = resources.example_manifest_path(DEMO_MANIFEST_NAME)
-        except resources.ResourceMissing as exc:
-            echo(f"{exc}, or pass --manifest FILE")
-            return 2
+        except ResourceMissing as exc:
+            raise InputError(f"{exc}, or pass --manifest FILE") from None
     if not manifest.is_file():
-        echo(f"Demo manifest {manifest} not found: pass --manifest FILE")
-        return 2
+        raise InputError(f"Demo manifest {manifest} not found: pass --manifest FILE")
     key = secrets.token_hex(16)
     config = SimConfig(
         seed=7,
@@ -103,7 +103,8 @@ def run_demo(
     counts = ", ".join(f"{n} {s}" for s, n in summary.counts.items() if n)
     echo(f"Demo finished: {summary.total} rows ({counts}) in {summary.elapsed_s:.1f}s, "
          f"{amount(summary.coins)} simulated coins, {summary.requests} API requests")
-    echo(f"Output manifest: {out_dir / 'results.jsonl'} (and results.csv)")
-    echo(f"Images: {out_dir / 'files'}   Report: {report}")
+    paths = RunPaths(out_dir)
+    echo(f"Output manifest: {paths.results('jsonl')} (and {paths.results('csv').name})")
+    echo(f"Images: {paths.files}   Report: {report}")
     echo(f"Next: rhbatch status {out_dir}   |   rhbatch export {out_dir} --format parquet")
     return summary.exit_code

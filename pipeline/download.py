@@ -43,6 +43,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import mimetypes
 import os
 import re
@@ -56,20 +57,23 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from pipeline._files import entry_in, fsync_dir, sha256_file
 from pipeline.client import RetryPolicy
-from pipeline.errors import RhbatchError, StateError, UsageError
+from pipeline.errors import (
+    ExpiredUrlError,
+    FileDownloadError,
+    RefusedDownloadError,
+    RhbatchError,
+    StateError,
+    TransientDownloadError,
+    UsageError,
+)
+from pipeline.refresh import refresh_results
 from pipeline.safetext import escape_controls
-from pipeline.store import RunStore, refuse_entry, storage_error
+from pipeline.store import FILE_DOWNLOADED, RunPaths, RunStore, refuse_entry, storage_error
 
-FILES_DIR = "files"
 PART_SUFFIX = ".part"
 
-PENDING = "PENDING"
-DOWNLOADED = "DOWNLOADED"
-FAILED = "FAILED"
-EXPIRED = "EXPIRED"
-REFUSED = "REFUSED"
-FILE_STATES = (PENDING, DOWNLOADED, FAILED, EXPIRED, REFUSED)
 
 DOWNLOAD_JOBS = 4
 MAX_FILE_BYTES = 512 * 2**20
@@ -79,8 +83,8 @@ WRITE_TIMEOUT_S = 30.0
 POOL_TIMEOUT_S = 60.0
 FILE_DEADLINE_S = 30 * 60.0  # one attempt at one file, however slowly the bytes trickle in
 CHUNK_BYTES = 1 << 16
-HASH_CHUNK_BYTES = 1 << 20
 MAX_REDIRECTS = 5
+log = logging.getLogger("rhbatch")
 MAX_STEM_CHARS = 120
 DOWNLOAD_POLICY = RetryPolicy(max_attempts=5, max_total_s=300.0, initial_wait_s=1.0, max_wait_s=30.0)
 
@@ -89,32 +93,6 @@ ALLOWED_SCHEMES = frozenset({"http", "https"})
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _EXT_CHARS = re.compile(r"[^a-z0-9]")
-
-
-class FileDownloadError(RhbatchError):
-    """One file could not be fetched; ``status`` is what the ``files`` table records."""
-
-    status = FAILED
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class TransientDownloadError(FileDownloadError):
-    """Network trouble, 5xx, 429, a short body: retried under the policy."""
-
-    transient = True
-
-
-class ExpiredUrlError(FileDownloadError):
-    status = EXPIRED
-    row_fatal = True
-
-
-class RefusedDownloadError(FileDownloadError):
-    status = REFUSED
-    row_fatal = True
 
 
 @dataclass
@@ -176,15 +154,6 @@ def file_name(row_id: str, node_id: str | None, n: int, ext: str) -> str:
     return f"{stem}_{node}_{n}.{ext}"
 
 
-def inside(path: Path, directory: Path) -> bool:
-    """Whether ``path`` names an entry directly in ``directory`` (its parent resolved).
-
-    The entry itself is not resolved: a symlink planted at that name is replaced or unlinked,
-    never followed.
-    """
-    return path.name not in ("", ".", "..") and path.parent.resolve() == directory.resolve()
-
-
 # -- planning -----------------------------------------------------------------------------
 
 
@@ -197,38 +166,21 @@ def plan_downloads(store: RunStore) -> int:
     planned = 0
     last = -1
     while True:
-        rows = store.conn.execute(
-            "SELECT idx, outputs, finished_at FROM rows WHERE status = 'SUCCESS' AND idx > ? "
-            "AND outputs IS NOT NULL ORDER BY idx LIMIT 2000",
-            (last,),
-        ).fetchall()
+        rows = store.success_outputs(last)
         if not rows:
             return planned
-        last = rows[-1]["idx"]
-        wanted: list[tuple[Any, ...]] = []
-        for row in rows:
-            try:
-                outputs = json.loads(row["outputs"]) or []
-            except ValueError:
-                continue
-            for n, output in enumerate(outputs):
+        last = rows[-1][0]
+        wanted: list[tuple[int, int, str, str | None, float | None]] = []
+        for idx, outputs, finished_at in rows:
+            for n, output in enumerate(outputs if isinstance(outputs, list) else []):
                 if not isinstance(output, dict) or not output.get("fileUrl"):
                     continue
                 node = output.get("nodeId")
-                wanted.append((row["idx"], n, str(output["fileUrl"]),
-                               None if node is None else str(node), row["finished_at"]))
+                wanted.append((idx, n, str(output["fileUrl"]),
+                               None if node is None else str(node), finished_at))
         if not wanted:
             continue
-        with store.transaction() as conn:
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT INTO files (row_idx, n, url, node_id, url_seen_at) VALUES (?,?,?,?,?) "
-                "ON CONFLICT(row_idx, n) DO UPDATE SET url = excluded.url, "
-                "node_id = excluded.node_id, url_seen_at = excluded.url_seen_at, "
-                "status = 'PENDING', error = NULL, tries = 0 WHERE files.url != excluded.url",
-                wanted,
-            )
-            planned += conn.total_changes - before
+        planned += store.plan_files(wanted)
 
 
 # -- downloading --------------------------------------------------------------------------
@@ -257,27 +209,10 @@ class _Item:
 def _sha256_of(name: str, dir_fd: int) -> str | None:
     """The sha256 of the regular file ``name`` in the directory ``dir_fd`` (None: no such file, or
     a link, which is never followed)."""
-    digest = hashlib.sha256()
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        return sha256_file(name, dir_fd=dir_fd, follow_symlinks=False)
     except OSError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            while chunk := fh.read(HASH_CHUNK_BYTES):
-                digest.update(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
-
-
-def _fsync_fd(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.fsync(fd)
 
 
 def open_files_dir(run_dir: Path) -> int:
@@ -287,7 +222,7 @@ def open_files_dir(run_dir: Path) -> int:
     directory) is refused, so no download can land outside the run. Every file is then created,
     renamed and checked relative to this descriptor, never through the path again.
     """
-    path = run_dir / FILES_DIR
+    path = run_dir / RunPaths.FILES
     try:
         os.mkdir(path, 0o755)
     except FileExistsError:
@@ -346,7 +281,7 @@ class _Downloader:
         self.deadline_s = deadline_s
         self.total = total
         self.on_file = on_file
-        self.files_dir = store.run_dir / FILES_DIR
+        self.files_dir = store.run_dir / RunPaths.FILES
         self.dir_fd = -1  # DIR/files, opened by download_run_async (open_files_dir)
         self.summary = DownloadSummary()
         self._claimed: set[str] = set()
@@ -354,12 +289,7 @@ class _Downloader:
     # -- database ---------------------------------------------------------------------------
 
     def load(self, row_idx: int, n: int) -> _Item | None:
-        row = self.store.conn.execute(
-            "SELECT f.row_idx, f.n, f.url, f.node_id, f.path, f.sha256, f.status, f.tries, "
-            "r.row_id, r.number, r.outputs FROM files f JOIN rows r ON r.idx = f.row_idx "
-            "WHERE f.row_idx = ? AND f.n = ? AND r.status = 'SUCCESS'",
-            (row_idx, n),
-        ).fetchone()
+        row = self.store.file_with_row(row_idx, n)
         if row is None:
             return None
         file_type = None
@@ -374,21 +304,12 @@ class _Downloader:
                      None if file_type is None else str(file_type))
 
     def record(self, item: _Item, **values: Any) -> None:
-        sets = ", ".join(f"{k} = ?" for k in values)
-        with self.store.transaction() as conn:
-            conn.execute(
-                f"UPDATE files SET {sets} WHERE row_idx = ? AND n = ? AND url = ?",
-                (*values.values(), item.row_idx, item.n, item.url),
-            )
+        self.store.update_file(item.row_idx, item.n, item.url, **values)
 
     def name_taken(self, rel: str, item: _Item) -> bool:
         if rel in self._claimed:
             return True
-        row = self.store.conn.execute(
-            "SELECT 1 FROM files WHERE path = ? AND NOT (row_idx = ? AND n = ?) LIMIT 1",
-            (rel, item.row_idx, item.n),
-        ).fetchone()
-        return row is not None
+        return self.store.file_path_taken(rel, item.row_idx, item.n)
 
     # -- one file ---------------------------------------------------------------------------
 
@@ -397,10 +318,10 @@ class _Downloader:
             self.on_file(FileEvent(item.row_idx, item.n, status, size, self.total))
 
     async def handle(self, item: _Item) -> None:
-        if item.status == DOWNLOADED and item.path and item.sha256:
+        if item.status == FILE_DOWNLOADED and item.path and item.sha256:
             target = self.store.run_dir / item.path
             found = None
-            if inside(target, self.files_dir):
+            if entry_in(target, self.files_dir):
                 found = await asyncio.to_thread(_sha256_of, target.name, self.dir_fd)
             if found == item.sha256:
                 self.summary.skipped += 1
@@ -449,17 +370,17 @@ class _Downloader:
                 )
             self.fail(item, exc, tries=attempts)
             return
-        self.record(item, status=DOWNLOADED, path=rel, sha256=digest, size=size, error=None,
+        self.record(item, status=FILE_DOWNLOADED, path=rel, sha256=digest, size=size, error=None,
                     tries=item.tries + attempts)
         self.summary.downloaded += 1
         self.summary.bytes += size
-        self._emit(item, DOWNLOADED, size)
+        self._emit(item, FILE_DOWNLOADED, size)
 
     def fail(self, item: _Item, exc: FileDownloadError, *, tries: int) -> None:
-        self.record(item, status=exc.status, error=str(exc), tries=item.tries + tries)
+        self.record(item, status=exc.file_state, error=str(exc), tries=item.tries + tries)
         self.summary.failed += 1
         self.summary.errors.append(str(exc))
-        self._emit(item, exc.status)
+        self._emit(item, exc.file_state)
 
     async def _fetch_once(self, item: _Item) -> tuple[str, str, int]:
         try:
@@ -496,13 +417,13 @@ class _Downloader:
         encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
         ext = safe_ext(item.file_type, response.headers.get("content-type"))
         name = file_name(item.row_id, item.node_id, item.n, ext)
-        rel = f"{FILES_DIR}/{name}"
+        rel = f"{RunPaths.FILES}/{name}"
         if self.name_taken(rel, item):
             name = f"{name.rsplit('.', 1)[0]}-{item.row_idx}.{ext}"
-            rel = f"{FILES_DIR}/{name}"
+            rel = f"{RunPaths.FILES}/{name}"
         target = self.files_dir / name
         part = self.files_dir / (name + PART_SUFFIX)
-        if not (inside(target, self.files_dir) and inside(part, self.files_dir)):
+        if not (entry_in(target, self.files_dir) and entry_in(part, self.files_dir)):
             raise RefusedDownloadError(f"{item.label}: the file name {name!r} leaves {self.files_dir}")
         self._claimed.add(rel)
         try:
@@ -513,7 +434,7 @@ class _Downloader:
                 )
             # renamed inside DIR/files (the descriptor), over whatever is at the name, link or not
             os.replace(part.name, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-            await asyncio.to_thread(_fsync_fd, self.dir_fd)
+            await asyncio.to_thread(fsync_dir, self.dir_fd)
         except OSError as exc:  # disk full, read-only: the pass stops with the fix, said once
             with contextlib.suppress(OSError):
                 os.unlink(part.name, dir_fd=self.dir_fd)
@@ -593,11 +514,7 @@ def _candidates(store: RunStore) -> tuple[array[int], array[int]]:
     """(row_idx, n) of every file to fetch or verify, oldest URL first, packed compactly."""
     rows: array[int] = array("q")
     ns: array[int] = array("q")
-    for row_idx, n in store.conn.execute(
-        "SELECT f.row_idx, f.n FROM files f JOIN rows r ON r.idx = f.row_idx "
-        "WHERE r.status = 'SUCCESS' AND f.status != 'EXPIRED' "
-        "ORDER BY COALESCE(f.url_seen_at, 0), f.row_idx, f.n"
-    ):
+    for row_idx, n in store.file_candidates():
         rows.append(row_idx)
         ns.append(n)
     return rows, ns
@@ -673,15 +590,47 @@ def download_run(
 
     Takes no run lock, so it works while ``rhbatch run`` is still going on the same directory.
     """
-    from pipeline.export import write_results
-
     store = RunStore.open(run_dir)
+    changed: set[int] = set()
+
+    def heard(event: FileEvent) -> None:
+        changed.add(event.row_idx)
+        if on_file is not None:
+            on_file(event)
+
     try:
         summary = asyncio.run(
-            download_run_async(store, jobs=jobs, max_bytes=max_bytes, policy=policy, on_file=on_file)
+            download_run_async(store, jobs=jobs, max_bytes=max_bytes, policy=policy, on_file=heard)
         )
         if summary.downloaded or summary.failed or summary.errors:
-            write_results(store)
+            refresh_results(store, changed)
         return summary
     finally:
         store.close()
+
+
+# -- while a run goes (``run --download``) -------------------------------------------------
+
+DOWNLOAD_PASS_INTERVAL_S = 5.0
+
+
+async def download_pass(run_dir: Path, files_changed: Callable[[int], None] | None = None) -> None:
+    """One download pass on its own connection; a failure is logged, never fatal to the run.
+    ``files_changed(row_idx)`` hears of every row whose files changed (the results refresh)."""
+    dl_store = RunStore.open(run_dir)
+    on_file = None if files_changed is None else (lambda e: files_changed(e.row_idx))
+    try:
+        result = await download_run_async(dl_store, on_file=on_file)
+        for error in result.errors:
+            log.warning("download: %s", error)
+    except Exception as exc:  # downloads are retried by the next pass or `rhbatch download`
+        log.warning("download pass failed: %s", exc)
+    finally:
+        dl_store.close()
+
+
+async def download_loop(run_dir: Path, files_changed: Callable[[int], None] | None = None) -> None:
+    """``run --download``: fetch output files as tasks finish, while their URLs are fresh."""
+    while True:
+        await asyncio.sleep(DOWNLOAD_PASS_INTERVAL_S)
+        await download_pass(run_dir, files_changed)

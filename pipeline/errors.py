@@ -1,7 +1,11 @@
 """rhbatch's exception tree and the RunningHub response-code taxonomy.
 
-Every error raised inside ``pipeline`` derives from :class:`RhbatchError`; third-party exceptions
-(httpx, jsonschema, sqlite3, pandas) are translated where they are caught, with ``raise ... from exc``.
+Every error raised inside ``pipeline`` derives from :class:`RhbatchError`, and every rhbatch exception
+class is defined here. Third-party exceptions (httpx, jsonschema, sqlite3, pandas, OSError) are
+translated where they are caught. Chaining rule: ``raise ... from None`` when the new message says
+everything the user needs (the usual case: the message names the file, row or request and the fix, and
+the third-party traceback would only repeat it, or echo a URL), ``raise ... from exc`` when the cause
+carries information the message does not (an unexpected failure in our own code).
 
 ::
 
@@ -10,20 +14,32 @@ Every error raised inside ``pipeline`` derives from :class:`RhbatchError`; third
     │   └── ConfigError               missing key, bad base URL, bad sim config   exit 2
     ├── InputError                    the user's files are wrong                  exit 2
     │   ├── ManifestError             every problem in a manifest, at once
+    │   │   └── ManifestProblems      ... grouped by kind (ProblemGroup), each capped
     │   ├── SchemaError               the JSON Schema itself is invalid
     │   └── SweepError                a sweep spec is wrong
     ├── StateError                    the run directory cannot be used            exit 2
     │   ├── RunLockedError            another rhbatch process holds the run
     │   └── ManifestChangedError      the run exists with another manifest
     ├── StorageError                  disk full, read-only, corrupt state         exit 3
+    │   └── ResourceMissing           a file rhbatch ships is not installed (also FileNotFoundError)
     ├── RunStopped                    the run must stop (account, credentials)    exit 3
+    ├── SpliceAbandoned               a results splice stopped midway (internal to refresh.py)
     └── ApiError                      a RunningHub answer we cannot use
         ├── TransientApiError         retry the same request later (5xx, 429, resets, garbage)
+        │   └── ApiConnectionError    the exchange failed below the API; ``sent``: it may have been acted on
         ├── CapacityError             the account is full: wait and resubmit (421, 415, ...)
         ├── RowFatalError             this row is wrong: fail it, carry on (803, 433, ...)
         ├── RunFatalError             the whole run must stop (412, 414, 416, ...)
         ├── TaskGoneError             the task id is unknown or purged (807, 423, 1004)
-        └── SubmitUnknownError        a create was sent and its outcome is unknown
+        ├── SubmitUnknownError        a create was sent and its outcome is unknown
+        └── RouteMissing              the service has no such route (HTTP 404): use the other generation
+    FileDownloadError                 one output file could not be fetched (``file_state`` says how)
+    ├── TransientDownloadError        network trouble, 5xx, 429, a short body: retried
+    ├── ExpiredUrlError               the URL is gone (403/404/410): the row's files are expired
+    └── RefusedDownloadError          refused by the host or by our own limits
+
+    AnswerTooLarge (an httpx.ReadError, raised inside a transport; the client turns it into an
+    ApiConnectionError with sent=True)
 
 Every class carries ``transient`` / ``row_fatal`` / ``run_fatal`` so callers branch on what an error
 means, never on its text.
@@ -32,11 +48,17 @@ means, never on its text.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import httpx
+
 from pipeline.safetext import clean_text, escape_controls
+
+if TYPE_CHECKING:
+    from pipeline.manifest.rows import Manifest
 
 MSG_SHOWN_CHARS = 500  # of a service ``msg`` in an error message
 
@@ -222,6 +244,51 @@ class ManifestError(InputError):
         super().__init__(f"{source}: {count}, nothing was submitted:\n{shown}{more}")
 
 
+@dataclass(frozen=True)
+class ProblemGroup:
+    """The problems of one kind: the first ``manifest.PROBLEMS_SHOWN_PER_KIND``, and how many in all."""
+
+    kind: str | None  # "binding", "value", "preflight", "file"; None for a file that cannot be read
+    problems: tuple[Problem, ...]
+    total: int
+
+    def more_line(self) -> Problem | None:
+        """The line that counts the problems not listed, or None when every one is."""
+        more = self.total - len(self.problems)
+        if more <= 0:
+            return None
+        what = f"{self.kind} problems" if self.kind else "problems like these"
+        return Problem(None, None, f"... and {more:,} more {what}")
+
+
+class ManifestProblems(ManifestError):
+    """Every problem found in a manifest, by kind; ``total`` counts them all.
+
+    ``problems`` is what is shown: each group's listed problems followed by its "... and N more"
+    line. ``manifest``, when the file could be read as rows, holds the rows that the checks made
+    after loading can still judge (see :func:`pipeline.manifest.load_manifest`).
+    """
+
+    def __init__(self, source: str, groups: Sequence[ProblemGroup], manifest: Manifest | None = None):
+        groups = [g for g in groups if g.total]
+        shown: list[Problem] = []
+        for group in groups:
+            shown.extend(group.problems)
+            more = group.more_line()
+            if more is not None:
+                shown.append(more)
+        total = sum(g.total for g in groups)
+        listed = "\n".join(f"  {p}" for p in shown)
+        InputError.__init__(
+            self, f"{source}: {total:,} problem{'s' if total != 1 else ''}, nothing was submitted:"
+                  f"\n{listed}")
+        self.source = source
+        self.problems = shown
+        self.groups = tuple(groups)
+        self.total = total
+        self.manifest = manifest
+
+
 class SchemaError(InputError):
     pass
 
@@ -253,6 +320,11 @@ class RunStopped(RhbatchError):
 
     exit_code = 3
     run_fatal = True
+
+
+class SpliceAbandoned(RhbatchError):
+    """A results splice was told to stop (the run is stopping); the files on disk are unchanged.
+    It never leaves ``pipeline.refresh``."""
 
 
 class ApiError(RhbatchError):
@@ -298,6 +370,87 @@ class SubmitUnknownError(ApiError):
     def __init__(self, message: str, *, stop_run: str | None = None, **kw: Any):
         super().__init__(message, **kw)
         self.stop_run = stop_run
+
+
+class ApiConnectionError(TransientApiError):
+    """The exchange failed below the API: ``sent`` says whether the request may have been acted on.
+
+    ``sent=False``: no connection was made (refused, DNS, TLS, connect or pool timeout), so resending a
+    create cannot pay twice. ``sent=True``: the request may have reached the service.
+    """
+
+    def __init__(self, message: str, *, sent: bool, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.sent = sent
+        self.retry_after_s = retry_after_s
+
+
+class RouteMissing(ApiError):
+    """The service has no such route (HTTP 404): the client falls back to the other API generation.
+    It never leaves ``pipeline.client``."""
+
+
+class AnswerTooLarge(httpx.ReadError):
+    """An answer grew past the cap while it was read (raw or decompressed). A subclass of
+    ``httpx.ReadError`` because transports raise it inside httpx's own read path."""
+
+
+class ResourceMissing(StorageError, FileNotFoundError):
+    """A file rhbatch ships is not in this installation."""
+
+
+# The file states a download error leaves in the ``files`` table (pipeline.store.FILE_*; a test
+# pins that the two agree: errors.py imports nothing from the store).
+_FILE_FAILED, _FILE_EXPIRED, _FILE_REFUSED = "FAILED", "EXPIRED", "REFUSED"
+
+
+class FileDownloadError(RhbatchError):
+    """One file could not be fetched; ``file_state`` is what the ``files`` table records."""
+
+    file_state = _FILE_FAILED
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TransientDownloadError(FileDownloadError):
+    """Network trouble, 5xx, 429, a short body: retried under the policy."""
+
+    transient = True
+
+
+class ExpiredUrlError(FileDownloadError):
+    file_state = _FILE_EXPIRED
+    row_fatal = True
+
+
+class RefusedDownloadError(FileDownloadError):
+    file_state = _FILE_REFUSED
+    row_fatal = True
+
+
+#: How many problems a check lists before it only counts them.
+MAX_PROBLEMS_LISTED = 1000
+
+
+class Problems(list[Problem]):
+    """The one problem collector: the problems listed (at most ``limit``); ``total`` counts every
+    problem found."""
+
+    def __init__(self, limit: int = MAX_PROBLEMS_LISTED):
+        super().__init__()
+        self.limit = limit
+        self.total = 0
+
+    def add(self, problem: Problem) -> None:
+        self.total += 1
+        if len(self) < self.limit:
+            self.append(problem)
+
+    @property
+    def unlisted(self) -> int:
+        return self.total - len(self)
 
 
 #: RunningHub's two sites; a key belongs to one of them (runninghub-api.md §1).

@@ -14,29 +14,36 @@ Formats:
   U+2028 and U+2029 included, so each record is one line.
 - ``parquet``: the CSV columns with native scalar types.
 
-Every write goes to a temporary file in the same directory and is renamed over the target, so a
-reader (or a kill) never sees half a file. The temporary file is made by ``mkstemp`` (``O_EXCL``,
-``O_NOFOLLOW``) and renamed over the target's name, so a symbolic link planted at
-``results.jsonl`` is replaced, never written through. Any of these files fed back to ``rhbatch run``
-reproduces the same tasks: the loader reads ``workflowId``, ``nodeInfoList`` and ``options`` and
-ignores the result fields.
+Every write goes to a temporary file in the same directory and is renamed over the target
+(:func:`pipeline._files.atomic_open`), so a reader (or a kill) never sees half a file. The temporary
+file is made by ``mkstemp`` (``O_EXCL``, ``O_NOFOLLOW``) and renamed over the target's name, so a
+symbolic link planted at ``results.jsonl`` is replaced, never written through. Any of these files fed
+back to ``rhbatch run`` reproduces the same tasks: the loader reads ``workflowId``, ``nodeInfoList``
+and ``options`` and ignores the result fields.
+
+Records are rendered one line at a time (:func:`jsonl_line`, :class:`CsvLines`), so that a run's
+results can be rewritten record by record (:mod:`pipeline.refresh`) to exactly the bytes a whole
+rewrite gives.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterator
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from pipeline._files import atomic_open
 from pipeline.errors import StorageError, UsageError
 from pipeline.safetext import escape_controls
-from pipeline.store import DISK_FULL_FIX, RunStore, row_record, storage_error
+from pipeline.store import DISK_FULL_FIX, RunPaths, RunStore, loads, storage_error
 
 FORMATS = ("jsonl", "csv", "parquet")
 NESTED = ("options", "nodeInfoList", "fileUrls", "outputs", "failedReason", "files")
@@ -70,9 +77,57 @@ WRITE_FIX = (
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+def row_record(row: sqlite3.Row, files: Sequence[sqlite3.Row] = ()) -> dict[str, Any]:
+    """The output-manifest record for one stored row (fields in DESIGN.md)."""
+    outputs = loads(row["outputs"]) or []
+    record: dict[str, Any] = {
+        "row": row["number"],
+        "row_id": row["row_id"],
+        "workflowId": row["workflow_id"],
+        "inputs": loads(row["inputs"]),
+        "options": loads(row["options"]),
+        "nodeInfoList": loads(row["node_info_list"]),
+        "status": row["status"],
+        "taskId": row["task_id"],
+        "fileUrls": [o.get("fileUrl") for o in outputs if o.get("fileUrl")],
+        "outputs": outputs,
+        "coins": row["coins"],
+        "money": row["money"],
+        "thirdPartyMoney": row["third_party_money"],
+        "taskCostTime": row["task_cost_s"],
+        "error_code": row["error_code"],
+        "error": row["error"],
+        "failedReason": loads(row["failed_reason"]),
+        "attempts": row["attempts"],
+        "reconciled": row["reconciled"],
+        "submitted_at": _iso(row["submitted_at"]),
+        "finished_at": _iso(row["finished_at"]),
+    }
+    if files:
+        record["files"] = [
+            {"path": f["path"], "sha256": f["sha256"], "size": f["size"], "status": f["status"],
+             "nodeId": f["node_id"]}
+            for f in files
+        ]
+    else:
+        record["files"] = []
+    return record
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def record_of(row: Any, files: Any) -> dict[str, Any]:
+    """The output-manifest record of a stored row; its files are listed once it is SUCCESS."""
+    return row_record(row, files if row["status"] == "SUCCESS" else ())
+
+
 def iter_records(store: RunStore) -> Iterator[dict[str, Any]]:
     for row, files in store.iter_rows_with_files():
-        yield row_record(row, files if row["status"] == "SUCCESS" else ())
+        yield record_of(row, files)
 
 
 def input_columns(store: RunStore) -> list[str]:
@@ -132,12 +187,38 @@ def _csv_cell(value: Any, exact: bool = False) -> Any:
     return value
 
 
-RESULT_FILES = ("results.jsonl", "results.csv")  # what write_results keeps current in a run dir
+RESULT_FILES = RunPaths.RESULT_FILES  # what a run keeps current in its directory
 
 
-def temporary_prefix(name: str) -> str:
-    """How a file being written atomically as ``name`` is named until it is complete."""
-    return f".{name}."
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One record of ``results.jsonl``, newline included."""
+    return json_text(record) + "\n"
+
+
+class CsvLines:
+    """The lines of a CSV output manifest whose input columns are ``columns``, one at a time."""
+
+    def __init__(self, columns: list[str]):
+        self.columns = columns
+        self.fields = RESULT_COLUMNS[:3] + [f"inputs.{c}" for c in columns] + RESULT_COLUMNS[3:]
+        self._exact = [f.startswith("inputs.") for f in self.fields]  # the user's own text
+        self._buffer = io.StringIO()
+        self._writer = csv.writer(self._buffer, lineterminator="\n")
+
+    def _line(self, cells: list[Any]) -> str:
+        self._writer.writerow(cells)
+        text = self._buffer.getvalue()
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        return text
+
+    def header(self) -> str:
+        return self._line(self.fields)
+
+    def line(self, record: dict[str, Any]) -> str:
+        flat = flat_record(record, self.columns)
+        return self._line([_csv_cell(flat.get(f), exact)
+                           for f, exact in zip(self.fields, self._exact, strict=True)])
 
 
 def _write_error(exc: OSError, target: Path, run_dir: Path | None) -> StorageError:
@@ -151,46 +232,34 @@ def _write_error(exc: OSError, target: Path, run_dir: Path | None) -> StorageErr
     return StorageError(f"Cannot write {escape_controls(target)}: {exc.strerror or exc}: {fix}")
 
 
-class _AtomicFile:
-    """A file written under a temporary name beside ``target`` and renamed over it when complete.
-
-    ``run_dir``: the run the file belongs to (its fixes name the run), None for ``export -o``.
-    """
+class AtomicFile:
+    """:func:`pipeline._files.atomic_open` with its OSError turned into the StorageError that
+    says how to fix it. ``run_dir``: the run the file belongs to (its fixes name the run), None for
+    ``export -o``."""
 
     def __init__(self, target: Path, mode: str = "w", run_dir: Path | None = None):
         self.target = target
         self.mode = mode
         self.run_dir = run_dir
+        self._opened: Any = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> IO[Any]:
+        self._opened = atomic_open(self.target, self.mode, newline="" if "b" not in self.mode else None)
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=temporary_prefix(self.target.name),
-                                            dir=self.target.parent)
+            handle: IO[Any] = self._opened.__enter__()
         except OSError as exc:
             raise _write_error(exc, self.target, self.run_dir) from None
-        if "b" in self.mode:
-            self.handle: Any = os.fdopen(fd, self.mode)
-        else:
-            self.handle = os.fdopen(fd, self.mode, encoding="utf-8", newline="")
-        return self.handle
+        return handle
 
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         try:
-            if exc_type is None:
-                self.handle.flush()
-                os.fsync(self.handle.fileno())
-            self.handle.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.target)
-            else:
-                os.unlink(self.tmp)
-        except OSError as exc:
-            try:
-                os.unlink(self.tmp)
-            except OSError:
-                pass
+            self._opened.__exit__(exc_type, exc, tb)
+        except OSError as error:
+            raise _write_error(error, self.target, self.run_dir) from None
+        if isinstance(exc, OSError):  # a write inside the block failed (disk full, ...)
             raise _write_error(exc, self.target, self.run_dir) from None
+
+
 
 
 def _run_dir_of(store: RunStore, target: Path) -> Path | None:
@@ -204,30 +273,27 @@ def _run_dir_of(store: RunStore, target: Path) -> Path | None:
 
 def write_jsonl(store: RunStore, target: Path) -> int:
     count = 0
-    with _AtomicFile(target, run_dir=_run_dir_of(store, target)) as fh:
+    with AtomicFile(target, run_dir=_run_dir_of(store, target)) as fh:
         for record in iter_records(store):
-            fh.write(json_text(record))
-            fh.write("\n")
+            fh.write(jsonl_line(record))
             count += 1
     return count
 
 
 def write_csv(store: RunStore, target: Path) -> int:
-    columns = input_columns(store)
-    header = RESULT_COLUMNS[:3] + [f"inputs.{c}" for c in columns] + RESULT_COLUMNS[3:]
-    exact = [h.startswith("inputs.") for h in header]
+    lines = CsvLines(input_columns(store))
     count = 0
-    with _AtomicFile(target, run_dir=_run_dir_of(store, target)) as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(header)
+    with AtomicFile(target, run_dir=_run_dir_of(store, target)) as fh:
+        fh.write(lines.header())
         for record in iter_records(store):
-            flat = flat_record(record, columns)
-            writer.writerow([_csv_cell(flat.get(h), x) for h, x in zip(header, exact, strict=True)])
+            fh.write(lines.line(record))
             count += 1
     return count
 
 
 def write_parquet(store: RunStore, target: Path) -> int:
+    # Imported here, not at the top: pyarrow takes about 0.2 s to import and only `export --format
+    # parquet` needs it, while every `rhbatch run` imports this module.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -251,7 +317,7 @@ def write_parquet(store: RunStore, target: Path) -> int:
             column = (pa.array(values, pa.uint64()) if unsigned else
                       pa.array([None if v is None else str(v) for v in values], pa.string()))
             table = table.add_column(position, key, column)
-    with _AtomicFile(target, "wb", run_dir=_run_dir_of(store, target)) as fh:
+    with AtomicFile(target, "wb", run_dir=_run_dir_of(store, target)) as fh:
         pq.write_table(table, fh)
     return len(records)
 
@@ -264,8 +330,22 @@ def export(store: RunStore, fmt: str, target: str | Path) -> int:
     return writer(store, Path(target))
 
 
+def export_run(run_dir: str | Path, fmt: str, target: str | Path | None = None) -> tuple[Path, int]:
+    """``rhbatch export``: write the output manifest of the run in ``run_dir`` as ``fmt`` to
+    ``target`` (default: ``DIR/results.FORMAT``), read without the run lock (works while it runs);
+    returns the file written and its row count."""
+    path = Path(target) if target is not None else RunPaths(Path(run_dir)).results(fmt)
+    store = RunStore.open(run_dir, readonly=True)
+    try:
+        return path, export(store, fmt, path)
+    finally:
+        store.close()
+
+
 def write_results(store: RunStore) -> None:
-    """Refresh ``results.jsonl`` and ``results.csv`` in the run directory."""
+    """Rewrite ``results.jsonl`` and ``results.csv`` in the run directory, every record rendered
+    again. (:func:`pipeline.refresh.write_results` also records where each record starts, so the
+    run's next refresh rewrites only what changed.)"""
     jsonl, csv_name = RESULT_FILES
     write_jsonl(store, store.run_dir / jsonl)
     write_csv(store, store.run_dir / csv_name)

@@ -42,33 +42,28 @@ value-dependent checks (text that must parse as a number, fractions, 0/1) look a
 million rows with four overrides take a few seconds. Problems are listed up to ``limit`` and counted
 beyond it (:class:`Problems`).
 
-:class:`WorkflowCache` keeps fetched workflows on disk as ``<dir>/<workflowId>.json`` =
-``{"workflowId", "sha256", "fetched_at", "prompt": {...}}``; :func:`workflow_hash` is the sha256 of the
-canonical JSON (sorted keys, no spaces, UTF-8) and identifies a workflow version for drift checks.
+Getting the workflows (files, the cache, ``getJsonApiFormat``) is :mod:`pipeline.workflows`; this
+module does no I/O.
 """
 
 from __future__ import annotations
 
-import asyncio
 import difflib
-import hashlib
 import json
 import math
 import operator
-import os
 import re
-import tempfile
-import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, Problem, RowFatalError
+from pipeline import nodecheck
+from pipeline.catalogue import Catalogue, InputSpec
+from pipeline.errors import MAX_PROBLEMS_LISTED, Problem, Problems
+from pipeline.nodecheck import is_link  # the one definition (nodecheck cannot import preflight)
 
-MAX_PROBLEMS_LISTED = 1000
 VALUE_SHOWN_CHARS = 40  # value column of ``rhbatch inspect``
-FETCH_JOBS = 4  # getJsonApiFormat requests in flight
+WARNINGS_SHOWN = 20  # catalogue warnings listed before they are only counted
 
 # Integer inputs of core ComfyUI nodes and common custom nodes: a fraction here is always a mistake.
 INT_INPUTS = frozenset(
@@ -100,6 +95,8 @@ class Field:
     name: str
     value: Any
     kind: str
+    allowed: str | None = None  # what the node catalogue allows (range, step, default, options)
+    spec: InputSpec | None = None  # the catalogue's definition, when it knows the input
 
     @property
     def target(self) -> str:
@@ -108,18 +105,6 @@ class Field:
     @property
     def bindable(self) -> bool:
         return self.kind != "link"
-
-
-def is_link(value: Any) -> bool:
-    """A ``[node_id, output_index]`` pair: the input is wired to another node's output."""
-    return (
-        isinstance(value, list)
-        and len(value) == 2
-        and isinstance(value[0], str | int)
-        and not isinstance(value[0], bool)
-        and isinstance(value[1], int)
-        and not isinstance(value[1], bool)
-    )
 
 
 def _is_float_name(name: str) -> bool:
@@ -164,14 +149,20 @@ def _inputs(node: Mapping[str, Any]) -> dict[str, Any]:
     return inputs if isinstance(inputs, dict) else {}
 
 
-def describe_workflow(api_json: Mapping[str, Any]) -> list[Field]:
-    """Every input of every node, sorted by node id (numeric-aware), then field name."""
+def describe_workflow(api_json: Mapping[str, Any], catalogue: Catalogue | None = None) -> list[Field]:
+    """Every input of every node, sorted by node id (numeric-aware), then field name; with a
+    ``catalogue``, each bindable field's range, step, default and options where it knows them."""
     fields: list[Field] = []
     for node_id, node in sorted(_nodes(api_json).items(), key=lambda kv: node_sort_key(kv[0])):
         class_type = str(node.get("class_type", "?"))
         title = _title(node)
         for name, value in sorted(_inputs(node).items()):
-            fields.append(Field(node_id, class_type, title, name, value, kind_of(name, value)))
+            kind = kind_of(name, value)
+            spec = None if catalogue is None or kind == "link" else catalogue.input(class_type, name)
+            allowed = None
+            if catalogue is not None and kind != "link":
+                allowed = spec.summary() if spec is not None else "not known here"
+            fields.append(Field(node_id, class_type, title, name, value, kind, allowed, spec))
     return fields
 
 
@@ -184,8 +175,8 @@ def _shown(value: Any, width: int = VALUE_SHOWN_CHARS) -> str:
 
 def format_fields(fields: Sequence[Field]) -> str:
     """The ``rhbatch inspect`` table: one line per input; links are marked not bindable."""
-    header = ("NODE", "CLASS", "TITLE", "FIELD", "VALUE", "KIND")
-    lines = [
+    header: tuple[str, ...] = ("NODE", "CLASS", "TITLE", "FIELD", "VALUE", "KIND")
+    lines: list[tuple[str, ...]] = [
         (
             f.node_id,
             f.class_type,
@@ -196,6 +187,9 @@ def format_fields(fields: Sequence[Field]) -> str:
         )
         for f in fields
     ]
+    if any(f.allowed for f in fields):
+        header = (*header, "ALLOWED")
+        lines = [(*line, f.allowed or "") for line, f in zip(lines, fields, strict=True)]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header, *lines]
@@ -217,211 +211,28 @@ def fields_to_json(fields: Sequence[Field]) -> list[dict[str, Any]]:
                 "value": value,
                 "kind": f.kind,
                 "bindable": f.bindable,
+                **({} if f.allowed is None else {"allowed": f.allowed}),
+                **({} if f.spec is None else {"catalogue": _spec_json(f.spec)}),
             }
         )
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Getting workflows: hash, cache, fetch, files
 
-
-def workflow_hash(api_json: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON (sorted keys, compact, UTF-8) of an API-format workflow."""
-    canonical = json.dumps(api_json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-_SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-async def gather_or_cancel(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:
-    """Run ``coros`` together; on the first error cancel the rest and raise that error as it is
-    (``asyncio.TaskGroup`` would wrap it in an ExceptionGroup)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    if not tasks:
-        return
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-class WorkflowCache:
-    """Fetched workflows on disk: ``<directory>/<workflowId>.json``, written atomically."""
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-
-    def path_for(self, workflow_id: str) -> Path:
-        workflow_id = str(workflow_id)
-        if not _SAFE_ID.fullmatch(workflow_id) or workflow_id.startswith("."):
-            raise InputError(
-                f"workflowId {workflow_id!r} cannot name a cache file: a RunningHub workflowId "
-                "is a number such as 1904136902449209346"
-            )
-        return self.directory / f"{workflow_id}.json"
-
-    def entry(self, workflow_id: str) -> dict[str, Any] | None:
-        """The whole cache record, or None when absent or unreadable (it is then fetched again)."""
-        try:
-            with self.path_for(workflow_id).open(encoding="utf-8") as fh:
-                record = json.load(fh)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), dict):
-            return None
-        return record
-
-    def get(self, workflow_id: str) -> dict[str, Any] | None:
-        record = self.entry(workflow_id)
-        return record["prompt"] if record else None
-
-    def put(self, workflow_id: str, api_json: dict[str, Any]) -> str:
-        """Store ``api_json`` for ``workflow_id``; returns its :func:`workflow_hash`."""
-        digest = workflow_hash(api_json)
-        record = {
-            "workflowId": str(workflow_id),
-            "sha256": digest,
-            "fetched_at": time.time(),
-            "prompt": api_json,
-        }
-        write_json_atomic(self.path_for(workflow_id), record)
-        return digest
-
-
-async def fetch_workflows(
-    client: Any,
-    workflow_ids: Iterable[str],
-    cache: WorkflowCache | None,
-    *,
-    refresh: bool = False,
-) -> dict[str, dict[str, Any]]:
-    """Each distinct workflow's API JSON: from ``cache`` first (unless ``refresh``), else one
-    ``getJsonApiFormat`` call per id, stored in ``cache``.
-
-    Errors from RunningHub propagate; a row-fatal one (380 unknown workflow, 810 never run) is
-    re-raised naming the workflowId.
-    """
-    ids = list(dict.fromkeys(str(w) for w in workflow_ids))
-    found: dict[str, dict[str, Any]] = {}
-    missing: list[str] = []
-    for wid in ids:
-        cached = None if (cache is None or refresh) else cache.get(wid)
-        if cached is not None:
-            found[wid] = cached
-        else:
-            missing.append(wid)
-    gate = asyncio.Semaphore(FETCH_JOBS)
-
-    async def fetch(wid: str) -> None:
-        async with gate:
-            try:
-                api_json = await client.workflow_json(wid)
-            except RowFatalError as exc:
-                raise RowFatalError(
-                    f"workflow {wid}: {exc}", code=exc.code, msg=exc.msg, data=exc.data
-                ) from None
-        if cache is not None:
-            cache.put(wid, api_json)
-        found[wid] = api_json
-
-    await gather_or_cancel(fetch(wid) for wid in missing)
-    return {wid: found[wid] for wid in ids}
-
-
-_FILE_FIX = (
-    "save the workflow in API format: RunningHub's getJsonApiFormat answer, or ComfyUI's "
-    "Workflow > Export (API)"
-)
-
-
-def _looks_like_api(obj: Any) -> bool:
-    return (
-        isinstance(obj, dict)
-        and bool(obj)
-        and all(isinstance(n, dict) and isinstance(n.get("class_type"), str) for n in obj.values())
-    )
-
-
-def load_workflow_file(path: str | Path) -> dict[str, Any]:
-    """An API-format workflow from a file. Accepts the bare API JSON, the getJsonApiFormat envelope
-    ``{"code": 0, "data": {"prompt": "<json>"}}`` and the ``{"prompt": {...}}`` wrapper of ComfyUI's
-    ``/prompt`` body; raises :class:`InputError` with the fix for anything else."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file: check the --workflow-json path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read it ({exc}): {_FILE_FIX}") from None
-    try:
-        obj: Any = json.loads(text)
-    except ValueError as exc:
-        raise InputError(f"{path}: not JSON ({exc}): {_FILE_FIX}") from None
-    if isinstance(obj, dict) and "code" in obj and "data" in obj:  # getJsonApiFormat envelope
-        if obj.get("code") not in (0, "0"):
-            raise InputError(
-                f"{path}: a getJsonApiFormat answer with code {obj.get('code')} "
-                f"({obj.get('msg', '')}), not a workflow: fetch it again with a valid key and id"
-            )
-        obj = obj["data"] if isinstance(obj["data"], dict) else {}
-    if isinstance(obj, dict) and "prompt" in obj and not _looks_like_api(obj):
-        obj = obj["prompt"]
-        if isinstance(obj, str):
-            try:
-                obj = json.loads(obj)
-            except ValueError as exc:
-                raise InputError(f"{path}: its prompt is not JSON ({exc}): {_FILE_FIX}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("nodes"), list) and "links" in obj:
-        raise InputError(
-            f"{path}: this is a ComfyUI UI workflow (nodes and links), not the API format: {_FILE_FIX}"
-        )
-    if not _looks_like_api(obj):
-        raise InputError(
-            f"{path}: not an API-format workflow (expected node ids mapping to objects with "
-            f"class_type and inputs): {_FILE_FIX}"
-        )
-    return {str(k): v for k, v in obj.items()}
+def _spec_json(spec: InputSpec) -> dict[str, Any]:
+    """An input's definition in the catalogue, for ``inspect --json``."""
+    out: dict[str, Any] = {"type": spec.type, "required": spec.required}
+    for name in ("default", "min", "max", "step"):
+        value = getattr(spec, name)
+        if value is not None:
+            out[name] = value
+    if spec.is_combo:
+        out["options"] = list(spec.options or ()) if spec.options_known else None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Checking rows
-
-
-class Problems(list[Problem]):
-    """The problems listed (at most ``limit``); ``total`` counts every problem found."""
-
-    def __init__(self, limit: int = MAX_PROBLEMS_LISTED):
-        super().__init__()
-        self.limit = limit
-        self.total = 0
-
-    def add(self, problem: Problem) -> None:
-        self.total += 1
-        if len(self) < self.limit:
-            self.append(problem)
-
-    @property
-    def unlisted(self) -> int:
-        return self.total - len(self)
 
 
 def column_names(bound: Mapping[str, str] | None) -> dict[str, str]:
@@ -703,3 +514,63 @@ def check_rows(
         problems.add(problem)
     problems.total += found.unlisted
     return problems
+
+
+@dataclass
+class CatalogueCheck:
+    """What the node catalogue adds to preflight: errors (problems like preflight's own), warnings
+    (values the service would change silently, fields no output depends on), and the coverage line
+    (how many fields were checked against the catalogue, and which could not be)."""
+
+    problems: Problems
+    warnings: list[str]
+    coverage: str
+
+
+def check_with_catalogue(
+    rows: Sequence[Any],
+    workflows: Mapping[str, Mapping[str, Any]],
+    catalogue: Catalogue,
+    *,
+    bound: Mapping[str, str] | None = None,
+    limit: int = MAX_PROBLEMS_LISTED,
+    already: Iterable[Problem] = (),
+) -> CatalogueCheck:
+    """The catalogue's checks (:mod:`pipeline.nodecheck`) of ``workflows`` and of every row's values.
+
+    Per workflow: missing required inputs and link type mismatches are problems of the workflow (row
+    None, column ``workflowId``); unknown classes are only counted. Per row: ranges, COMBO membership
+    (with "did you mean"), link-only inputs given a value. ``already`` (preflight's own problems) keeps
+    a cell from being reported twice."""
+    problems = Problems(limit)
+    warnings: list[str] = []
+    targets = list((bound or {}).values())
+    for wid in sorted({str(r.workflow_id) for r in rows}):
+        api_json = workflows.get(wid)
+        if api_json is None:
+            continue
+        report = nodecheck.check_workflow(api_json, catalogue, workflow_id=wid, targets=targets,
+                                          bound=bound)
+        for finding in report.findings:
+            if finding.severity == nodecheck.ERROR:
+                problems.add(Problem(None, "workflowId", f"workflow {wid}: {finding.text}"))
+            elif finding.severity == nodecheck.WARNING:
+                warnings.append(f"workflow {wid}: {finding.text}")
+    seen = {(p.row, p.column) for p in already}
+    values = nodecheck.check_rows(rows, workflows, catalogue, bound=bound, limit=limit)
+    warned = 0
+    for finding in values.findings:
+        if finding.severity == nodecheck.ERROR:
+            if (finding.row, finding.column) not in seen:
+                problems.add(finding.problem())
+        elif finding.severity == nodecheck.WARNING:
+            warned += 1
+            if warned <= WARNINGS_SHOWN:
+                warnings.append(str(finding))
+    errors_unlisted = values.totals[nodecheck.ERROR] - sum(
+        1 for f in values.findings if f.severity == nodecheck.ERROR)
+    problems.total += errors_unlisted
+    more = values.totals[nodecheck.WARNING] - min(warned, WARNINGS_SHOWN)
+    if more > 0:
+        warnings.append(f"... and {more:,} more values the service would change silently")
+    return CatalogueCheck(problems, warnings, values.coverage())

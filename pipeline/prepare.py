@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.catalogue import load_catalogue
+from pipeline.client import AccountStatus, RunningHubClient
 from pipeline.config import Settings, redact
-from pipeline.errors import InputError, Problem, RunStopped, TransientApiError
+from pipeline.errors import InputError, Problem, RunStopped, TransientApiError, UsageError
 from pipeline.manifest import (
     PROBLEMS_SHOWN_PER_KIND,
     Manifest,
@@ -34,17 +36,12 @@ from pipeline.manifest import (
     Row,
     make_row,
 )
-from pipeline.preflight import (
-    WorkflowCache,
-    check_rows,
-    fetch_workflows,
-    load_workflow_file,
-    targets_named,
-    workflow_hash,
-)
+from pipeline.manifest import workflow_ids as distinct_workflow_ids
+from pipeline.preflight import check_rows, check_with_catalogue, targets_named
 from pipeline.safetext import escape_controls
-from pipeline.store import check_run_subdir
+from pipeline.store import RunStore, check_run_subdir
 from pipeline.uploads import UPLOAD_CACHE_FILE, UploadCache, find_uploads, substitute, upload_all
+from pipeline.workflows import WorkflowCache, fetch_workflows, load_workflow_file, workflow_hash
 
 WORKFLOW_CACHE_DIR = "workflows"
 T = TypeVar("T")
@@ -52,12 +49,13 @@ T = TypeVar("T")
 
 @dataclass
 class Prepared:
-    rows: list[Row]
+    rows: Sequence[Row]
     hashes: dict[str, str] = field(default_factory=dict)
     checked: bool = False  # preflight ran against every workflow
     skipped: str | None = None  # why it did not
-    uploaded: int = 0
     warnings: list[str] = field(default_factory=list)
+    catalogue: dict[str, Any] | None = None  # the node catalogue checked against (Catalogue.meta())
+    coverage: str | None = None  # how many fields it could check
 
 
 def parse_workflow_files(specs: Sequence[str], workflow_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -78,16 +76,36 @@ def parse_workflow_files(specs: Sequence[str], workflow_ids: Sequence[str]) -> d
     return out
 
 
-def _with_client(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``work(client)``; a service that cannot be reached stops the run with the fix."""
-    from pipeline.client import RunningHubClient
+def with_client(settings: Settings, work: Callable[[RunningHubClient], Awaitable[T]]) -> T:
+    """Run ``work(client)`` with a client of ``settings``, in an event loop of its own."""
 
     async def main() -> T:
         async with RunningHubClient(settings) as client:
             return await work(client)
 
+    return asyncio.run(main())
+
+
+def read_account(settings: Settings) -> AccountStatus:
+    """``rhbatch account``: the account's balance and live task count."""
+    return with_client(settings, lambda client: client.account_status())
+
+
+def load_workflow(workflow_id: str | None, workflow_file: str | Path | None,
+                  settings: Settings | None) -> dict[str, Any]:
+    """``rhbatch inspect``: a workflow's API-format JSON, from ``workflow_file`` if given, else
+    fetched with getJsonApiFormat (which needs ``settings`` with the key)."""
+    if workflow_file:
+        return load_workflow_file(workflow_file)
+    if not workflow_id or settings is None:
+        raise UsageError("Name a WORKFLOW_ID, or pass --workflow-json FILE")
+    return with_client(settings, lambda client: client.workflow_json(workflow_id))
+
+
+def _with_client(settings: Settings, work: Callable[[RunningHubClient], Awaitable[T]]) -> T:
+    """Run ``work(client)``; a service that cannot be reached stops the run with the fix."""
     try:
-        return asyncio.run(main())
+        return with_client(settings, work)
     except TransientApiError as exc:
         raise RunStopped(
             f"RunningHub is unreachable: {redact(exc)}; check the network and "
@@ -118,6 +136,7 @@ def load_and_prepare(
     preflight: bool = True,
     upload: bool = True,
     strict: bool = False,
+    object_info: str | Path | None = None,
 ) -> tuple[Manifest, Prepared]:
     """Load a manifest with ``load`` and prepare its rows, reporting in one pass: a manifest whose
     rows break the schema or its bindings is still preflighted (the rows that can be judged) and
@@ -125,7 +144,7 @@ def load_and_prepare(
     manifest, earlier = load_checked(load)
     prepared = prepare_rows(manifest, settings=settings, workflow_files=workflow_files,
                             run_dir=run_dir, preflight=preflight, upload=upload, strict=strict,
-                            earlier=earlier)
+                            earlier=earlier, object_info=object_info)
     return manifest, prepared
 
 
@@ -139,11 +158,12 @@ def prepare_rows(
     upload: bool = True,
     strict: bool = False,
     earlier: Sequence[ProblemGroup] = (),
+    object_info: str | Path | None = None,
 ) -> Prepared:
     """Check and ready ``manifest``'s rows; raises ManifestError with every problem found, those
     of ``earlier`` (what loading found) first. ``strict`` refuses columns that feed no node."""
     rows = manifest.rows
-    ids = sorted({r.workflow_id for r in rows})
+    ids = distinct_workflow_ids(rows)
     prepared = Prepared(rows=rows)
     workflows: dict[str, dict[str, Any]] = parse_workflow_files(workflow_files, ids)
     missing = [w for w in ids if w not in workflows]
@@ -181,6 +201,14 @@ def prepare_rows(
         found = check_rows(rows, workflows, bound=manifest.bound, limit=PROBLEMS_SHOWN_PER_KIND)
         groups.append(ProblemGroup("preflight", tuple(found), found.total))
         prepared.checked = True
+        catalogue = load_catalogue(object_info)
+        by_node = check_with_catalogue(rows, workflows, catalogue, bound=manifest.bound,
+                                       limit=PROBLEMS_SHOWN_PER_KIND,
+                                       already=[p for g in groups for p in g.problems])
+        groups.append(ProblemGroup("node catalogue", tuple(by_node.problems), by_node.problems.total))
+        prepared.warnings.extend(by_node.warnings)
+        prepared.catalogue = catalogue.meta()
+        prepared.coverage = f"{catalogue.describe()}: {by_node.coverage}"
     elif preflight:
         prepared.skipped = (
             f"no API-format JSON for workflow {', '.join(still_missing)}: pass --workflow-json "
@@ -202,7 +230,6 @@ def prepare_rows(
             )
         uploads = UploadCache(run_dir / UPLOAD_CACHE_FILE)
         mapping = _with_client(settings, lambda client: upload_all(client, paths, uploads))
-        prepared.uploaded = len(set(mapping.values()))
         prepared.rows = [
             make_row(r.index, r.number, r.row_id, r.workflow_id,
                      substitute(r.node_info_list, mapping), r.inputs, r.options)
@@ -245,8 +272,6 @@ def _with_binding_problems(groups: list[ProblemGroup], problems: list[Problem]) 
 
 def drift_warnings(manifest_path: Path, hashes: dict[str, str]) -> list[str]:
     """Warnings when ``manifest_path`` is another run's output and its workflows changed since."""
-    from pipeline.store import RunStore
-
     run_dir = manifest_path.resolve().parent
     if not hashes or not RunStore.exists(run_dir):
         return []

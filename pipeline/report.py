@@ -28,7 +28,6 @@ while the run is still going.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
@@ -36,7 +35,6 @@ import math
 import os
 import re
 import statistics
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -47,12 +45,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pipeline.download import FILES_DIR, inside
+from pipeline._files import atomic_write, entry_in
 from pipeline.errors import StorageError, UsageError, code_name
 from pipeline.safetext import escape_controls
-from pipeline.store import FAILED, STATES, SUBMIT_UNKNOWN, RunStore
+from pipeline.store import FAILED, STATES, SUBMIT_UNKNOWN, RunPaths, RunStore
 
-REPORT_FILE = "report.html"
 THUMB_PX = 160
 THUMB_JPEG_QUALITY = 82
 MAX_THUMBS = 1500  # thumbnails on one page; beyond this the sheet says how many were left out
@@ -313,7 +310,7 @@ def thumbnail(path: Path, size: int) -> str | None:
 
 def _attach_files(store: RunStore, cells: dict[int, Cell], out_dir: Path, thumb_px: int) -> int:
     """Give each drawn row its first downloaded file: a relative link and, for images, a thumb."""
-    files_dir = store.run_dir / FILES_DIR
+    files_dir = store.run_dir / RunPaths.FILES
     jobs: list[tuple[Cell, Path]] = []
     for idx, cell in cells.items():
         for f in store.files_for(idx):
@@ -321,7 +318,7 @@ def _attach_files(store: RunStore, cells: dict[int, Cell], out_dir: Path, thumb_
                 cell.file_note = cell.file_note or f"file {str(f['status']).lower()}"
                 continue
             path = store.run_dir / f["path"]
-            if not inside(path, files_dir) or path.is_symlink() or not path.is_file():
+            if not entry_in(path, files_dir) or path.is_symlink() or not path.is_file():
                 cell.file_note = "downloaded file missing"
                 continue
             rel = os.path.relpath(path, out_dir)
@@ -708,21 +705,9 @@ def _triage_html(facts: RunFacts, varying: Sequence[str], columns: Sequence[str]
 
 def _write_atomic(target: Path, text: str) -> None:
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(target, text, chmod=0o644)
     except OSError as exc:
-        raise StorageError(f"Cannot write {target}: {exc.strerror}: free disk space or fix "
+        raise StorageError(f"Cannot write {target}: {exc.strerror or exc}: free disk space or fix "
                            "permissions, then run `rhbatch report` again") from None
 
 
@@ -739,10 +724,9 @@ def render(store: RunStore, *, x: str | None, y: str | None, out: Path, thumb_px
         x = y = None
     cells, grid, xs, ys, left_out = _cells(store, x, y, facts)
     thumbs = _attach_files(store, cells, out.parent, thumb_px)
-    file_counts = {s: n for s, n in store.conn.execute(
-        "SELECT status, COUNT(*) FROM files GROUP BY status ORDER BY status")}
+    file_counts = store.file_counts()
     varying = [c for c in columns if facts.columns[c].distinct > 1]
-    link_base = os.path.relpath(store.run_dir / FILES_DIR, out.parent).replace(os.sep, "/") + "/"
+    link_base = os.path.relpath(store.run_dir / RunPaths.FILES, out.parent).replace(os.sep, "/") + "/"
     title = f"rhbatch report: {store.run_dir.name}"
     return "".join([
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
@@ -767,7 +751,7 @@ def build_report(run_dir: str | Path, *, x: str | None = None, y: str | None = N
     if thumb_px < 16 or thumb_px > 1024:
         raise UsageError(f"thumbnail size {thumb_px} px is out of range: use 16 to 1024")
     run_dir = Path(run_dir)
-    target = Path(out) if out is not None else run_dir / REPORT_FILE
+    target = Path(out) if out is not None else RunPaths(run_dir).report
     store = RunStore.open(run_dir, readonly=True)
     try:
         text = render(store, x=x, y=y, out=target.absolute(), thumb_px=thumb_px)

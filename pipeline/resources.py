@@ -23,6 +23,8 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from pipeline.errors import ResourceMissing
+
 SCHEMAS = "schemas"
 MANIFESTS = "manifests"
 DATA_DIR = "_data"  # inside the package, in a wheel
@@ -31,10 +33,6 @@ MANIFEST_SUFFIXES = (".csv", ".json", ".jsonl", ".txt", ".yaml", ".yml", ".parqu
 
 _extracted = contextlib.ExitStack()  # files copied out of a zip import, removed at exit
 atexit.register(_extracted.close)
-
-
-class ResourceMissing(FileNotFoundError):
-    """A file rhbatch ships is not in this installation."""
 
 
 def _data_dir(kind: str) -> Traversable:

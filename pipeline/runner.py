@@ -1,18 +1,34 @@
 """The run loop: keep every paid slot busy, learn of each task's end quickly, lose nothing.
 
-One asyncio process drives three cooperating loops over the :class:`~pipeline.store.RunStore`:
+One asyncio process drives cooperating loops over the :class:`~pipeline.store.RunStore`:
 
-- **submitter**: creates tasks one at a time (so a kill can leave at most one create in doubt),
-  while the in-flight count is below the *window*. The window starts at ``--concurrency``; a
-  capacity answer (421, 415, 814, 1520, 1003, 1010–1012) shrinks it to what the account holds now
-  and pauses submissions with jittered, growing backoff; after the pause it probes one slot higher.
-- **account watcher**: reads ``accountStatus.currentTaskCounts`` every ``account_poll_interval_s``.
-  When the account holds fewer tasks than we believe are live, that many of ours have ended: the
-  likeliest ones (oldest first) are polled at once and their slots are handed to the submitter
-  before the poll even answers. One cheap request serves every task of the run.
-- **poller**: asks ``outputs`` about suspected-finished tasks at once and about every live task at
-  least every ``max_poll_interval_s`` (``poll_interval_s`` when the account signal is unavailable),
-  so a missed or shared-key signal only delays detection, never loses a task.
+- **submitter**: while the in-flight count is below the *window*, takes pending rows, commits
+  each one ``SUBMITTING`` (one fsync'd commit for the rows that leave together) and sends its
+  create. Several creates may be in flight at once, so the submission rate is not capped at one
+  per round trip: as many as the measured round trip and the rate the slots need call for (one
+  at a time on loopback and near services), never more than ``creates_in_flight`` (default: one
+  per 16 slots of the window, 8 to 64; 1 sends one at a time). A kill leaves at most that many
+  rows in doubt. The window starts at ``--concurrency`` (or the key's stated limit). A capacity
+  answer (421, 415, 814, 1520, 1003, 1010-1012) sets it to what the account holds, and the next
+  create waits until the account's count shows a free slot (the count includes tasks whose
+  creates are in doubt) or a task of this run ends; a growing pause is only the fallback when no
+  count can be read.
+- **poller**: asks ``outputs`` (or v2 ``query``) about each live task at its *expected end*:
+  :class:`EndModel` learns from the tasks that ended when the others will, and a task still
+  running then is asked again after a short gap that grows for stragglers. Before any end is
+  known, each task is asked every ``max_poll_interval_s`` (four times less often while the
+  account's count is exactly ours). At a far service (a round trip of 0.5 % of a task or more)
+  a task's slot goes to the next create as its check leaves, so a task and its successor do not
+  sit a round trip apart.
+- **account watcher**: reads ``accountStatus.currentTaskCounts``, one request for every task of
+  the run. When the account holds fewer tasks than we believe are live, that many of ours have
+  ended: the likeliest are polled at once and their slots handed to the submitter before the
+  poll answers. Until an end is known it reads at the configured interval (a quarter of it while
+  four or more tasks are live), slowed to a tenth of the oldest task's age; then only as often as
+  ends are expected and as the reads prove useful: when durations are regular, the expected-end
+  polls find every end and the account is read rarely; when they vary, the reads find the ends
+  in between. A read that would concern a single task is that task's poll instead. With
+  webhooks the deliveries replace it, and the polls become rare safety checks.
 
 Failures of one row never stall the others; a run-fatal answer (bad key, no balance) stops
 submissions, finishes what can be finished, and exits with code 3 so the user can fix and resume.
@@ -24,10 +40,13 @@ import asyncio
 import heapq
 import json
 import logging
+import math
 import os
 import random
 import secrets
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,17 +70,72 @@ from pipeline.safetext import amount, clean_text, number
 
 log = logging.getLogger("rhbatch.runner")
 
+_STOPPED_IN_FLIGHT = ("rhbatch was stopped while this row's create request was in flight; check "
+                      "RunningHub's call records before resubmitting")
+
 PENDING_BATCH = 500
-# Below the client's connection pool (HTTP_MAX_CONNECTIONS), so a create and the account read
-# never queue behind polls for a connection.
+# Polls in flight at once: at least this many, more when the round trip and the rate of ends
+# call for them (POLL_HEADROOM x Little's law), always leaving room in the client's connection
+# pool for the creates in flight and the account read.
 MAX_CONCURRENT_POLLS = 12
-DURATION_EWMA_WEIGHT = 0.2
+POLL_HEADROOM = 3.0
 UNKNOWN_STREAK_PAUSE = 2  # creates in doubt in a row before submissions slow down
 UNKNOWN_STREAK_STOP = 10  # ... and before the run stops (exit 3) to let the user look
-# The shared accountStatus read is spent at about this many calls per finished task: with many
-# short tasks in flight it is read more often than --account-poll-interval, down to a quarter of it.
+# The shared accountStatus read is spent at about this many calls per finished task when ends are
+# hard to predict: with many short tasks in flight it is read more often than
+# --account-poll-interval, down to a quarter of it.
 ACCOUNT_CALLS_PER_TASK = 0.5
 ACCOUNT_POLL_MIN_FRACTION = 0.25
+# -- pacing by expected ends (EndModel) --
+# A task still running at its expected end is asked again after this share of the expected
+# duration, each later gap this many times the last (a straggler costs a few calls).
+RECHECK_FRACTION = 0.005
+RECHECK_GROWTH = 1.5
+RECHECK_MIN_S = 0.005
+# A task found ended at its first check moves the expected end this share earlier, spread over a
+# generation of live tasks; while a whole generation agrees the step grows, up to the maximum.
+DRIFT_FRACTION = 0.001
+DRIFT_GROWTH = 1.5
+DRIFT_MAX_FRACTION = 0.05
+DRIFT_FIRST_MAX = 0.5  # after a first end seen in a wide interval: halve the guess per generation
+LATE_SAMPLES = 5  # a task still running at its first check raises the expected end to the median
+# of this many late ends, so one straggler does not delay every later check
+EARLY_WEIGHT = 0.2  # moving average of "an account read found this end before its first check"
+EARLY_START = 0.5  # before the first ends say otherwise, reads are assumed to find ends early
+EARLY_FULL = 0.3  # at this share of early ends the account is read at ACCOUNT_CALLS_PER_TASK ...
+READ_SHARE_MIN = 0.1  # ... and never at less than this share of that pace
+EARLY_MARGIN_FRACTION = 0.05  # found this share of the expected end before its check: early
+READ_WINDOW_FRACTION = 0.5  # a task's end is looked for by account reads after this share of it
+# Before any end is known the account is read every --account-poll-interval, slowed to this share
+# of the oldest live task's age (a long first task costs a few reads, not one every 2 s) ...
+FIRST_END_AGE_FRACTION = 0.1
+FIRST_END_FAST_LIVE = 4  # ... and down to a quarter of that interval while this many are live
+# ... and each task is asked about every max_poll_interval_s, this many times less often while the
+# account count is exactly ours (the count then tells every end by itself).
+SAFETY_SLOW_FACTOR = 4.0
+# With webhooks the deliveries tell each end; a task is polled only as a safety check this many
+# expected durations after its create (at least max_poll_interval_s later), then ever less often.
+WEBHOOK_SAFETY_FACTOR = 2.0
+# When a round trip is at least this share of the expected duration (and FAR_RTT_S), a task's
+# slot is handed to the next create as its expected-end check leaves, not when the check
+# answers: both reach the service together, and a create that comes too early is refused for
+# capacity (nothing is made) and sent again at the task's real end.
+HANDOVER_RTT_FRACTION = 0.005
+# -- creates in flight --
+# At most this many creates in flight at once, unless --creates-in-flight says otherwise: one
+# for every CREATE_SLOTS_EACH slots of the window, from CREATES_IN_FLIGHT_MIN to
+# CREATES_IN_FLIGHT_MAX. A kill leaves at most that many rows in doubt. Within it, Little's law
+# on the measured round trip: the rate the slots need (free slots, or the slots of a wave of
+# tasks about to end, filled within CREATE_FILL_S; every slot turned over once a task duration)
+# times the round trip, times CREATE_RATE_HEADROOM.
+CREATES_IN_FLIGHT_MIN = 8
+CREATES_IN_FLIGHT_MAX = 64
+CREATE_SLOTS_EACH = 16
+CREATE_FILL_S = 0.5
+CREATE_RATE_HEADROOM = 3.0
+CREATE_SLOTS_REFRESH_S = 0.05  # how often that figure is worked out again
+FAR_RTT_S = 0.01  # a round trip from which waves of ends are looked for
+RTT_SAMPLES = 16  # the round trip is the median of this many recent polls and account reads
 # Under a budget, every task not yet priced (in flight, in doubt, ended without a reported cost, and
 # the next one) is counted at a multiple of the dearest task seen so far: task costs follow their
 # run time, which varies, and an estimate that is too low is what lets a run spend past its limit.
@@ -81,20 +155,183 @@ RUN_DIR_CHECK_S = 2.0
 OUTAGE_RETRY_S = 30.0
 # Above a learnt limit the window probes one slot higher after this many creates at the limit.
 LIMIT_PROBE_EVERY = 50
+# While waiting for a free slot the account is read every expected end on the key, slowed to this
+# share of the time waited so far and never slower than --account-poll-interval.
+CAPACITY_WAIT_AGE_FRACTION = 0.1
+# Task ids are committed without an fsync; while the submitter is idle they are flushed at most
+# this often (a power cut in between only leaves a row SUBMIT_UNKNOWN, never a second create).
+SYNC_INTERVAL_S = 1.0
+END_MODEL_META = "end_model"
 
 
-def account_poll_interval(base_s: float, typical_task_s: float | None, live: int) -> float:
+def account_poll_interval(base_s: float, typical_task_s: float | None, live: int,
+                          calls_per_task: float = ACCOUNT_CALLS_PER_TASK,
+                          slowest_s: float | None = None) -> float:
     """Seconds until the next accountStatus read.
 
     ``live`` tasks of ``typical_task_s`` end about ``live / typical_task_s`` times a second; reading
-    the count every ``typical / (ACCOUNT_CALLS_PER_TASK x live)`` seconds costs that many calls per
-    task and halves the wait for the next read when ends come often. Never slower than ``base_s``
-    (the configured interval) nor faster than a quarter of it.
+    the count every ``typical / (calls_per_task x live)`` seconds costs that many calls per task
+    and halves the wait for the next read when ends come often. Never slower than ``slowest_s``
+    (default ``base_s``, the configured interval) nor faster than a quarter of ``base_s``.
     """
     if not typical_task_s or live <= 0:
         return base_s
-    paced = typical_task_s / (ACCOUNT_CALLS_PER_TASK * live)
-    return min(base_s, max(base_s * ACCOUNT_POLL_MIN_FRACTION, paced))
+    paced = typical_task_s / (calls_per_task * live)
+    return min(base_s if slowest_s is None else slowest_s,
+               max(base_s * ACCOUNT_POLL_MIN_FRACTION, paced))
+
+
+class EndModel:
+    """When this run's tasks end, learnt from the ones that did.
+
+    ``tau`` is the offset (seconds after a create was answered) at which a live task is first
+    asked about. A check only says "ended by now" or "not yet", so ``tau`` is steered rather than
+    measured. The first end known sets it to the middle of the interval in which that task was
+    seen to end (the top of it when that interval is wide). Afterwards:
+
+    - a task that had ended by its first check (or that an account read found earlier) moves
+      ``tau`` a little earlier: DRIFT_FRACTION per generation of live tasks, a step that grows by
+      DRIFT_GROWTH while whole generations agree, so a right guess costs a "not yet" only now and
+      then. After a first end seen in a wide interval, each agreeing generation halves what is
+      left of that interval (a bisection towards the end), until a task comes back late;
+    - a task still running at its first check ("late") raises ``tau`` to just after the median
+      of the last LATE_SAMPLES late ends (each the middle of the interval it was seen to end in):
+      regular durations settle just after their end, one straggler does not delay every later
+      check.
+
+    A task still running after its expected end is asked again after RECHECK_FRACTION of ``tau``,
+    then after (RECHECK_GROWTH - 1) times how late it already is. ``early`` is the moving share
+    of ends an account read found before their first check: near 0 when durations are regular
+    (the expected-end checks find every end and the account is read rarely), high when they vary.
+    """
+
+    def __init__(self, tau: float | None = None, early: float = EARLY_START):
+        self.tau = tau
+        self.early = early
+        self.ends = 0
+        self._late: deque[tuple[float, float]] = deque(maxlen=LATE_SAMPLES)
+        self._drift = DRIFT_FRACTION
+        self._agreeing = 0
+        self._first_wide = False
+        self._first_low = 0.0
+
+    @property
+    def known(self) -> bool:
+        return self.tau is not None
+
+    def recheck_s(self, overdue_s: float, *, floor_s: float = RECHECK_MIN_S,
+                  cap_s: float = math.inf) -> float:
+        """The wait before asking again a task still running ``overdue_s`` after the expected
+        end (negative: before it). Before it, half the way there each time (a first check made
+        far too early closes in on the end in a few calls); then RECHECK_FRACTION of ``tau``;
+        then (RECHECK_GROWTH - 1) x how late it already is, so the checks of a straggler space
+        out geometrically."""
+        assert self.tau is not None
+        gap = max(self.tau * RECHECK_FRACTION, abs(overdue_s) * (RECHECK_GROWTH - 1))
+        if overdue_s < 0:
+            gap = max(self.tau * RECHECK_FRACTION, -overdue_s / 2)
+        return min(cap_s, max(floor_s, gap))
+
+    def learn(self, ended_by: float, *, running_at: float | None = None, late: bool = False,
+              by_read: bool = False, first_check: float | None = None, live: int = 1) -> None:
+        """One task ended by ``ended_by`` s after its create; it was still running at
+        ``running_at`` s (its last "not yet", if any); ``late``: it was still running at its
+        first check (due at ``first_check`` s); ``by_read``: an account read found its end;
+        ``live``: tasks now in flight. An end counts as early when a read found it well
+        (EARLY_MARGIN_FRACTION of ``tau``) before its first check would have."""
+        self.ends += 1
+        due = first_check if first_check is not None else self.tau
+        early = (by_read and not late and due is not None
+                 and due - ended_by > EARLY_MARGIN_FRACTION * due)
+        self.early += EARLY_WEIGHT * ((1.0 if early else 0.0) - self.early)
+        if self.tau is None:
+            low = min(running_at if running_at is not None else 0.0, ended_by)
+            width = ended_by - low
+            if width <= 2 * RECHECK_FRACTION * ended_by:  # seen closely: its middle
+                self.tau = max(RECHECK_MIN_S, (low + ended_by) / 2)
+                return
+            # Seen in a wide interval (a read's, before anything was known): the top of it, so
+            # the next checks find their tasks ended rather than asking them over and over
+            # before their end; then a bisection of the interval, a generation a step, until a
+            # task comes back late.
+            self.tau = max(RECHECK_MIN_S, ended_by)
+            self._drift = min(DRIFT_FIRST_MAX, max(DRIFT_FRACTION, width / (2 * ended_by)))
+            self._first_wide = True
+            self._first_low = low
+            return
+        if first_check is None and not late:  # it ended before the model asked it anything
+            if running_at is None or running_at <= self.tau:
+                return
+            late = True  # still running after the expected end
+        if late:
+            # where it ended: between its last "not yet" and the answer that said it had
+            low = ended_by if running_at is None else min(running_at, ended_by)
+            self._late.append(((low + ended_by) / 2, (ended_by - low) / 2))
+            middles = [m for m, _ in self._late]
+            # just after the middle of the recent late ends (a few are trusted no further than
+            # twice the current guess): not where the checks happened to be made
+            middle = (statistics.median(middles) if len(middles) >= 3
+                      else min(min(middles), 2 * self.tau))
+            # plus half the usual width of those intervals (at most a recheck): the first checks
+            # should find the task ended
+            margin = min(statistics.median(h for _, h in self._late), RECHECK_FRACTION * self.tau)
+            self.tau = max(self.tau, middle + margin)
+            self._drift = DRIFT_FRACTION
+            self._agreeing = 0
+            self._first_wide = False
+            return
+        generation = max(1, live)
+        # the whole generation moves it by the step
+        self.tau = max(RECHECK_MIN_S, self.tau * (1.0 - self._drift) ** (1.0 / generation))
+        self._agreeing += 1
+        if self._agreeing >= generation:
+            self._agreeing = 0
+            if self._first_wide:  # a bisection of what is left of the wide first interval
+                self._drift = min(DRIFT_FIRST_MAX, max(
+                    DRIFT_FRACTION, (self.tau - self._first_low) / (2 * self.tau)))
+            else:
+                self._drift = min(max(DRIFT_MAX_FRACTION, self._drift), self._drift * DRIFT_GROWTH)
+
+    def read_share(self) -> float:
+        """The share of ACCOUNT_CALLS_PER_TASK the account reads are worth now."""
+        return min(1.0, max(READ_SHARE_MIN, self.early / EARLY_FULL))
+
+    def state(self) -> dict[str, float]:
+        return {"tau_s": self.tau or 0.0, "early": self.early}
+
+    @classmethod
+    def from_state(cls, state: Any) -> EndModel:
+        """The model kept by an earlier invocation of the run (anything unusable: a fresh one)."""
+        if isinstance(state, dict):
+            tau, early = state.get("tau_s"), state.get("early")
+            if (isinstance(tau, int | float) and isinstance(early, int | float)
+                    and math.isfinite(tau) and tau > 0 and 0.0 <= early <= 1.0):
+                return cls(float(tau), float(early))
+        return cls()
+
+
+def default_creates_in_flight(window: int) -> int:
+    """The bound on creates in flight when --creates-in-flight is not given: one for every
+    CREATE_SLOTS_EACH slots, from CREATES_IN_FLIGHT_MIN to CREATES_IN_FLIGHT_MAX."""
+    return min(CREATES_IN_FLIGHT_MAX, max(CREATES_IN_FLIGHT_MIN, window // CREATE_SLOTS_EACH))
+
+
+def create_slots(bound: int, rtt_s: float | None, *, to_fill: int, window: int,
+                 task_s: float | None, ending_soon: int = 0) -> int:
+    """How many creates may be in flight now: Little's law on the round trip ``rtt_s``.
+
+    The rate the slots need is the largest of filling ``to_fill`` free slots, or the slots of the
+    ``ending_soon`` tasks expected to end, within CREATE_FILL_S, and of turning all ``window``
+    slots over once per task duration ``task_s``; in flight = rate x round trip x
+    CREATE_RATE_HEADROOM, rounded down, from 1 to ``bound``. One while no round trip has been
+    measured (the first create) and on loopback.
+    """
+    if bound <= 1 or rtt_s is None:
+        return 1
+    rate = max(0, to_fill, ending_soon) / CREATE_FILL_S
+    if task_s:
+        rate = max(rate, window / task_s)
+    return max(1, min(bound, int(rate * rtt_s * CREATE_RATE_HEADROOM)))
 
 
 @dataclass
@@ -116,6 +353,8 @@ class RunSummary:
     spending: st.Spending | None = None  # coins and money billed, by outcome, every attempt
     capacity_answers: int = 0  # creates refused for capacity in this invocation
     reconciled: dict[str, int] = field(default_factory=dict)  # unknown creates resolved, by how
+    capacity_wait_s: float = 0.0  # seconds submissions waited for a free slot after a refusal
+    creates_in_flight_max: int = 0  # the most creates that were in flight at once
 
 
 @dataclass(order=True)
@@ -132,10 +371,17 @@ class _Live:
     status: str
     submitted_at: float  # wall clock, stored
     seen_at: float  # monotonic time the create answered (or the run resumed it)
+    t0: float  # monotonic time the task was made: the answer less half a round trip
     generation: int = 0
-    suspected: bool = False
+    suspected: bool = False  # an account read or a webhook says it ended: its slot is handed over
     polling: bool = False
-    last_negative: float = 0.0
+    by_read: bool = False  # suspected from an account read
+    first_check: float | None = None  # offset (s from t0) of its first expected-end check
+    negatives: int = 0  # "still running" answers since that check
+    running_at: float | None = None  # monotonic time of its last "still running" answer
+    read_low: float | None = None  # monotonic time of the read before the one that suspected it
+    hinted_at: float | None = None  # monotonic time a webhook said it ended
+    handover: bool = False  # its slot went to the next create as its expected-end check left
 
 
 class Runner:
@@ -151,6 +397,7 @@ class Runner:
         max_money: float | None = None,
         submit_only: set[int] | None = None,
         webhook_tokens: bool = False,
+        creates_in_flight: int | None = None,
     ):
         self.store = store
         self.client = client
@@ -170,6 +417,7 @@ class Runner:
         self._ceiling: int | None = None  # the key's slots as the service states them (v2)
         self.capacity_answers = 0
         self.live: dict[int, _Live] = {}
+        self._held = 0  # live tasks not suspected of having ended: the slots they hold
         self._heap: list[_Poll] = []
         self._wake = asyncio.Event()
         self._poll_wake = asyncio.Event()
@@ -184,11 +432,39 @@ class Runner:
         self._capacity_strikes = 0
         self._unknown_streak = 0
         self._account_ok = True
-        self._duration_s: float | None = None
+        # the last count was at most ours, so it tells every end (until a read says otherwise)
+        self._account_exact = True
+        # when tasks end (kept with the run, so a resume starts knowing)
+        self.model = EndModel.from_state(store.get_meta(END_MODEL_META))
+        self._model_known_at_start = self.model.known
+        self._rtts: deque[float] = deque(maxlen=RTT_SAMPLES)
+        self._rtt_count = 0  # samples taken, and (count, median, min) as of that many
+        self._rtt_cache: tuple[int, float, float] = (0, 0.0, 0.0)
+        self._read_wake = asyncio.Event()
+        self._read_idle = True  # the account watcher waits for a wake-up, with no timer
+        self._last_read_at: float | None = None  # monotonic middle of the last account read
+        self._rtt_asked = False  # a first read (or poll) to measure the round trip has left
+        self._quiet_read_at: float | None = None  # the last read that showed no end of ours
+        # at most this many creates in flight (--creates-in-flight; 1 = one at a time; None:
+        # from the window, see default_creates_in_flight)
+        self._creates_setting: int | None = (creates_in_flight
+                                             or getattr(settings, "creates_in_flight", None))
+        self._creating = 0
+        self._slots, self._slots_at = 1, -math.inf  # creates allowed in flight, and when worked out
+        self._creates: set[asyncio.Task[None]] = set()
+        # rows SUBMITTING whose create is in flight: their webhook token and body
+        self._submitting: dict[int, tuple[str | None, dict[str, Any]]] = {}
+        self._most_creating = 0
+        # after a capacity answer: wait for the account's count to drop below what it held
+        self._capacity_wait = False
+        self._capacity_since = 0.0
+        self._full_at: int | None = None
+        self._refused = False  # a refusal the account has not been read since: it says the limit
+        self._capacity_wait_s = 0.0
         self._pending_exhausted = False
         self._pending: list[Any] = []
         self._pending_cursor = -1
-        self._poll_slots = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
+        self._polls = 0  # polls in flight
         self._poll_tasks: set[asyncio.Task[None]] = set()
         self._spent = 0.0  # coins billed, every attempt of the run
         self._spent_money = 0.0  # money and third-party money billed
@@ -205,6 +481,7 @@ class Runner:
         self._outage_failures = 0
         self._ever_answered = False  # set by the first answer of this run (or the account read)
         self._unsynced = False  # task ids committed without fsync since the last store.sync()
+        self._synced_at = -math.inf
 
     # -- public -----------------------------------------------------------------------------
 
@@ -220,7 +497,8 @@ class Runner:
         for live in self.live.values():
             if live.task_id == task_id:
                 if not live.suspected:
-                    live.suspected = True
+                    self._suspect(live, True)
+                    live.hinted_at = time.monotonic()
                     self._schedule(live, 0.0)
                     self._wake.set()
                 return True
@@ -248,13 +526,14 @@ class Runner:
         self._reconciled["webhook"] = self._reconciled.get("webhook", 0) + 1
         log.info("row %d: the unknown create is task %s (webhook, confirmed by polling)", idx,
                  clean_text(task_id, 40))
+        mono = time.monotonic()
         live = _Live(idx, task_id, st.RUNNING if result.state != "QUEUED" else st.QUEUED, now,
-                     time.monotonic())
-        self.live[idx] = live
+                     mono, mono)
         self.on_event(Event("reconciled", idx, "webhook"))
         if result.state in ("QUEUED", "RUNNING"):
-            self._schedule(live, self._first_poll_delay())
-        else:
+            self._add_live(live)
+            self._schedule(live, self._first_check_delay(live))
+        else:  # it has ended already: recorded at once (it never holds a slot of this run)
             await self._record_end(live, result)
 
     def set_ceiling(self, limit: int) -> None:
@@ -275,10 +554,12 @@ class Runner:
 
         ``interrupt`` also stops polling at once; otherwise live tasks are followed to their end.
         """
-        if interrupt and self._interrupted and self._submitter_task and not self._submitter_task.done():
-            # A second Ctrl-C: do not wait for the create in flight; its row becomes SUBMIT_UNKNOWN.
+        if interrupt and self._interrupted and self._creates:
+            # A second Ctrl-C: do not wait for the creates in flight; their rows become
+            # SUBMIT_UNKNOWN (at most creates_in_flight of them).
             self._forced = True
-            self._submitter_task.cancel()
+            for create in list(self._creates):
+                create.cancel()
         self._interrupted = self._interrupted or interrupt
         if not self._stopped:
             self._stopped = reason
@@ -303,31 +584,36 @@ class Runner:
                           + spending.unknown_attempts)
         if self.webhook_tokens:
             self._unknown_tokens = self.store.unknown_tokens()
+        now_wall = time.time()
         for known in self.store.active():
-            live = _Live(known.idx, known.task_id, known.status, known.submitted_at, now_mono)
-            self.live[known.idx] = live
-            self._schedule(live, 0.0)
+            # made before this invocation: its age comes from the stored create time
+            t0 = now_mono - min(max(0.0, now_wall - known.submitted_at), 30 * 86400.0)
+            live = _Live(known.idx, known.task_id, known.status, known.submitted_at, now_mono, t0)
+            self._add_live(live)
+            self._schedule(live, self._first_check_delay(live) if self.model.known else 0.0)
         submitter = asyncio.create_task(self._submitter(), name="submitter")
         self._submitter_task = submitter
         watcher = asyncio.create_task(self._account_watcher(), name="account")
         poller = asyncio.create_task(self._poller(), name="poller")
         guard = asyncio.create_task(self._guard_run_dir(), name="run-dir")
         try:
-            try:
-                await submitter
-            except asyncio.CancelledError:
-                if not self._forced:
-                    raise
+            await submitter
             await poller
             if self._poll_tasks and not self._interrupted:
                 # costs being learnt and unknown creates being confirmed finish first (bounded)
                 await asyncio.wait(list(self._poll_tasks),
                                    timeout=2 * self.settings.request_deadline_s)
         finally:
-            pending = [submitter, poller, watcher, guard, *self._poll_tasks]
+            pending = [*self._creates, submitter, poller, watcher, guard, *self._poll_tasks]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            self._settle_submitting()
+            if self.model.known and self._crash is None:
+                try:
+                    self.store.set_meta(**{END_MODEL_META: self.model.state()})
+                except StorageError:
+                    pass  # the model is a hint; the state that matters is committed
         if self._crash is not None:
             raise self._crash
         counts = self.store.counts()
@@ -346,12 +632,36 @@ class Runner:
             spending=self.store.spending(),
             reconciled=dict(self._reconciled),
             capacity_answers=self.capacity_answers,
+            capacity_wait_s=self._capacity_wait_s,
+            creates_in_flight_max=self._most_creating,
         )
+
+    def _settle_submitting(self) -> None:
+        """Rows whose create was cancelled before it could say so (a second Ctrl-C, a crash):
+        the request may have left, so each is SUBMIT_UNKNOWN, never resent by itself."""
+        for idx, (token, _) in list(self._submitting.items()):
+            try:
+                self.store.mark_unknown(idx, _STOPPED_IN_FLIGHT)
+            except StorageError:
+                return  # left SUBMITTING: the next open makes it SUBMIT_UNKNOWN (recover)
+            self._submitting.pop(idx, None)
+            self._remember_unknown(idx, token)
 
     # -- submitter --------------------------------------------------------------------------
 
     def _in_flight(self) -> int:
-        return sum(1 for t in self.live.values() if not t.suspected)
+        """Slots this run holds: live tasks not believed ended, and creates in flight."""
+        return self._held + self._creating
+
+    def _add_live(self, live: _Live) -> None:
+        self.live[live.idx] = live
+        self._held += not live.suspected
+
+    def _suspect(self, live: _Live, ended: bool) -> None:
+        """Believe ``live`` ended (its slot goes to the next create) or, again, running."""
+        if live.suspected != ended:
+            live.suspected = ended
+            self._held += -1 if ended else 1
 
     def _next_pending(self) -> Any | None:
         while not self._pending and not self._pending_exhausted:
@@ -368,15 +678,81 @@ class Runner:
     def _push_back(self, row: Any) -> None:
         self._pending.append(row)
 
+    def _looked_at(self, sent: float, answered: float) -> float:
+        """When the service handled a request sent at ``sent`` and answered at ``answered``:
+        half the fastest recent round trip after it left. Not the middle of this exchange: an
+        answer this loop was slow to read would look handled later than it was."""
+        floor = self._rtt_floor_s()
+        took = answered - sent
+        return sent + (took if floor is None else min(floor, took)) / 2
+
+    def _rtt_s(self) -> float | None:
+        """The network round trip: the median of recent polls and account reads (creates are
+        left out: a create can be slow at the service, which more creates in flight would not
+        help)."""
+        if not self._rtts:
+            return None
+        if self._rtt_cache[0] != self._rtt_count:
+            self._rtt_cache = (self._rtt_count, statistics.median(self._rtts), min(self._rtts))
+        return self._rtt_cache[1]
+
+    def _rtt_floor_s(self) -> float | None:
+        """The fastest recent round trip: the network's, not this machine's load."""
+        return self._rtt_cache[2] if self._rtt_s() is not None else None
+
+    def _rtt_sample(self, seconds: float) -> None:
+        self._rtts.append(seconds)
+        self._rtt_count += 1
+
+    @property
+    def create_bound(self) -> int:
+        """The most creates in flight at once, so the most rows a kill can leave in doubt."""
+        if self._creates_setting:
+            return max(1, self._creates_setting)
+        return default_creates_in_flight(self.window)
+
+    @create_bound.setter
+    def create_bound(self, value: int) -> None:
+        self._creates_setting = value
+
+    def _create_slots(self) -> int:
+        if self._unknown_streak:  # creates in doubt: one at a time until one is answered
+            return 1
+        now = time.monotonic()
+        if now - self._slots_at < CREATE_SLOTS_REFRESH_S:
+            return self._slots
+        self._slots_at = now
+        held = self._held
+        rtt = self._rtt_floor_s()
+        tau = self.model.tau
+        soon = 0
+        if (tau is not None and rtt is not None and rtt >= HANDOVER_RTT_FRACTION * tau
+                and rtt >= FAR_RTT_S):
+            # ends come in waves (the tasks of a wave were created together)
+            horizon = now + CREATE_FILL_S - tau
+            soon = sum(1 for t in self.live.values() if not t.suspected and t.t0 <= horizon)
+        self._slots = create_slots(self.create_bound, rtt, to_fill=self.window - held,
+                                   window=self.window, task_s=tau, ending_soon=soon)
+        return self._slots
+
     async def _submitter(self) -> None:
         while not self._stop_submitting:
+            # cleared before looking, so a wake-up while this pass awaits is never lost
+            self._wake.clear()
             wait = self._backoff_until - time.monotonic()
             if wait > 0:
                 await self._sleep_or_wake(wait)
                 continue
-            if self._in_flight() >= self.window:
-                await self._sync()  # idle: make the task ids just recorded durable, off the path
+            if self._capacity_wait:  # the account is full: a read or an end of ours says when
                 await self._sleep_or_wake(None)
+                continue
+            if self._in_flight() >= self.window or self._creating >= self._create_slots():
+                # idle: make the task ids just recorded durable, at most every SYNC_INTERVAL_S
+                # (the next create's fsync'd commit carries them to the disk anyway)
+                due = self._synced_at + SYNC_INTERVAL_S - time.monotonic()
+                if self._unsynced and not self._creating and due <= 0:
+                    await self._sync()
+                await self._sleep_or_wake(due if self._unsynced and due > 0 else None)
                 continue
             budget = self._budget()
             if budget == "wait":  # tasks in flight will tell what the next one may cost
@@ -385,16 +761,76 @@ class Runner:
             if budget == "stop":
                 self.stop(self._budget_message(), interrupt=False)
                 break
+            rows = self._take_rows()
+            if not rows:
+                if not self._creating:
+                    break
+                await self._sleep_or_wake(None)  # a refused create may give its row back
+                continue
+            self._send_creates(rows)
+        while self._creates:  # the creates in flight are awaited (a second Ctrl-C cancels them)
+            await asyncio.wait(list(self._creates))
+        self._poll_wake.set()
+        await self._sync()
+
+    def _take_rows(self) -> list[Any]:
+        """The rows that leave now: as many as free slots and create slots allow, each admitted
+        by the budget with the ones before it counted as in flight."""
+        room = min(self.window - self._in_flight(), self._create_slots() - self._creating)
+        rows: list[Any] = []
+        while len(rows) < room:
+            if rows and self._budget() != "ok":
+                break
             row = self._next_pending()
             if row is None:
                 break
-            await self._submit(row)
-        self._poll_wake.set()
-        await self._sync()
+            rows.append(row)
+            self._creating += 1  # counted at once: the budget and the window see it
+        return rows
+
+    def _prepare(self, row: Any) -> tuple[str | None, dict[str, Any]]:
+        """The webhook token of this attempt (when webhooks are on) and the create's body."""
+        options = {**self.settings.task_options, **json.loads(row["options"])}
+        token = None
+        if self.webhook_tokens and options.get("webhookUrl"):
+            # this attempt's own token: a delivery to it names the task this create made
+            token = f"{row['idx']}-{row['attempts'] + 1}-{secrets.token_hex(6)}"
+            options["webhookUrl"] = f"{options['webhookUrl']}/{token}"
+        return token, build_payload(row["workflow_id"], json.loads(row["node_info_list"]), options)
+
+    def _send_creates(self, rows: list[Any]) -> None:
+        """Commit every row SUBMITTING (one fsync'd commit for the lot), then send their creates."""
+        prepared = [(row, *self._prepare(row)) for row in rows]
+        try:
+            if len(prepared) == 1:
+                self.store.mark_submitting(rows[0]["idx"], prepared[0][1])
+            else:
+                with self.store.transaction():
+                    for row, token, _ in prepared:
+                        self.store.mark_submitting(row["idx"], token)
+        except BaseException:
+            self._creating -= len(rows)
+            raise
+        self._most_creating = max(self._most_creating, self._creating)
+        loop = asyncio.get_running_loop()
+        for row, token, body in prepared:
+            self._submitting[row["idx"]] = (token, body)
+            task = loop.create_task(self._submit(row))
+            self._creates.add(task)
+            task.add_done_callback(self._create_done)
+
+    def _create_done(self, task: asyncio.Task[None]) -> None:
+        self._creates.discard(task)
+        self._creating -= 1
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            self._crash = self._crash or task.exception()
+            self.stop(f"internal error: {task.exception()}")
 
     async def _sync(self) -> None:
         if self._unsynced:
             self._unsynced = False
+            self._synced_at = time.monotonic()
             await asyncio.to_thread(self.store.sync)
 
     def _high_estimate(self, limit: str) -> float | None:
@@ -422,10 +858,11 @@ class Runner:
                                   ("money", self.max_money, self._spent_money)):
             if cap is None:
                 continue
-            unpriced = len(self.live) + self._doubtful
+            unpriced = len(self.live) + self._creating + self._doubtful
             estimate = self._high_estimate(limit)
+            busy = bool(self.live) or self._creating > 0
             if estimate is None:  # no price known yet: one task at a time until one is measured
-                if self.live:
+                if busy:
                     verdicts.append("wait")
                 elif self._doubtful or spent >= cap:
                     verdicts.append("stop")
@@ -435,7 +872,7 @@ class Runner:
             if spent + estimate * (unpriced + 1) <= cap:
                 verdicts.append("ok")
             else:
-                verdicts.append("wait" if self.live else "stop")
+                verdicts.append("wait" if busy else "stop")
         if "stop" in verdicts:
             return "stop"
         return "wait" if "wait" in verdicts else "ok"
@@ -454,30 +891,30 @@ class Runner:
                 "raise the limit and run the same command to resume")
 
     async def _sleep_or_wake(self, timeout: float | None) -> None:
-        self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
             pass
 
     async def _submit(self, row: Any) -> None:
+        """Send one row's create and record what its answer means. A row that left with others
+        is SUBMITTING already (_send_creates); alone, it is made so here first."""
         idx = row["idx"]
-        options = {**self.settings.task_options, **json.loads(row["options"])}
-        token = None
-        if self.webhook_tokens and options.get("webhookUrl"):
-            # this attempt's own token: a delivery to it names the task this create made
-            token = f"{idx}-{row['attempts'] + 1}-{secrets.token_hex(6)}"
-            options["webhookUrl"] = f"{options['webhookUrl']}/{token}"
-        body = build_payload(row["workflow_id"], json.loads(row["node_info_list"]), options)
-        self.store.mark_submitting(idx, token)
+        prepared = self._submitting.get(idx)
+        if prepared is None:
+            token, body = self._prepare(row)
+            self.store.mark_submitting(idx, token)
+            self._submitting[idx] = (token, body)
+        else:
+            token, body = prepared
+        sent = time.monotonic()
         try:
-            answer = await self.client.create(body)
+            try:
+                answer = await self.client.create(body)
+            finally:
+                self._submitting.pop(idx, None)  # its outcome is recorded below, whatever it is
         except asyncio.CancelledError:
-            self.store.mark_unknown(
-                idx,
-                "rhbatch was stopped while this row's create request was in flight; check "
-                "RunningHub's call records before resubmitting",
-            )
+            self.store.mark_unknown(idx, _STOPPED_IN_FLIGHT)
             self._remember_unknown(idx, token)
             raise
         except CapacityError as exc:
@@ -522,13 +959,15 @@ class Runner:
             self.on_event(Event("failed", idx, error))
             return
         now = time.time()
+        answered = time.monotonic()
         self._service_answered()
         self._capacity_strikes = 0
         self._unknown_streak = 0
         status = st.RUNNING if answer.status == "RUNNING" else st.QUEUED
         self.store.mark_submitted(idx, answer.task_id, status, now)
         self._unsynced = True
-        live = _Live(idx, answer.task_id, status, now, time.monotonic())
+        # the task was made while the request was at the service
+        live = _Live(idx, answer.task_id, status, now, answered, self._looked_at(sent, answered))
         if answer.status == "FAILED":
             # ComfyUI rejected the prompt but a task exists: record why, then learn its cost
             reason = prompt_failure({"promptTips": answer.prompt_tips})
@@ -539,10 +978,12 @@ class Runner:
             self._doubtful += 1  # until its cost is known
             self._spawn(self._learn_cost(live, counted=True))
             return
-        self.live[idx] = live
-        self._schedule(live, self._first_poll_delay())
+        self._add_live(live)
+        self._schedule(live, self._first_check_delay(live))
         self._after_create_ok()
         self.on_event(Event("submitted", idx))
+        if self._read_idle:
+            self._read_wake.set()  # the account watcher plans its next read with this task
 
     def _remember_unknown(self, idx: int, token: str | None) -> None:
         self._doubtful += 1
@@ -566,17 +1007,53 @@ class Runner:
                 prefix="RunningHub is failing",
             )
         elif self._unknown_streak >= UNKNOWN_STREAK_PAUSE:
-            wait = min(self.settings.max_capacity_backoff_s,
-                       self.settings.capacity_backoff_s * 2 ** (self._unknown_streak - 2))
-            self._backoff_until = time.monotonic() + wait * random.uniform(0.5, 1.0)
+            self._backoff_until = time.monotonic() + self._unknown_pause_s()
+
+    def _unknown_pause_s(self) -> float:
+        """The pause after UNKNOWN_STREAK_PAUSE or more creates in doubt in a row: a typical task
+        duration (the time the account needs to show what those creates made; the account poll
+        interval while none is known), doubling with each further one, within
+        --max-capacity-backoff. Scattered faults cost a short pause; an outage slows the run down
+        before UNKNOWN_STREAK_STOP stops it."""
+        base = self.model.tau if self.model.known else self.settings.account_poll_interval_s
+        assert base is not None
+        wait = min(self.settings.max_capacity_backoff_s,
+                   base * 2 ** (self._unknown_streak - UNKNOWN_STREAK_PAUSE))
+        return wait * random.uniform(0.5, 1.0)
 
     def _on_capacity(self, exc: CapacityError) -> None:
-        """A create was refused for capacity. When tasks of ours are live, the account holds
-        what we hold: that is the key's limit, learnt (and kept with the run), and the next
-        create waits for one of ours to end, not for a timer. A refusal with none of ours live,
-        or a second one in a row, means others (or tasks in doubt) hold slots: back off."""
+        """A create was refused for capacity: nothing was made, and the row waits for a slot.
+
+        While the account's count can be read, the next create waits until the count shows a
+        free slot, or a task of this run ends: the count includes tasks whose creates are in
+        doubt and other clients' tasks, which hold slots this run cannot see. The count read
+        just after the refusal is what the key holds: the window and the learnt limit (kept with
+        the run). Without a count, the old way: the first refusal while tasks of ours are live
+        learns the limit from them and waits for one to end; any other backs off for a growing
+        pause."""
+        self.capacity_answers += 1
+        self.on_event(Event("capacity", detail=f"{exc.code} {code_name(exc.code or 0)}"))
+        handed = [t for t in self.live.values() if t.handover and t.polling]
+        if handed:
+            # a slot handed over as a task's check left: that task has not ended yet. It holds
+            # its slot again; its checks free it when it ends.
+            for live in handed:
+                self._suspect(live, False)
+                live.handover = False
+            log.debug("capacity (%s) while %d handed-over slot(s) were being checked", exc.code,
+                      len(handed))
+            return
         self._capacity_strikes += 1
-        held = self._in_flight()
+        if self._account_ok:
+            if not self._capacity_wait:
+                self._capacity_wait = self._refused = True
+                self._capacity_since = time.monotonic()
+                self._full_at = None
+                self._read_wake.set()  # read the count now
+            log.info("capacity (%s): window %d, next submission when the account shows a free "
+                     "slot", exc.code, self.window)
+            return
+        held = self._held
         if held >= 1 and self._capacity_strikes == 1:
             self._set_learnt_limit(held)
             self.window = held
@@ -586,10 +1063,38 @@ class Runner:
             base = self.settings.capacity_backoff_s * 2 ** min(self._capacity_strikes - 1, 5)
             wait = min(self.settings.max_capacity_backoff_s, base) * random.uniform(0.5, 1.0)
             self._backoff_until = time.monotonic() + wait
-        self.capacity_answers += 1
+            self._capacity_wait_s += wait
         log.info("capacity (%s): window %d, next submission %s", exc.code, self.window,
                  f"in {wait:.1f}s" if wait else "when a task of this run ends")
-        self.on_event(Event("capacity", detail=f"{exc.code} {code_name(exc.code or 0)}"))
+
+    def _capacity_count(self, count: int) -> None:
+        """An account read while waiting for a free slot."""
+        self._refused = False
+        if self._full_at is None:  # the first read after the refusal: the key is full at this
+            # (or at what our own live tasks hold, if some ended unseen); creates in flight at
+            # this moment are not on the account yet, or are the ones being refused
+            limit = max(1, self._held, count)
+            self._full_at = limit
+            top = self._top()
+            self._set_learnt_limit(min(limit, top))
+            self.window = min(limit, top)
+            return
+        if count < self._full_at:
+            self._end_capacity_wait("the account shows a free slot")
+
+    def _end_capacity_wait(self, why: str) -> None:
+        if self._capacity_wait:
+            self._capacity_wait = False
+            waited = time.monotonic() - self._capacity_since
+            self._capacity_wait_s += waited
+            log.debug("capacity wait over after %.2fs: %s", waited, why)
+            self._wake.set()
+
+    def _top(self) -> int:
+        top = self._ceiling if self._ceiling is not None else self.settings.concurrency
+        if self.settings.concurrency_given:
+            top = min(top, self.settings.concurrency)
+        return top
 
     def _set_learnt_limit(self, limit: int) -> None:
         if limit != self._learnt_limit:
@@ -601,12 +1106,10 @@ class Runner:
     def _after_create_ok(self) -> None:
         """Grow the window back towards --concurrency: one slot at a time while the key's limit
         is unknown; above a learnt limit only as a rare probe, which, if accepted, raises it."""
-        top = self._ceiling if self._ceiling is not None else self.settings.concurrency
-        if self.settings.concurrency_given:
-            top = min(top, self.settings.concurrency)
+        top = self._top()
         if self.window >= top:
             return
-        held = self._in_flight()
+        held = self._held  # tasks the service accepted (creates in flight are not proof)
         learnt = self._learnt_limit
         if learnt is None:
             if held >= self.window:
@@ -636,12 +1139,65 @@ class Runner:
 
     # -- polling ----------------------------------------------------------------------------
 
-    def _first_poll_delay(self) -> float:
-        if self._account_ok:
-            return self.settings.max_poll_interval_s
-        if self._duration_s is not None:
-            return max(self.settings.poll_interval_s, self._duration_s)
-        return self.settings.poll_interval_s
+    def _first_check_delay(self, live: _Live) -> float:
+        """Seconds from now to the first poll of a live task.
+
+        At its expected end when one is known (the request leaving half a round trip early, so
+        it reaches the service then); until then every max_poll_interval_s (SAFETY_SLOW_FACTOR
+        times less often while the account's count is exactly ours and tells every end), or
+        every poll_interval_s when the account cannot be read. With webhooks, a rare safety poll.
+        """
+        now = time.monotonic()
+        tau = self.model.tau
+        if self.webhook_tokens:
+            after = (max(WEBHOOK_SAFETY_FACTOR * tau, tau + self.settings.max_poll_interval_s)
+                     if tau is not None else self.settings.max_poll_interval_s)
+            return max(0.0, live.t0 + after - now)
+        if tau is not None:
+            live.first_check = tau
+            live.negatives = 0
+            return max(0.0, live.t0 + tau - (self._rtt_s() or 0.0) / 2 - now)
+        if not self._account_ok:
+            return self.settings.poll_interval_s
+        slow = SAFETY_SLOW_FACTOR if self._account_exact else 1.0
+        return self.settings.max_poll_interval_s * slow
+
+    def _recheck_delay(self, live: _Live) -> float:
+        """Seconds before asking again a task that said "still running" (at ``running_at``)."""
+        cap = self.settings.max_poll_interval_s
+        if self.webhook_tokens:
+            return cap * min(2 ** max(0, live.negatives - 1), SAFETY_SLOW_FACTOR)
+        tau = self.model.tau
+        if tau is not None and live.first_check is not None:
+            at = live.running_at if live.running_at is not None else time.monotonic()
+            # no round trip in the floor: the answer that says "not yet" has already taken one
+            return self.model.recheck_s(at - live.t0 - live.first_check, cap_s=cap)
+        if not self._account_ok:
+            return self.settings.poll_interval_s * random.uniform(0.8, 1.0)
+        slow = SAFETY_SLOW_FACTOR if self._account_exact else 1.0
+        return cap * slow * random.uniform(0.8, 1.0)
+
+    def _replan(self) -> None:
+        """The first end is known: every live task is asked at its own expected end instead."""
+        for live in self.live.values():
+            if not live.suspected and not live.polling and live.first_check is None:
+                self._schedule(live, self._first_check_delay(live))
+        self._read_wake.set()
+
+    def _poll_limit(self) -> int:
+        """Polls allowed in flight: enough for the expected ends at the measured round trip,
+        and all the pool can spare while checks fall due faster than that (a wave of ends)."""
+        need = MAX_CONCURRENT_POLLS
+        rtt, tau = self._rtt_s(), self.model.tau
+        pool = getattr(self.client, "max_connections", MAX_CONCURRENT_POLLS + 4)
+        # room kept for the creates in flight and the account read: a request that waits for
+        # a pooled connection would look handled later than it was
+        spare = pool - min(self.create_bound, max(4, pool // 3)) - 1
+        if rtt and tau:
+            need = max(need, int(max(1, len(self.live)) / tau * rtt * POLL_HEADROOM) + 1)
+            if rtt >= FAR_RTT_S and self._heap and self._heap[0].at < time.monotonic() - rtt:
+                need = spare  # checks overdue by a round trip: a backlog to clear
+        return max(1, min(need, spare))
 
     def _schedule(self, live: _Live, delay: float) -> None:
         live.generation += 1
@@ -656,17 +1212,20 @@ class Runner:
             if self._interrupted:
                 return
             now = time.monotonic()
-            while self._heap and self._heap[0].at <= now:
+            limit = self._poll_limit()
+            while self._heap and self._heap[0].at <= now and self._polls < limit:
                 item = heapq.heappop(self._heap)
                 live = self.live.get(item.idx)
                 if live is None or live.generation != item.generation or live.polling:
                     continue
                 live.polling = True
-                await self._poll_slots.acquire()
+                self._polls += 1
                 task = asyncio.create_task(self._poll_one(live))
                 self._poll_tasks.add(task)
                 task.add_done_callback(self._poll_done)
             timeout = (self._heap[0].at - time.monotonic()) if self._heap else 1.0
+            if self._polls >= limit:
+                timeout = 1.0  # a poll that ends wakes this loop
             self._poll_wake.clear()
             try:
                 await asyncio.wait_for(self._poll_wake.wait(), max(0.0, min(timeout, 1.0)))
@@ -687,7 +1246,7 @@ class Runner:
             return False
         now = time.monotonic()
         if self._reconcile_deadline is None:
-            wait = min(RECONCILE_WAIT_MAX_S, max(RECONCILE_WAIT_MIN_S, 3 * (self._duration_s or 0)))
+            wait = min(RECONCILE_WAIT_MAX_S, max(RECONCILE_WAIT_MIN_S, 3 * (self.model.tau or 0)))
             self._reconcile_deadline = now + wait
             log.info("waiting up to %.0fs for the webhooks of %d create(s) that ended in doubt",
                      wait, len(self._unknown_tokens))
@@ -698,7 +1257,24 @@ class Runner:
     def _submitter_done(self) -> bool:
         return self._pending_exhausted and not self._pending
 
+    def _hand_over(self, live: _Live, now: float) -> None:
+        """At a far service, free the slot of a task as its expected-end check leaves (see
+        HANDOVER_RTT_FRACTION): only for the check itself, durations that are regular, and while
+        rows wait."""
+        tau, rtt = self.model.tau, self._rtt_s()
+        if (tau is None or rtt is None or rtt < max(HANDOVER_RTT_FRACTION * tau, FAR_RTT_S)
+                or self.webhook_tokens
+                or live.suspected or live.by_read or live.negatives or live.first_check is None
+                or now - live.t0 < live.first_check - rtt or self.model.read_share() >= 1.0
+                or self._submitter_done() or self._stop_submitting):
+            return
+        self._suspect(live, True)
+        live.handover = True
+        self._wake.set()
+
     async def _poll_one(self, live: _Live) -> None:
+        sent = time.monotonic()
+        self._hand_over(live, sent)
         try:
             result = await self.client.poll(live.task_id)
         except RunFatalError as exc:
@@ -707,7 +1283,7 @@ class Runner:
             self._forget(live)
             return
         except TaskGoneError as exc:
-            self._finish(live)
+            self._forget(live)
             self.store.mark_failed(
                 live.idx,
                 code=exc.code,
@@ -717,6 +1293,9 @@ class Runner:
             return
         except ApiError as exc:
             live.polling = False
+            if live.handover:  # nothing is known: it holds its slot until a check says
+                self._suspect(live, False)
+                live.handover = False
             if isinstance(exc, TransientApiError):
                 if self._note_outage(exc, f"polls of {len(self.live)} task(s)"):
                     self._give_up(exc)
@@ -726,7 +1305,11 @@ class Runner:
             self._schedule(live, self.settings.poll_interval_s)
             return
         finally:
-            self._poll_slots.release()
+            self._polls -= 1
+            self._poll_wake.set()
+        answered = time.monotonic()
+        self._rtt_sample(answered - sent)
+        at = self._looked_at(sent, answered)
         live.polling = False
         self._service_answered()
         if result.state in ("QUEUED", "RUNNING") and self._timed_out(live):
@@ -737,17 +1320,24 @@ class Runner:
                 live.status = st.RUNNING
                 self.store.mark_running(live.idx, time.time())
                 self.on_event(Event("started", live.idx))
-            if live.suspected:
-                live.suspected = False
-                live.last_negative = time.monotonic()
-            delay = (
-                self.settings.max_poll_interval_s
-                if self._account_ok
-                else self.settings.poll_interval_s
-            )
-            self._schedule(live, delay * random.uniform(0.8, 1.0))
+            # asked on a read's (or a webhook's) word, not at its expected end
+            guessed = (live.suspected and not live.handover) or live.by_read
+            if live.suspected:  # a wrong guess: it holds its slot again
+                self._suspect(live, False)
+                live.handover = False
+                live.hinted_at = None
+            live.by_read = False
+            live.running_at = at
+            if guessed and live.first_check is not None and live.negatives == 0:
+                due = live.t0 + live.first_check - (self._rtt_s() or 0.0) / 2
+                if due > time.monotonic():  # asked before its expected end: that check stands
+                    self._schedule(live, due - time.monotonic())
+                    return
+            if live.first_check is not None:
+                live.negatives += 1
+            self._schedule(live, self._recheck_delay(live))
             return
-        self._finish(live)
+        self._finish(live, at)
         await self._record_end(live, result)
 
     async def _record_end(self, live: _Live, result: Any) -> None:
@@ -806,7 +1396,7 @@ class Runner:
             said = "cancelled on RunningHub"
         except ApiError as exc:  # already ended or gone: the next poll would have said so
             said = f"the cancel was answered {clean_text(redact(exc), 200)}"
-        self._finish(live)
+        self._forget(live)
         self.store.mark_failed(
             live.idx, code=TASK_TIMEOUT_CODE,
             error=f"{TASK_TIMEOUT_CODE} RHBATCH_TASK_TIMEOUT: the task had not ended after "
@@ -890,32 +1480,117 @@ class Runner:
                 self.stop("run directory lost")
                 return
 
-    def _finish(self, live: _Live) -> None:
-        duration = time.monotonic() - live.seen_at
-        if self._duration_s is None:
-            self._duration_s = duration
+    def _finish(self, live: _Live, at: float | None = None) -> None:
+        """A task ended (seen at monotonic ``at``): learn when, and free its slot."""
+        at = time.monotonic() if at is None else at
+        if live.hinted_at is not None:  # a webhook said when: the end itself, nearly
+            ended = live.hinted_at - live.t0
+            late = self.model.tau is not None and ended > self.model.tau
+            running = None
         else:
-            w = DURATION_EWMA_WEIGHT
-            self._duration_s = (1 - w) * self._duration_s + w * duration
+            ended = at - live.t0
+            running = None if live.running_at is None else live.running_at - live.t0
+            quiet = live.read_low if live.by_read else self._quiet_read_at
+            if quiet is not None and quiet > live.t0 and (running is None
+                                                          or quiet - live.t0 > running):
+                running = quiet - live.t0  # a read after that showed no end of ours, about
+            late = live.negatives > 0
+        known = self.model.known
+        # a generation is the slots' worth of tasks (not the few left at the run's end)
+        self.model.learn(max(0.0, ended), running_at=running, late=late, by_read=live.by_read,
+                         first_check=live.first_check, live=max(self.window, len(self.live)))
         self._forget(live)
+        if not known and self.model.known:
+            self._replan()
 
     def _forget(self, live: _Live) -> None:
-        self.live.pop(live.idx, None)
+        if self.live.pop(live.idx, None) is not None and not live.suspected:
+            self._held -= 1
         live.generation += 1
+        self._end_capacity_wait("a task of this run ended")
         self._wake.set()
         self._poll_wake.set()
 
     # -- the shared account signal ------------------------------------------------------------
 
+    def _next_read_at(self, now: float) -> float | None:
+        """When the next accountStatus read is worth its call (monotonic); None: not now."""
+        base = self.settings.account_poll_interval_s
+        last = self._last_read_at if self._last_read_at is not None else now
+        if self._refused and self._full_at is None:
+            return now  # what the key holds, at once
+        if self._capacity_wait:
+            if self._full_at is None:
+                return now  # what the key holds, at once
+            tau = self.model.tau
+            ends = (tau / (2 * self._full_at) if tau is not None
+                    else base * ACCOUNT_POLL_MIN_FRACTION)
+            waited = now - self._capacity_since
+            return last + min(base, max(ends, CAPACITY_WAIT_AGE_FRACTION * waited,
+                                        2 * (self._rtt_s() or 0.0)))
+        live = [t for t in self.live.values() if not t.suspected]
+        if not live:
+            return None
+        if not self._rtts and not self._rtt_asked:
+            return now  # one read measures the round trip (it sizes the creates in flight)
+        if self.webhook_tokens:
+            return None  # the deliveries tell each end
+        tau = self.model.tau
+        if tau is None:
+            oldest = min(t.t0 for t in live)
+            # many tasks share each read: down to a quarter of the interval, as when they end
+            floor = (base * ACCOUNT_POLL_MIN_FRACTION if len(live) >= FIRST_END_FAST_LIVE
+                     else base)
+            return last + max(floor, FIRST_END_AGE_FRACTION * (now - oldest))
+        opens = [t.t0 + READ_WINDOW_FRACTION * tau for t in live]
+        open_now = sum(1 for at in opens if at <= now)
+        if not open_now:
+            return min(opens)
+        return last + account_poll_interval(
+            base, tau, open_now, ACCOUNT_CALLS_PER_TASK * self.model.read_share(),
+            slowest_s=math.inf)
+
+    def _lone_task(self, now: float) -> _Live | None:
+        """The one live task whose end a read would look for, when there is only one (not
+        while waiting for a free slot: that wait needs the count itself)."""
+        if self._capacity_wait:
+            return None
+        live = [t for t in self.live.values() if not t.suspected]
+        if len(live) != 1 and self.model.known:
+            tau = self.model.tau
+            assert tau is not None
+            live = [t for t in live if now - t.t0 >= READ_WINDOW_FRACTION * tau]
+        if len(live) != 1 or live[0].polling:
+            return None
+        return live[0]
+
     async def _account_watcher(self) -> None:
-        interval = self.settings.account_poll_interval_s
+        base = self.settings.account_poll_interval_s
         failures = 0
+        retry_at = 0.0
+        self._last_read_at = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
-            if not self.live:
+            now = time.monotonic()
+            due = self._next_read_at(now)
+            if due is None or max(due, retry_at) > now:
+                self._read_wake.clear()
+                self._read_idle = due is None
+                timeout = None if due is None else max(due, retry_at) - now
+                try:
+                    await asyncio.wait_for(self._read_wake.wait(), timeout)
+                except TimeoutError:
+                    pass
                 continue
-            before = [t for t in self.live.values()]
-            asked_at = time.monotonic()
+            self._rtt_asked = True
+            lone = self._lone_task(now)
+            if lone is not None:  # a read for one task costs what its own poll costs: poll it
+                lone.by_read = True
+                self._last_read_at = now
+                self._schedule(lone, 0.0)
+                await asyncio.sleep(0)
+                continue
+            before = list(self.live.values())
+            sent = time.monotonic()
             try:
                 status = await self.client.account_status()
             except RunFatalError as exc:
@@ -931,40 +1606,62 @@ class Runner:
                              redact(exc))
                     self._account_ok = False
                     for live in self.live.values():
-                        self._schedule(live, self.settings.poll_interval_s)
-                interval = min(interval * 2, self.settings.max_poll_interval_s)
+                        if not live.polling:
+                            self._schedule(live, self.settings.poll_interval_s)
+                if self._capacity_wait:  # no count to wait on: the growing pause instead
+                    self._end_capacity_wait("the account count is not available")
+                    pause = self.settings.capacity_backoff_s * 2 ** min(self._capacity_strikes - 1, 5)
+                    wait = min(self.settings.max_capacity_backoff_s, pause) * random.uniform(0.5, 1)
+                    self._backoff_until = time.monotonic() + wait
+                    self._capacity_wait_s += wait
+                retry_at = time.monotonic() + min(base * 2 ** failures,
+                                                  self.settings.max_poll_interval_s)
                 continue
+            answered = time.monotonic()
+            self._rtt_sample(answered - sent)
+            previous = self._last_read_at
+            self._last_read_at = self._looked_at(sent, answered)
             failures = 0
+            retry_at = 0.0
             self._service_answered()
-            if not self._account_ok:
-                self._account_ok = True
-            interval = account_poll_interval(
-                self.settings.account_poll_interval_s, self._duration_s, len(self.live)
-            )
-            self._on_account_count(status.current_task_counts, before, asked_at)
+            self._account_ok = True
+            count = status.current_task_counts
+            self._on_account_count(count, before, sent, previous)
+            if self._capacity_wait or self._full_at is None and self._refused:
+                self._capacity_count(count)
 
-    def _on_account_count(self, count: int, before: list[_Live], asked_at: float) -> None:
-        """``count`` tasks are live on the account; ``before`` were ours when we asked."""
+    def _on_account_count(self, count: int, before: list[_Live], asked_at: float,
+                          previous: float | None = None) -> None:
+        """``count`` tasks are live on the account; ``before`` were ours when we asked (at
+        ``asked_at``; the read before was at ``previous``)."""
         ours = [t for t in before if t.idx in self.live and t.seen_at <= asked_at]
+        self._account_exact = count <= len(ours)
         gap = len(ours) - count - sum(1 for t in ours if t.suspected)
         if gap <= 0:
+            if count == len(ours):  # exactly ours: none of them had ended then
+                self._quiet_read_at = self._last_read_at
             return
         # A task seen running after we asked cannot be one that had ended; of the rest, the one
-        # expected to end first is the likeliest. A task that was still running when its typical
-        # duration had passed is a straggler: expect it one typical duration after that answer.
-        typical = self._duration_s or 0.0
+        # expected to end first is the likeliest. A task still running at its expected end is a
+        # straggler: expect it a recheck after that answer.
+        tau = self.model.tau
 
         def expected_end(t: _Live) -> float:
-            if t.last_negative - t.seen_at < typical:
-                return t.seen_at + typical
-            return t.last_negative + typical
+            if tau is None:
+                return t.t0
+            if t.running_at is not None and t.running_at - t.t0 >= tau:
+                return t.running_at + tau * RECHECK_FRACTION
+            return t.t0 + tau
 
         candidates = sorted(
-            (t for t in ours if not t.suspected and t.last_negative < asked_at),
+            (t for t in ours if not t.suspected
+             and (t.running_at is None or t.running_at < asked_at)),
             key=expected_end,
         )
         for live in candidates[:gap]:
-            live.suspected = True
+            self._suspect(live, True)
+            live.by_read = True
+            live.read_low = previous
             self._schedule(live, 0.0)
         self._wake.set()
 

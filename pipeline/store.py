@@ -4,8 +4,7 @@ Layout of a run directory::
 
     DIR/state.db        this database (WAL mode: every commit survives a kill of the process)
     DIR/.lock           held with flock by the one process running DIR
-    DIR/results.jsonl   output manifest, rewritten from the database (export.py)
-    DIR/results.csv
+    DIR/results.jsonl   output manifest (and results.csv), kept current from the database (refresh.py)
     DIR/rhbatch.log     the run's log, key redacted
     DIR/files/          downloaded outputs
 
@@ -34,24 +33,74 @@ Schema changes are named migrations applied in order and recorded in ``PRAGMA us
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import sqlite3
-import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pipeline.errors import RunLockedError, StateError, StorageError
+from pipeline._files import (  # noqa: F401 (re-exported: the run directory's guards)
+    DISK_FULL_FIX,
+    FileLock,
+    _unwritable_fix,
+    check_run_subdir,
+    open_in_run_dir,
+    os_fix,
+    refuse_entry,
+    storage_error,
+)
+from pipeline.costs import Cost, Spending
+from pipeline.errors import StateError, StorageError
 from pipeline.safetext import escape_controls
 
 STATE_DB = "state.db"
 LOCK_FILE = ".lock"
+
+# The states of one output file in the ``files`` table (not a row's: a SUCCESS row's files may be in
+# any of them); their meanings are in pipeline/download.py's docstring, which manages them.
+FILE_PENDING = "PENDING"
+FILE_DOWNLOADED = "DOWNLOADED"
+FILE_FAILED = "FAILED"
+FILE_EXPIRED = "EXPIRED"
+FILE_REFUSED = "REFUSED"
+FILE_STATES = (FILE_PENDING, FILE_DOWNLOADED, FILE_FAILED, FILE_EXPIRED, FILE_REFUSED)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every name in a run directory, spelled once (the layout in the module docstring)."""
+
+    root: Path
+    state_db: Path = field(init=False)
+    lock: Path = field(init=False)
+    log: Path = field(init=False)
+    report: Path = field(init=False)
+    files: Path = field(init=False)
+    workflows: Path = field(init=False)
+    uploads: Path = field(init=False)
+
+    STATE_DB: ClassVar[str] = STATE_DB
+    LOCK: ClassVar[str] = LOCK_FILE
+    RESULT_FILES: ClassVar[tuple[str, str]] = ("results.jsonl", "results.csv")
+    RESULTS_INDEX: ClassVar[str] = ".results-index"  # where each record sits in the results files
+    LOG: ClassVar[str] = "rhbatch.log"
+    REPORT: ClassVar[str] = "report.html"
+    FILES: ClassVar[str] = "files"
+    WORKFLOWS: ClassVar[str] = "workflows"
+    UPLOADS: ClassVar[str] = "uploads.json"
+
+    def __post_init__(self) -> None:
+        for attr in ("state_db", "lock", "log", "report", "files", "workflows", "uploads"):
+            object.__setattr__(self, attr, self.root / getattr(self, attr.upper()))
+
+    def results(self, fmt: str = "jsonl") -> Path:
+        """``results.<fmt>`` (jsonl and csv are kept current during a run; others are exports)."""
+        return self.root / f"results.{fmt}"
+
 
 PENDING = "PENDING"
 SUBMITTING = "SUBMITTING"
@@ -136,6 +185,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE attempts_log ADD COLUMN third_party_money REAL;
         """,
     ),
+    (
+        # Several API keys in one run: the fingerprint of the key a row's create was sent with,
+        # committed with SUBMITTING (before the create leaves); every later call for that task
+        # uses that key. NULL: the run's only key (runs made before keys could be pooled).
+        "003_key_of_every_attempt",
+        """
+        ALTER TABLE rows ADD COLUMN key_fp TEXT;
+        ALTER TABLE attempts_log ADD COLUMN key_fp TEXT;
+        """,
+    ),
+    (
+        # The results refresh asks which rows changed since it last wrote (refresh.changed_rows).
+        "004_rows_by_update_time",
+        """
+        CREATE INDEX rows_updated ON rows (updated_at);
+        """,
+    ),
 ]
 
 
@@ -144,7 +210,8 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _loads(text: str | None) -> Any:
+def loads(text: str | None) -> Any:
+    """A stored JSON column as Python (None stays None)."""
     return None if text is None else json.loads(text)
 
 
@@ -155,105 +222,7 @@ class ActiveTask:
     status: str
     submitted_at: float
     started_at: float | None
-
-
-@dataclass(frozen=True)
-class Cost:
-    """What one task cost as the service reported it; None where it did not say (never 0)."""
-
-    coins: float | None = None
-    money: float | None = None
-    third_party_money: float | None = None
-    seconds: float | None = None
-    children: list[dict[str, Any]] | None = None  # child tasks' usage, as reported
-
-    @classmethod
-    def of_outputs(cls, outputs: Sequence[dict[str, Any]]) -> Cost:
-        """v1 ``outputs`` repeat the task's cost on every file: the largest figure is the task's."""
-
-        def most(name: str) -> float | None:
-            values = [o[name] for o in outputs if o.get(name) is not None]
-            return max(values) if values else None
-
-        return cls(most("consumeCoins"), most("consumeMoney"), most("thirdPartyConsumeMoney"),
-                   most("taskCostTime"))
-
-    @property
-    def known(self) -> bool:
-        return self.coins is not None or self.money is not None or self.third_party_money is not None
-
-
-@dataclass
-class Spending:
-    """Coins and money billed, per final status, over every attempt of a run."""
-
-    coins: float = 0.0
-    money: float = 0.0
-    third_party_money: float = 0.0
-    by_status: dict[str, dict[str, float]] = field(default_factory=dict)
-    unpriced: int = 0  # tasks that ran (they have an id) whose cost the service never reported
-    # earlier attempts that ended SUBMIT_UNKNOWN and were resubmitted on the user's consent: each
-    # may have been billed, at a cost no answer will ever say
-    unknown_attempts: int = 0
-    max_coins: float | None = None  # the dearest task so far
-    max_money: float | None = None
-
-    def add(self, status: str, n: int, coins: float | None, money: float | None,
-            third: float | None, unpriced: int, max_coins: float | None,
-            max_money: float | None) -> None:
-        bucket = self.by_status.setdefault(
-            status, {"tasks": 0, "coins": 0.0, "money": 0.0, "third_party_money": 0.0,
-                     "unpriced": 0})
-        bucket["tasks"] += n
-        bucket["coins"] += coins or 0.0
-        bucket["money"] += money or 0.0
-        bucket["third_party_money"] += third or 0.0
-        bucket["unpriced"] += unpriced
-        self.coins += coins or 0.0
-        self.money += money or 0.0
-        self.third_party_money += third or 0.0
-        if status in FINAL:
-            self.unpriced += unpriced
-        else:
-            bucket["unpriced"] -= unpriced  # live tasks have not been billed yet
-        if max_coins is not None:
-            self.max_coins = max(self.max_coins or 0.0, max_coins)
-        if max_money:
-            self.max_money = max(self.max_money or 0.0, max_money)
-
-    @property
-    def all_money(self) -> float:
-        return self.money + self.third_party_money
-
-
-DISK_FULL_FIX = "free some disk space, then run the same command again to resume"
-
-
-def _unwritable_fix(run_dir: Path, how: str = "writable again ({dir})") -> str:
-    shown = escape_controls(run_dir)
-    return (f"make the run directory {how.format(dir=shown)} and run the same command again, or "
-            f"copy the run elsewhere (cp -a {shown} COPY) and resume there with --out COPY")
-
-
-def os_fix(exc: OSError, run_dir: Path,
-           fallback: str = "check the disk, then run the same command again to resume") -> str:
-    """The fix for a filesystem error in ``run_dir``: one per kind of trouble, said once."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DISK_FULL_FIX
-    if exc.errno == errno.EROFS:
-        return _unwritable_fix(run_dir, "writable again (remount {dir} read-write)")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return _unwritable_fix(run_dir, "writable for this user ({dir})")
-    return fallback
-
-
-def storage_error(exc: OSError, path: Path, run_dir: Path | None = None, *,
-                  doing: str = "write", **fallback: str) -> StorageError:
-    """``exc`` (an OSError on ``path`` in ``run_dir``) as a StorageError with its fix
-    (``fallback=`` is the fix for any other errno)."""
-    shown = escape_controls(path)
-    return StorageError(f"Cannot {doing} {shown}: {exc.strerror or exc}: "
-                        f"{os_fix(exc, run_dir or path.parent, **fallback)}")
+    key_fp: str | None = None  # the key that created it (None: the run's only key)
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StorageError:
@@ -269,110 +238,11 @@ def _translate(exc: sqlite3.Error, path: Path) -> StorageError:
     return StorageError(f"Run state {escape_controls(path)}: {text}: {fix}")
 
 
-def refuse_entry(path: Path, what: str) -> StateError:
-    """The error for ``path`` in a run directory that rhbatch must not write through."""
-    shown = escape_controls(path)
-    if what.startswith("a symbolic link"):
-        return StateError(
-            f"{shown} is {what}: rhbatch never writes through a link in a run directory (the "
-            f"write would land outside it): remove the link (rm {shown}) and run the same "
-            "command again"
-        )
-    return StateError(f"{shown} is {what}, where rhbatch keeps a file of its own: move it away "
-                      "and run the same command again")
-
-
-def check_run_subdir(directory: Path) -> None:
-    """``directory`` (``files/``, ``workflows/``) must be a real directory inside its run, or
-    absent: rhbatch never writes into a directory that a link points elsewhere."""
-    if directory.is_symlink():
-        raise refuse_entry(directory, f"a symbolic link (to {os.readlink(directory)})")
-    if directory.exists() and not directory.is_dir():
-        raise refuse_entry(directory, "not a directory")
-
-
-def open_in_run_dir(path: Path, flags: int, mode: int = 0o644) -> int:
-    """Open (or create) the regular file ``path`` of a run directory without following a link.
-
-    A symbolic link or anything but a regular file at ``path`` is refused with
-    :func:`refuse_entry`: the PID written into ``.lock`` or the lines appended to ``rhbatch.log``
-    must never land in a file outside the run. (Hard links are left alone: backups make them, and
-    the kernel's protected_hardlinks stops links to files the user could not write anyway.)
-    """
-    try:
-        before = os.lstat(path)
-    except FileNotFoundError:
-        before = None
-    except OSError as exc:
-        raise storage_error(exc, path, doing="open") from None
-    if before is not None:
-        what = _odd_entry(path, before)
-        if what:
-            raise refuse_entry(path, what)
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # made a link since the lstat
-            raise refuse_entry(path, "a symbolic link") from None
-        raise storage_error(exc, path, doing="open") from None
-    what = _odd_entry(path, os.fstat(fd))
-    if what:
-        os.close(fd)
-        raise refuse_entry(path, what)
-    os.set_blocking(fd, True)
-    return fd
-
-
-def _odd_entry(path: Path, info: os.stat_result) -> str:
-    """How the entry at ``path`` differs from a plain file of the run ("" when it does not)."""
-    if stat.S_ISLNK(info.st_mode):
-        try:
-            target = os.readlink(path)
-        except OSError:
-            return "a symbolic link"
-        return f"a symbolic link (to {escape_controls(target)})"
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
-    return ""
-
-
-class RunLock:
-    """An exclusive flock on ``DIR/.lock``; released by the kernel if the holder dies."""
+class RunLock(FileLock):
+    """An exclusive flock on ``DIR/.lock``: one process runs a run directory at a time."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = open_in_run_dir(self.path, os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunLockedError(
-                f"{self.path.parent} is being run by process {holder}: wait for it to finish, "
-                "or stop it (Ctrl-C) and run the same command again to resume"
-            ) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-        except OSError:
-            pass  # the pid is informative only; a read-only disk shows up at the first commit
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+        super().__init__(RunPaths(run_dir).lock)
 
 
 class RunStore:
@@ -569,12 +439,21 @@ class RunStore:
     def active(self) -> list[ActiveTask]:
         return [
             ActiveTask(r["idx"], r["task_id"], r["status"], r["submitted_at"] or 0.0,
-                       r["started_at"])
+                       r["started_at"], r["key_fp"])
             for r in self.conn.execute(
-                "SELECT idx, task_id, status, submitted_at, started_at FROM rows "
+                "SELECT idx, task_id, status, submitted_at, started_at, key_fp FROM rows "
                 "WHERE status IN ('QUEUED', 'RUNNING') ORDER BY submitted_at, idx"
             )
         ]
+
+    def keys_in_use(self) -> dict[str | None, dict[str, int]]:
+        """Per key fingerprint (None: the run's only key), how many rows are in each state."""
+        out: dict[str | None, dict[str, int]] = {}
+        for key_fp, status, n in self.conn.execute(
+                "SELECT key_fp, status, COUNT(*) FROM rows WHERE key_fp IS NOT NULL OR "
+                "status != 'PENDING' GROUP BY key_fp, status"):
+            out.setdefault(key_fp, {})[status] = n
+        return out
 
     def recover(self) -> int:
         """After a crash: a row left SUBMITTING may have been created; make it SUBMIT_UNKNOWN."""
@@ -590,12 +469,14 @@ class RunStore:
             )
             return cur.rowcount
 
-    def mark_submitting(self, idx: int, token: str | None = None) -> None:
-        """Durable (fsync'd) before the create leaves; ``token`` is the attempt's webhook token."""
+    def mark_submitting(self, idx: int, token: str | None = None, key_fp: str | None = None) -> None:
+        """Durable (fsync'd) before the create leaves; ``token`` is the attempt's webhook token,
+        ``key_fp`` the fingerprint of the key the create is sent with."""
         self._write(
             "UPDATE rows SET status = 'SUBMITTING', attempts = attempts + 1, error = NULL, "
-            "error_code = NULL, attempt_token = ?, reconciled = NULL, updated_at = ? WHERE idx = ?",
-            (token, time.time(), idx),
+            "error_code = NULL, attempt_token = ?, reconciled = NULL, key_fp = ?, updated_at = ? "
+            "WHERE idx = ?",
+            (token, key_fp, time.time(), idx),
         )
 
     def mark_submitted(self, idx: int, task_id: str, status: str, at: float) -> None:
@@ -724,16 +605,16 @@ class RunStore:
                 conn.execute(
                     "INSERT OR REPLACE INTO attempts_log (row_idx, attempt, task_id, status, "
                     "error_code, error, submitted_at, finished_at, coins, money, "
-                    "third_party_money) SELECT idx, attempts, task_id, status, error_code, error, "
-                    "submitted_at, finished_at, coins, money, third_party_money FROM rows "
-                    "WHERE idx = ?",
+                    "third_party_money, key_fp) SELECT idx, attempts, task_id, status, error_code, "
+                    "error, submitted_at, finished_at, coins, money, third_party_money, key_fp "
+                    "FROM rows WHERE idx = ?",
                     (idx,),
                 )
                 conn.execute(
                     "UPDATE rows SET status = 'PENDING', task_id = NULL, error = NULL, "
                     "error_code = NULL, failed_reason = NULL, outputs = NULL, coins = NULL, "
                     "money = NULL, third_party_money = NULL, usage = NULL, attempt_token = NULL, "
-                    "reconciled = NULL, task_cost_s = NULL, submitted_at = NULL, "
+                    "reconciled = NULL, key_fp = NULL, task_cost_s = NULL, submitted_at = NULL, "
                     "started_at = NULL, finished_at = NULL, updated_at = ? WHERE idx = ?",
                     (now, idx),
                 )
@@ -773,6 +654,121 @@ class RunStore:
             "SELECT * FROM files WHERE row_idx = ? ORDER BY n", (idx,)
         ).fetchall()
 
+    # -- output files (the download's table) ------------------------------------------------
+
+    def success_outputs(self, after_idx: int, limit: int = 2000) -> list[tuple[int, Any, float | None]]:
+        """(idx, decoded outputs, finished_at) of SUCCESS rows with outputs, after ``after_idx``."""
+        out = []
+        for row in self.conn.execute(
+            "SELECT idx, outputs, finished_at FROM rows WHERE status = 'SUCCESS' AND idx > ? "
+            "AND outputs IS NOT NULL ORDER BY idx LIMIT ?",
+            (after_idx, limit),
+        ):
+            try:
+                outputs = json.loads(row["outputs"]) or []
+            except ValueError:
+                outputs = []
+            out.append((row["idx"], outputs, row["finished_at"]))
+        return out
+
+    def plan_files(self, wanted: Sequence[tuple[int, int, str, str | None, float | None]]) -> int:
+        """Record (row_idx, n, url, node_id, url_seen_at) file rows; a file whose URL changed (its
+        row was retried and succeeded again) is set back to pending. Returns the rows changed."""
+        with self.transaction() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO files (row_idx, n, url, node_id, url_seen_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(row_idx, n) DO UPDATE SET url = excluded.url, "
+                "node_id = excluded.node_id, url_seen_at = excluded.url_seen_at, "
+                f"status = '{FILE_PENDING}', error = NULL, tries = 0 WHERE files.url != excluded.url",
+                wanted,
+            )
+            return conn.total_changes - before
+
+    def file_with_row(self, row_idx: int, n: int) -> sqlite3.Row | None:
+        """One file's record joined with its SUCCESS row's id, number and outputs (None: the row
+        is no longer SUCCESS, or there is no such file)."""
+        row: sqlite3.Row | None = self.conn.execute(
+            "SELECT f.row_idx, f.n, f.url, f.node_id, f.path, f.sha256, f.status, f.tries, "
+            "r.row_id, r.number, r.outputs FROM files f JOIN rows r ON r.idx = f.row_idx "
+            "WHERE f.row_idx = ? AND f.n = ? AND r.status = 'SUCCESS'",
+            (row_idx, n),
+        ).fetchone()
+        return row
+
+    _FILE_COLUMNS = frozenset({"path", "sha256", "size", "status", "error", "tries"})
+
+    def update_file(self, row_idx: int, n: int, url: str, **values: Any) -> None:
+        """Set columns of one file's record, if its URL is still ``url``."""
+        unknown = set(values) - self._FILE_COLUMNS
+        if unknown:
+            raise ValueError(f"not a files column: {sorted(unknown)}")
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self.transaction() as conn:
+            conn.execute(
+                f"UPDATE files SET {sets} WHERE row_idx = ? AND n = ? AND url = ?",  # noqa: S608
+                (*values.values(), row_idx, n, url),
+            )
+
+    def file_path_taken(self, rel: str, row_idx: int, n: int) -> bool:
+        """Whether another file's record already claims the path ``rel``."""
+        return self.conn.execute(
+            "SELECT 1 FROM files WHERE path = ? AND NOT (row_idx = ? AND n = ?) LIMIT 1",
+            (rel, row_idx, n),
+        ).fetchone() is not None
+
+    def file_candidates(self) -> Iterator[tuple[int, int]]:
+        """(row_idx, n) of every file of a SUCCESS row to fetch or verify, oldest URL first."""
+        yield from self.conn.execute(
+            "SELECT f.row_idx, f.n FROM files f JOIN rows r ON r.idx = f.row_idx "
+            f"WHERE r.status = 'SUCCESS' AND f.status != '{FILE_EXPIRED}' "
+            "ORDER BY COALESCE(f.url_seen_at, 0), f.row_idx, f.n"
+        )
+
+    def file_counts(self) -> dict[str, int]:
+        """How many output files are in each file state."""
+        return {status: n for status, n in self.conn.execute(
+            "SELECT status, COUNT(*) FROM files GROUP BY status ORDER BY status")}
+
+    def files_summary(self) -> list[list[Any]]:
+        """Per file state: how many files, their tries and bytes (what the results say of files)."""
+        return [list(r) for r in self.conn.execute(
+            "SELECT status, COUNT(*), TOTAL(tries), TOTAL(size) FROM files GROUP BY status "
+            "ORDER BY status")]
+
+    ROWS_PER_QUERY = 500  # idx IN (...) parameters per statement
+
+    def rows_by_idx(self, wanted: Sequence[int]) -> list[sqlite3.Row]:
+        """The rows with these indexes (in no particular order)."""
+        found: list[sqlite3.Row] = []
+        for start in range(0, len(wanted), self.ROWS_PER_QUERY):
+            chunk = tuple(wanted[start:start + self.ROWS_PER_QUERY])
+            found += self.conn.execute(
+                f"SELECT * FROM rows WHERE idx IN ({','.join('?' * len(chunk))})",  # noqa: S608
+                chunk).fetchall()
+        return found
+
+    def updated_since(self, since: float) -> Iterator[tuple[int, float]]:
+        """(idx, updated_at) of every row changed at or after ``since``."""
+        yield from self.conn.execute(
+            "SELECT idx, updated_at FROM rows WHERE updated_at >= ?", (since,))
+
+    def top_failures(self, limit: int) -> list[tuple[int, int | None, str | None]]:
+        """(count, error_code, error) of the most common causes of failed, cancelled and unknown
+        rows, most frequent first."""
+        return [(r["n"], r["error_code"], r["error"]) for r in self.conn.execute(
+            "SELECT COUNT(*) AS n, error_code, error FROM rows WHERE status IN "
+            "('FAILED', 'CANCELLED', 'SUBMIT_UNKNOWN') GROUP BY error_code, error "
+            "ORDER BY n DESC LIMIT ?", (limit,))]
+
+    def unknown_rows(self, limit: int) -> list[tuple[int, str, str]]:
+        """(row number, row_id, why) of the first ``limit`` SUBMIT_UNKNOWN rows."""
+        return [(r["number"], r["row_id"], r["error"] or "") for r in self.conn.execute(
+            "SELECT number, row_id, error FROM rows WHERE status = 'SUBMIT_UNKNOWN' "
+            "ORDER BY idx LIMIT ?", (limit,))]
+
+    # -- money ------------------------------------------------------------------------------
+
     def priced_rows(self) -> int:
         """Rows whose cost is known (for the expected cost of the next task)."""
         return int(self.conn.execute("SELECT COUNT(*) FROM rows WHERE coins IS NOT NULL").fetchone()[0])
@@ -797,50 +793,8 @@ class RunStore:
                 f"MAX(COALESCE(money, 0) + COALESCE(third_party_money, 0)) FROM {source} "
                 "GROUP BY status"
             ):
-                out.add(status, n, coins, money, third, unpriced or 0, max_coins, max_money)
+                out.add(status, n, coins, money, third, unpriced or 0, max_coins, max_money,
+                        final=status in FINAL)
                 if source == "attempts_log" and status == SUBMIT_UNKNOWN:
                     out.unknown_attempts += n
         return out
-
-
-def row_record(row: sqlite3.Row, files: Sequence[sqlite3.Row] = ()) -> dict[str, Any]:
-    """The output-manifest record for one stored row (fields in DESIGN.md)."""
-    outputs = _loads(row["outputs"]) or []
-    record: dict[str, Any] = {
-        "row": row["number"],
-        "row_id": row["row_id"],
-        "workflowId": row["workflow_id"],
-        "inputs": _loads(row["inputs"]),
-        "options": _loads(row["options"]),
-        "nodeInfoList": _loads(row["node_info_list"]),
-        "status": row["status"],
-        "taskId": row["task_id"],
-        "fileUrls": [o.get("fileUrl") for o in outputs if o.get("fileUrl")],
-        "outputs": outputs,
-        "coins": row["coins"],
-        "money": row["money"],
-        "thirdPartyMoney": row["third_party_money"],
-        "taskCostTime": row["task_cost_s"],
-        "error_code": row["error_code"],
-        "error": row["error"],
-        "failedReason": _loads(row["failed_reason"]),
-        "attempts": row["attempts"],
-        "reconciled": row["reconciled"],
-        "submitted_at": _iso(row["submitted_at"]),
-        "finished_at": _iso(row["finished_at"]),
-    }
-    if files:
-        record["files"] = [
-            {"path": f["path"], "sha256": f["sha256"], "size": f["size"], "status": f["status"],
-             "nodeId": f["node_id"]}
-            for f in files
-        ]
-    else:
-        record["files"] = []
-    return record
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

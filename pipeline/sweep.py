@@ -158,8 +158,6 @@ import itertools
 import json
 import math
 import operator
-import os
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -169,12 +167,14 @@ from typing import IO, Any
 import jsonschema
 import yaml
 
-from pipeline.errors import InputError, StorageError, SweepError
+from pipeline._files import atomic_open
+from pipeline.errors import InputError, SchemaError, StorageError, SweepError
 from pipeline.manifest import (
     COLUMN_TARGET_RE,
     EXAMPLE_WORKFLOW_ID,
     OPTION_FIELDS,
     WORKFLOW_ID_RE,
+    bundled_schema,
     column_problems,
     read_file_bytes,
 )
@@ -417,11 +417,9 @@ def _absolutize_files(spec: dict[str, Any], plan: _Plan) -> dict[str, Any]:
 
 @cache
 def _schema() -> dict[str, Any]:
-    from pipeline import resources
-
     try:
-        candidate = resources.schema_path(_SCHEMA_FILE)
-    except resources.ResourceMissing as exc:
+        candidate = bundled_schema(_SCHEMA_FILE)
+    except SchemaError as exc:
         raise SweepError(str(exc)) from None
     schema: dict[str, Any] = json.loads(candidate.read_text(encoding="utf-8"))
     return schema
@@ -531,10 +529,52 @@ class _Plan:
 
 
 def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
+    """The plan of a sweep spec, every problem in it reported at once (in spec order)."""
     ctx = _Ctx(source=source, base_dir=base_dir)
     if not isinstance(spec, dict):
         ctx.add((), f"a sweep spec is a mapping with workflowId and axes, got {_type_name(spec)}")
         ctx.raise_if_any()
+    workflow_id, allow_duplicates = _compile_top(ctx, spec)
+    names = _Names(ctx)
+    root: _Node | None = None
+    if "axes" in spec:
+        root = _compile_node(ctx, spec["axes"], ("axes",), names.define, in_zip=False)
+    constants = _compile_constants(ctx, spec, names)
+    seed_name, seed_salt = _compile_seed(ctx, spec, names)
+    column_of, raw_bindings = _compile_bindings(ctx, spec, names, seed_name)
+    _check_unsent(ctx, spec, names.paths, column_of, {seed_name, *raw_bindings})
+
+    ctx.raise_if_any()
+    assert root is not None
+    name_types = _name_types(ctx, root, constants, seed_name)
+
+    # Duplicates
+    unique = _check_unique(ctx, root, set(column_of), report=not allow_duplicates)
+    ctx.raise_if_any()
+    columns, column_types = _columns(root, constants, seed_name, raw_bindings, column_of, name_types)
+
+    _schema_check(ctx, spec)
+    ctx.raise_if_any()
+
+    return _Plan(
+        source=source,
+        base_dir=base_dir,
+        workflow_id=workflow_id,
+        root=root,
+        axis_names=root.names,
+        constants=constants,
+        column_of=column_of,
+        seed_name=seed_name,
+        seed_salt=seed_salt,
+        allow_duplicates=allow_duplicates,
+        unique=unique,
+        columns=columns,
+        column_types=column_types,
+    )
+
+
+def _compile_top(ctx: _Ctx, spec: dict[str, Any]) -> tuple[str, bool]:
+    """The top-level keys but the names: the workflow id (``""`` when wrong) and allow_duplicates."""
     _unknown_keys(ctx, (), spec, TOP_KEYS)
     for key in ("workflowId", "axes"):
         if key not in spec:
@@ -580,28 +620,36 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
         )
         allow_duplicates = False
 
-    # Where every name is defined, to report a name defined twice.
-    defined: dict[str, PathParts] = {}
+    return workflow_id, allow_duplicates
 
-    def define(name: Any, path: PathParts) -> bool:
+
+class _Names:
+    """Where every name (axis, constant, derived seed) is defined, to report one defined twice."""
+
+    def __init__(self, ctx: _Ctx):
+        self.ctx = ctx
+        self.paths: dict[str, PathParts] = {}
+
+    def define(self, name: Any, path: PathParts) -> bool:
+        """Record ``name`` as defined at ``path``; False (and a problem) when it cannot be a name."""
         if not isinstance(name, str) or not name.strip() or name != name.strip():
-            ctx.add(
+            self.ctx.add(
                 path,
                 f"invalid name {_show(name)}; names are non-empty strings without surrounding spaces",
             )
             return False
         if escape_controls(name) != name:
-            ctx.add(
+            self.ctx.add(
                 path,
                 f"the name {_show(name)} holds a control character; names become column "
                 "names in the manifest: use letters, digits and punctuation only",
             )
             return False
         if name in RESERVED_NAMES:
-            ctx.add(path, f"'{name}' is reserved; choose another name")
+            self.ctx.add(path, f"'{name}' is reserved; choose another name")
             return False
         if name in OPTION_NAMES:
-            ctx.add(
+            self.ctx.add(
                 path,
                 f"'{name}' is reserved: a manifest reads a column '{name}' as a task option, "
                 "not as metadata; choose another name (task options are flags of rhbatch run, "
@@ -609,31 +657,28 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
             )
             return False
         if "." in name and not _valid_target(name):
-            ctx.add(
+            self.ctx.add(
                 path,
                 f"'{name}' has a '.' but is not NODE.FIELD; write NODE.FIELD "
                 "(e.g. 6.text) or use a name without '.'",
             )
             return False
         if "." in name and not COLUMN_TARGET_RE.fullmatch(name):
-            ctx.add(path, _node_id_message(name))
+            self.ctx.add(path, _node_id_message(name))
             return False
-        if name in defined:
-            ctx.add(
+        if name in self.paths:
+            self.ctx.add(
                 path,
-                f"'{name}' is already defined at {_fmt_path(defined[name]) or 'top'}; "
+                f"'{name}' is already defined at {_fmt_path(self.paths[name]) or 'top'}; "
                 "each name can appear once: rename one of them",
             )
             return False
-        defined[name] = path
+        self.paths[name] = path
         return True
 
-    # Axes
-    root: _Node | None = None
-    if "axes" in spec:
-        root = _compile_node(ctx, spec["axes"], ("axes",), define, in_zip=False)
 
-    # Constants
+
+def _compile_constants(ctx: _Ctx, spec: dict[str, Any], names: _Names) -> dict[str, Scalar]:
     constants: dict[str, Scalar] = {}
     raw_constants = spec.get("constants", {})
     if not isinstance(raw_constants, dict):
@@ -642,7 +687,7 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
     else:
         for name, value in raw_constants.items():
             path: PathParts = ("constants", name)
-            if not define(name, path):
+            if not names.define(name, path):
                 continue
             if not _is_scalar(value):
                 hint = "; to vary it, move it to axes" if isinstance(value, list) else ""
@@ -654,19 +699,23 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
                 continue
             constants[name] = value
 
-    # Derived seed
+    return constants
+
+
+def _compile_seed(ctx: _Ctx, spec: dict[str, Any], names: _Names) -> tuple[str | None, str]:
+    """``derive_seed``: the name of the derived seed (None without one) and its salt."""
     seed_name: str | None = None
     seed_salt = ""
     if "derive_seed" in spec:
         raw = spec["derive_seed"]
         if isinstance(raw, str):
-            if define(raw, ("derive_seed",)):
+            if names.define(raw, ("derive_seed",)):
                 seed_name = raw
         elif isinstance(raw, dict):
             _unknown_keys(ctx, ("derive_seed",), raw, ("name", "salt"))
             if "name" not in raw:
                 ctx.add(("derive_seed",), "missing 'name'; write derive_seed: {name: seed}")
-            elif define(raw["name"], ("derive_seed", "name")):
+            elif names.define(raw["name"], ("derive_seed", "name")):
                 seed_name = raw["name"]
             salt = raw.get("salt", "")
             if isinstance(salt, str):
@@ -679,7 +728,14 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
                 f"expected a name or {{name, salt}}, got {_type_name(raw)}; write e.g. derive_seed: seed",
             )
 
-    # Bindings
+    return seed_name, seed_salt
+
+
+def _compile_bindings(ctx: _Ctx, spec: dict[str, Any], names: _Names, seed_name: str | None
+                      ) -> tuple[dict[str, str], dict[Any, Any]]:
+    """Name -> NODE.FIELD for every bound name (``bindings``, then self-bound dotted names), and
+    the ``bindings`` as written."""
+    defined = names.paths
     column_of: dict[str, str] = {}
     raw_bindings = spec.get("bindings", {})
     bound_by: dict[str, str] = {}  # NODE.FIELD -> name
@@ -687,7 +743,7 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
         ctx.add(("bindings",), f"expected a mapping of name: NODE.FIELD, got {_type_name(raw_bindings)}")
         raw_bindings = {}
     for name, target in raw_bindings.items():
-        path = ("bindings", name)
+        path: PathParts = ("bindings", name)
         if not isinstance(target, str) or not _valid_target(target):
             shown = _show(target) if _is_scalar(target) else _type_name(target)
             ctx.add(
@@ -734,13 +790,12 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
             f"'{seed_name}' is not bound to a node input; add bindings: "
             f'{{{seed_name}: "NODE.seed"}} (e.g. "3.seed")',
         )
-    _check_unsent(ctx, spec, defined, column_of, {seed_name, *raw_bindings})
+    return column_of, raw_bindings
 
-    ctx.raise_if_any()
-    assert root is not None
 
-    # Types: one per name (ints and floats mix into floats).
-    column_types: dict[str, type] = {"row_id": str, "workflowId": str}
+def _name_types(ctx: _Ctx, root: _Node, constants: dict[str, Scalar], seed_name: str | None
+                ) -> dict[str, type]:
+    """The one type of each name's values (ints and floats mix into floats)."""
     name_types: dict[str, type] = {}
     for leaf in _leaves(root):
         t = _unify_leaf_types(ctx, leaf)
@@ -751,11 +806,15 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
     if seed_name is not None:
         name_types[seed_name] = int
 
-    # Duplicates
-    unique = _check_unique(ctx, root, set(column_of), report=not allow_duplicates)
-    ctx.raise_if_any()
+    return name_types
 
-    # Columns: row_id, workflowId, bound (bindings order, then self-bound in spec order), unbound.
+
+def _columns(root: _Node, constants: dict[str, Scalar], seed_name: str | None,
+             raw_bindings: dict[Any, Any], column_of: dict[str, str], name_types: dict[str, type]
+             ) -> tuple[list[str], dict[str, type]]:
+    """The output columns and their types: row_id, workflowId, the bound names (bindings order,
+    then self-bound in spec order), then the unbound names."""
+    column_types: dict[str, type] = {"row_id": str, "workflowId": str}
     ordered_names = [*_names_in_order(root), *constants, *([seed_name] if seed_name else [])]
     bound_names = [n for n in raw_bindings if n in column_of]
     bound_names += [n for n in ordered_names if n in column_of and n not in bound_names]
@@ -768,24 +827,7 @@ def _compile(spec: Any, *, source: str, base_dir: Path) -> _Plan:
         columns.append(name)
         column_types[name] = name_types[name]
 
-    _schema_check(ctx, spec)
-    ctx.raise_if_any()
-
-    return _Plan(
-        source=source,
-        base_dir=base_dir,
-        workflow_id=workflow_id,
-        root=root,
-        axis_names=root.names,
-        constants=constants,
-        column_of=column_of,
-        seed_name=seed_name,
-        seed_salt=seed_salt,
-        allow_duplicates=allow_duplicates,
-        unique=unique,
-        columns=columns,
-        column_types=column_types,
-    )
+    return columns, column_types
 
 
 def _check_unsent(ctx: _Ctx, spec: dict[str, Any], defined: dict[str, PathParts],
@@ -1488,29 +1530,15 @@ def expand_sweep(
             f"{max_rows:,}; pass --max-rows {rows} (or --yes) to write them"
         )
 
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    writer = {".csv": _write_csv, ".jsonl": _write_jsonl, ".parquet": _write_parquet}[fmt]
+    writers: dict[str, Callable[[_Plan, IO[Any], Callable[[int], None]], int]] = {
+        ".csv": _write_csv, ".jsonl": _write_jsonl, ".parquet": _write_parquet}
+    writer = writers[fmt]
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        written = writer(plan, tmp, progress or (lambda _n: None))
-        os.replace(tmp, out_path)
+        with atomic_open(out_path, "wb" if fmt == ".parquet" else "w", newline="") as fh:
+            written = writer(plan, fh, progress or (lambda _n: None))
     except OSError as exc:
         raise StorageError(f"{out}: cannot write the manifest: {exc.strerror or exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return SweepResult(path=out_path, rows=written, columns=list(plan.columns))
-
-
-def _open_new(path: Path) -> IO[str]:
-    # O_EXCL: never write into someone else's file; 0o666 lets the umask decide, like open().
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    return open(fd, "w", encoding="utf-8", newline="")
-
-
-def _finish(fh: IO[Any]) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
 
 
 def _chunks(plan: _Plan) -> Iterator[list[tuple[Any, ...]]]:
@@ -1519,7 +1547,7 @@ def _chunks(plan: _Plan) -> Iterator[list[tuple[Any, ...]]]:
         yield chunk
 
 
-def _write_csv(plan: _Plan, path: Path, progress: Callable[[int], None]) -> int:
+def _write_csv(plan: _Plan, fh: IO[str], progress: Callable[[int], None]) -> int:
     bool_cols = [i for i, c in enumerate(plan.columns) if plan.column_types[c] is bool]
 
     def bools_as_text(row: tuple[Any, ...]) -> list[Any]:
@@ -1529,18 +1557,16 @@ def _write_csv(plan: _Plan, path: Path, progress: Callable[[int], None]) -> int:
         return cells
 
     n = 0
-    with _open_new(path) as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(plan.columns)
-        for chunk in _chunks(plan):
-            writer.writerows(map(bools_as_text, chunk) if bool_cols else chunk)
-            n += len(chunk)
-            progress(n)
-        _finish(fh)
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow(plan.columns)
+    for chunk in _chunks(plan):
+        writer.writerows(map(bools_as_text, chunk) if bool_cols else chunk)
+        n += len(chunk)
+        progress(n)
     return n
 
 
-def _write_jsonl(plan: _Plan, path: Path, progress: Callable[[int], None]) -> int:
+def _write_jsonl(plan: _Plan, fh: IO[str], progress: Callable[[int], None]) -> int:
     columns = plan.columns
     # Same text as json.dumps(row, ensure_ascii=False), keys in column order.
     line = _object_encoder(
@@ -1552,24 +1578,21 @@ def _write_jsonl(plan: _Plan, path: Path, progress: Callable[[int], None]) -> in
         key_sep=": ",
     )
     n = 0
-    with _open_new(path) as fh:
-        for chunk in _chunks(plan):
-            fh.write("\n".join(map(line, chunk)) + "\n")
-            n += len(chunk)
-            progress(n)
-        _finish(fh)
+    for chunk in _chunks(plan):
+        fh.write("\n".join(map(line, chunk)) + "\n")
+        n += len(chunk)
+        progress(n)
     return n
 
 
-def _write_parquet(plan: _Plan, path: Path, progress: Callable[[int], None]) -> int:
+def _write_parquet(plan: _Plan, fh: IO[bytes], progress: Callable[[int], None]) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrow_type = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
     schema = pa.schema([pa.field(c, arrow_type[plan.column_types[c]]) for c in plan.columns])
     n = 0
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    with pq.ParquetWriter(str(path), schema) as writer:
+    with pq.ParquetWriter(fh, schema) as writer:  # leaves fh open, for atomic_open to finish
         rows = _iter_tuples(plan)
         while batch := list(itertools.islice(rows, PARQUET_BATCH_ROWS)):
             arrays = [
@@ -1578,6 +1601,4 @@ def _write_parquet(plan: _Plan, path: Path, progress: Callable[[int], None]) -> 
             writer.write_batch(pa.record_batch(arrays, schema=schema))
             n += len(batch)
             progress(n)
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
     return n

@@ -20,23 +20,32 @@ idempotent methods), and every RunningHub call is a POST. Proxies come from the 
 variables httpx reads (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, ``NO_PROXY``); ``.netrc`` is
 not consulted, since the key travels in the request itself. TLS trusts the certificates httpx
 trusts. ``RHBATCH_HTTP=httpx`` switches back to httpx's own pool.
+
+The client's hot path (every JSON call: creates, polls, account reads) skips httpx's request and
+response models altogether and calls :meth:`AiohttpTransport.send` with the body already encoded;
+it raises the same httpx exceptions, so the never-sent / maybe-sent mapping above is one mapping
+for both ways in. Uploads and anything else go through httpx as before.
 """
 
 from __future__ import annotations
 
 import io
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 import httpx
+import yarl
 
-from pipeline.client import AnswerTooLarge
+from pipeline.errors import AnswerTooLarge
 
 # Header names httpx sets that aiohttp must compute itself from what it actually sends.
 _HOP_BY_HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive"})
 LARGE_BODY = 256 * 1024  # uploads; every API call is a few hundred bytes of JSON
 KEEPALIVE_S = 5.0  # as httpx: an idle connection is dropped before a typical server closes it
+
+LARGE_BODY_BYTES = 1 << 20  # bodies this large are streamed from a buffer
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -48,6 +57,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._session: aiohttp.ClientSession | None = None
         self._proxies = urllib.request.getproxies()
         self._proxy_for: dict[tuple[str, str], str | None] = {}
+        self._urls: dict[str, yarl.URL] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -65,27 +75,55 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     def _proxy(self, url: httpx.URL) -> str | None:
-        host = url.host
-        slot = (url.scheme, host)
+        return self.proxy_for(url.scheme, url.host)
+
+    def proxy_for(self, scheme: str, host: str) -> str | None:
+        """The proxy for ``scheme://host`` from the environment, as httpx picks it (or None)."""
+        slot = (scheme, host)
         if slot not in self._proxy_for:
-            proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
+            proxy = self._proxies.get(scheme) or self._proxies.get("all")
             if proxy and urllib.request.proxy_bypass(host):
                 proxy = None
             self._proxy_for[slot] = proxy or None
         return self._proxy_for[slot]
 
+    @staticmethod
+    def timeouts(*, connect_s: float | None, read_s: float | None,
+                 pool_s: float | None) -> aiohttp.ClientTimeout:
+        """httpx's timeouts as aiohttp's (make it once and pass it to :meth:`send`)."""
+        return aiohttp.ClientTimeout(
+            total=None,
+            # waiting for a free pooled connection and opening one: nothing has been sent yet
+            connect=None if connect_s is None else connect_s + (pool_s or 0.0),
+            sock_connect=connect_s,
+            sock_read=read_s,
+        )
+
+    async def send(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str],
+                   timeout: aiohttp.ClientTimeout, *, max_bytes: int,
+                   proxy: str | None = None) -> tuple[int, Mapping[str, str], bytes]:
+        """One request without httpx's models: (status, headers, raw body read within
+        ``max_bytes``). Raises what :meth:`handle_async_request` raises for the same failure."""
+        session = self._session or self._open()
+        # aiohttp warns (a ResourceWarning) on raw bytes of 1 MiB or more: it writes them in one go
+        data: bytes | io.BytesIO | None = (
+            io.BytesIO(body) if body is not None and len(body) >= LARGE_BODY_BYTES else body)
+        target = self._urls.get(url)
+        if target is None:  # parsed once per route, not once per request
+            target = self._urls[url] = yarl.URL(url)
+        try:
+            async with session.request(method, target, data=data, headers=headers,
+                                       allow_redirects=False, timeout=timeout,
+                                       proxy=proxy) as answer:
+                return answer.status, answer.headers, await _read_body(answer, max_bytes)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _translated(exc, None) from exc
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
         limits: dict[str, Any] = request.extensions.get("timeout", {})
-        connect = limits.get("connect")
-        pool = limits.get("pool")
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            # waiting for a free pooled connection and opening one: nothing has been sent yet
-            connect=None if connect is None else connect + (pool or 0.0),
-            sock_connect=connect,
-            sock_read=limits.get("read"),
-        )
+        timeout = self.timeouts(connect_s=limits.get("connect"), read_s=limits.get("read"),
+                                pool_s=limits.get("pool"))
         headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _HOP_BY_HOP]
         body = await request.aread()
         try:
@@ -99,7 +137,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=timeout,
                 proxy=self._proxy(request.url),
             ) as answer:
-                content = await _read_body(answer, request)
+                content = await _read_body(answer, request.extensions.get("rhbatch_max_bytes"),
+                                           request)
                 version = answer.version or aiohttp.HttpVersion11
                 return httpx.Response(
                     answer.status,
@@ -111,18 +150,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                     extensions={"reason_phrase": (answer.reason or "").encode("latin-1", "replace"),
                                 "http_version": f"HTTP/{version.major}.{version.minor}".encode()},
                 )
-        except aiohttp.ConnectionTimeoutError as exc:  # sock_connect or pool + connect
-            raise httpx.ConnectTimeout(_say(exc), request=request) from exc
-        except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS, proxy: nothing written
-            raise httpx.ConnectError(_say(exc), request=request) from exc
-        except aiohttp.SocketTimeoutError as exc:
-            raise httpx.ReadTimeout(_say(exc), request=request) from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError) as exc:
-            raise httpx.RemoteProtocolError(_say(exc), request=request) from exc
-        except TimeoutError as exc:  # any other deadline (TimeoutError is also an OSError)
-            raise httpx.ReadTimeout(_say(exc), request=request) from exc
-        except (aiohttp.ClientError, OSError) as exc:  # reset, payload cut short, anything else
-            raise httpx.ReadError(_say(exc), request=request) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _translated(exc, request) from exc
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -140,9 +169,9 @@ class _RawBody(httpx.AsyncByteStream):
         yield self._data
 
 
-async def _read_body(answer: aiohttp.ClientResponse, request: httpx.Request) -> bytes:
-    """The raw body, refused past the caller's ``rhbatch_max_bytes`` (announced or as it arrives)."""
-    cap = request.extensions.get("rhbatch_max_bytes")
+async def _read_body(answer: aiohttp.ClientResponse, cap: int | None,
+                     request: httpx.Request | None = None) -> bytes:
+    """The raw body, refused past ``cap`` (announced or as it arrives); no cap: read whole."""
     if cap is None:
         return await answer.read()
     if answer.content_length is not None and answer.content_length > cap:
@@ -154,8 +183,21 @@ async def _read_body(answer: aiohttp.ClientResponse, request: httpx.Request) -> 
         if size > cap:
             raise AnswerTooLarge(f"answer over {cap} bytes", request=request)
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _say(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+def _translated(exc: BaseException, request: httpx.Request | None) -> httpx.TransportError:
+    """aiohttp's exception as httpx's: a connect failure means nothing was written; anything
+    else, including what this module has never seen, may have been sent."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # sock_connect or pool + connect
+        return httpx.ConnectTimeout(text, request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS, proxy: nothing written
+        return httpx.ConnectError(text, request=request)
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return httpx.ReadTimeout(text, request=request)
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError(text, request=request)
+    if isinstance(exc, TimeoutError):  # any other deadline (TimeoutError is also an OSError)
+        return httpx.ReadTimeout(text, request=request)
+    return httpx.ReadError(text, request=request)  # reset, payload cut short, anything else

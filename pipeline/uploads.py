@@ -29,7 +29,6 @@ fresh entries cost nothing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import time
@@ -37,20 +36,16 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import Problem
-from pipeline.preflight import (
-    MAX_PROBLEMS_LISTED,
-    Problems,
-    column_names,
-    gather_or_cancel,
-    write_json_atomic,
-)
+from pipeline._files import gather_or_cancel, sha256_file, write_json_atomic
+from pipeline.errors import MAX_PROBLEMS_LISTED, Problem, Problems
+from pipeline.manifest import text_inputs
+from pipeline.preflight import column_names
+from pipeline.store import RunPaths
 
 UPLOAD_MAX_BYTES = 30 * 1024 * 1024  # RunningHub answers 809 above this
 RETENTION_S = 20 * 3600.0  # upload names live about a day; re-upload well before that
 UPLOAD_JOBS = 4
-UPLOAD_CACHE_FILE = "uploads.json"
-HASH_CHUNK_BYTES = 1 << 20
+UPLOAD_CACHE_FILE = RunPaths.UPLOADS
 
 # (class_type, input) pairs whose value is a file the node loads.
 FILE_INPUTS = frozenset(
@@ -139,36 +134,37 @@ def find_uploads(
     paths: dict[str, Path] = {}
     verdicts: dict[tuple[str, str], str | None] = {}  # (value, kind) -> problem message or None
     file_inputs: dict[tuple[Any, Any, Any], bool] = {}
+    found: list[tuple[int, int, Problem]] = []
+    for workflow_id, item, numbers, position in sorted(text_inputs(rows), key=lambda t: (t[2][0], t[3])):
+        workflow = workflows.get(str(workflow_id)) if workflows else None
+        value = item["fieldValue"]
+        key = (workflow_id, item["nodeId"], item["fieldName"])
+        is_file = file_inputs.get(key)
+        if is_file is None:
+            is_file = file_inputs[key] = _is_file_input(
+                workflow, str(item["nodeId"]), str(item["fieldName"])
+            )
+        if not is_file and not value.startswith("@"):
+            continue
+        vkey = (value, "file" if is_file else "@")
+        if vkey in verdicts:
+            message = verdicts[vkey]
+        else:
+            text = file_reference(value, file_input=is_file)
+            message = None
+            if text is not None:
+                path = _resolve(text, base_dir)
+                message = _path_problem(path, text)
+                if message is None:
+                    paths[value] = path
+            verdicts[vkey] = message
+        if message is not None:
+            target = f"{item['nodeId']}.{item['fieldName']}"
+            column = columns.get(target, target)
+            found.extend((n, position, Problem(n, column, message)) for n in numbers)
     problems = Problems(limit)
-    for row in rows:
-        workflow = workflows.get(str(row.workflow_id)) if workflows else None
-        for item in row.node_info_list:
-            value = item["fieldValue"]
-            if not isinstance(value, str):
-                continue
-            key = (row.workflow_id, item["nodeId"], item["fieldName"])
-            is_file = file_inputs.get(key)
-            if is_file is None:
-                is_file = file_inputs[key] = _is_file_input(
-                    workflow, str(item["nodeId"]), str(item["fieldName"])
-                )
-            if not is_file and not value.startswith("@"):
-                continue
-            vkey = (value, "file" if is_file else "@")
-            if vkey in verdicts:
-                message = verdicts[vkey]
-            else:
-                text = file_reference(value, file_input=is_file)
-                message = None
-                if text is not None:
-                    path = _resolve(text, base_dir)
-                    message = _path_problem(path, text)
-                    if message is None:
-                        paths[value] = path
-                verdicts[vkey] = message
-            if message is not None:
-                target = f"{item['nodeId']}.{item['fieldName']}"
-                problems.add(Problem(row.number, columns.get(target, target), message))
+    for _, _, problem in sorted(found, key=lambda f: (f[0], f[1])):
+        problems.add(problem)
     return paths, problems
 
 
@@ -235,11 +231,7 @@ class UploadCache:
         known = self.hashes.get(key)
         if known and known.get("size") == info.st_size and known.get("mtime_ns") == info.st_mtime_ns:
             return str(known["sha256"]), info.st_size
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(HASH_CHUNK_BYTES), b""):
-                digest.update(block)
-        sha = digest.hexdigest()
+        sha = sha256_file(path)
         self.hashes[key] = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha}
         return sha, info.st_size
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import secrets
 import socket
 from collections.abc import Callable, Iterator
@@ -13,6 +14,25 @@ from typing import Any
 import pytest
 
 TEXT2IMG = "1904136902449209346"
+
+# The environment rhbatch reads; each test starts without any of it (a developer's own key or base URL
+# must never reach a test), and sets what it needs with monkeypatch.
+ENV_PREFIXES = ("RUNNINGHUB_", "RHBATCH_")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test: no rhbatch environment from outside, and the redaction registry (process-wide:
+    every key a test registers) put back as it was, so one test's key cannot hide another's leak."""
+    from pipeline import config
+
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIXES):
+            monkeypatch.delenv(name)
+    registered = set(config._REDACT_KEYS)
+    yield
+    config._REDACT_KEYS.clear()
+    config._REDACT_KEYS.update(registered)
 
 
 @pytest.fixture

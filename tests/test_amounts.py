@@ -47,7 +47,7 @@ def test_sweep_prints_expected_coins_with_thousands_separators(tmp_path):
 
 
 def test_top_failures_cut_after_a_whole_word(tmp_path):
-    from pipeline.runs import top_failures
+    from pipeline.status import top_failures
 
     store = st.RunStore.open(tmp_path / "run", create=True)
     store.insert_rows([make_row(0, 1, "r0", TEXT2IMG,

@@ -9,7 +9,7 @@ from conftest import fast_settings, read_results, write_manifest
 from test_faults import fast_policy
 
 from pipeline import store as st
-from pipeline.runs import ManifestArgs, run_batch
+from pipeline.batch import ManifestArgs, run_batch
 from pipeline.sim import AccountConfig
 
 # What differs by endpoint by design: ids and URLs the service made, times, the raw outputs

@@ -20,10 +20,13 @@ def test_bench_smoke_prints_every_row(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text(encoding="utf-8"))
     sections = {r["section"] for r in rows}
-    assert sections == {"slots", "calls", "api", "window", "client", "manifest", "resume", "compare"}
+    assert sections == {"slots", "calls", "grid", "wide", "faults", "api", "window", "client",
+                        "manifest", "resume", "compare"}
     metrics = [r["metric"] for r in rows]
     for needle in ("makespan (first create -> last task end)", "API requests / task",
-                   "detection latency p95", "CPU (user+sys) per task", "peak RSS, MB",
+                   "detection latency p95", "round trip 200 ms", "slots busy",
+                   "20 % create faults", "time waiting for a free slot",
+                   "CPU (user+sys) per task", "peak RSS, MB",
                    "rows / s", "first new create", "official example loop", "official loop x",
                    "runninghub-cli 0.1.0", "rhbatch"):
         assert any(needle in m for m in metrics), needle

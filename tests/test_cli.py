@@ -128,6 +128,8 @@ def test_validate_says_an_output_manifests_inputs_are_the_earlier_runs_metadata(
         assert result.stdout == (
             f"{results}: 2 rows OK, workflow {TEXT2IMG}\n"
             "  preflight: every node id, field and value type matches the workflow\n"
+            "  catalogue: rhbatch core nodes (29 classes): 1 field checked against the node "
+            "catalogue (2 values)\n"
             "  6.text, note: the earlier run's inputs, kept as metadata (each row sends the exact "
             "nodeInfoList it recorded)\n")
 
@@ -251,16 +253,22 @@ def test_retry_selectors(finished):
     assert no_key.exit_code == 2 and "No API key" in no_key.stderr
 
     before = len(sim.audit.tasks())
-    sim.config.failure_rate = 0.0
+    sim.config.failure_rate = 0.0  # a retry now succeeds: every retried row must end SUCCESS
     again = invoke(["retry", str(run_dir), "--where", "`3.cfg` >= 7", *FAST_FLAGS, "-q"],
                    sim_env(sim, key))
-    assert again.exit_code in (0, 1), again.output
+    left_failed = [r for r in failed if r["inputs"]["3.cfg"] < 7]  # not selected: still FAILED
+    assert high_cfg_failed and left_failed  # the selection leaves some out (seed 4)
+    assert again.exit_code == 1, again.output  # the rows left out still failed
     assert f"Retried {len(high_cfg_failed)} row(s)" in again.stderr
+    assert f"30 rows: {30 - len(left_failed)} SUCCESS, {len(left_failed)} FAILED." in again.stderr
     assert len(sim.audit.tasks()) == before + len(high_cfg_failed)
     after = {r["row_id"]: r for r in read_results(run_dir)}
     for record in high_cfg_failed:
         assert after[record["row_id"]]["attempts"] == 2
-        assert after[record["row_id"]]["status"] in ("SUCCESS", "FAILED")
+        assert after[record["row_id"]]["status"] == "SUCCESS"
+        assert after[record["row_id"]]["taskId"] != record["taskId"]
+    for record in left_failed:
+        assert after[record["row_id"]] == record  # untouched, attempt and all
 
 
 def test_exit_0_when_every_row_succeeded_and_3_when_the_wallet_is_empty(make_sim, api_key,
@@ -468,16 +476,22 @@ def test_disk_trouble_mid_run_is_exit_3_with_the_fix_and_the_run_resumes(trouble
                 record["nodeInfoList"])
 
 
-def test_results_that_cannot_be_created_say_how_to_fix_it(tmp_path):
-    from pipeline import export
-    from pipeline.errors import StorageError
+def test_an_export_that_cannot_be_written_says_where_to_write_instead(tmp_path):
+    from pipeline import store as st
+    from pipeline.manifest import make_row
 
+    run = st.RunStore.open(tmp_path / "run", create=True)
+    run.insert_rows([make_row(0, 1, "r0", TEXT2IMG, [{"nodeId": "3", "fieldName": "seed",
+                                                       "fieldValue": 1}])])
+    run.close()
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    with pytest.raises(StorageError) as info:
-        with export._AtomicFile(blocker / "results.jsonl") as fh:
-            fh.write("{}")
-    assert "fix permissions" in str(info.value) or "writable" in str(info.value)
+    target = blocker / "results.jsonl"
+    result = invoke(["export", str(tmp_path / "run"), "-o", str(target)])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (f"Error: Cannot write {target}: File exists: choose a writable place "
+                             "for it with -o FILE\n")
+    assert blocker.read_text() == "x"
 
 
 # -- sweep -------------------------------------------------------------------------------------
@@ -530,3 +544,75 @@ def test_the_simulator_is_loaded_only_for_the_sim_command():
     assert listed.exit_code == 0 and "  sim " in listed.output
     helped = CliRunner().invoke(cli, ["sim", "--help"])
     assert helped.exit_code == 0 and "--config" in helped.output
+
+
+# -- errors that are not rhbatch's own -------------------------------------------------------
+
+
+def test_an_unexpected_error_in_a_run_is_one_line_naming_the_log_with_its_traceback(
+        make_sim, api_key, tmp_path, monkeypatch):
+    from pipeline import runner
+
+    async def broken(self):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(runner.Runner, "run", broken)  # a bug inside the run: not an RhbatchError
+    sim = make_sim()
+    manifest = write_manifest(tmp_path / "m.csv", 2)
+    run_dir = tmp_path / "run"
+    result = invoke(["run", str(manifest), "--out", str(run_dir), *RUN_FLAGS], sim_env(sim, api_key))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: unexpected KeyError: 'a bug' (the traceback is in {run_dir / 'rhbatch.log'}); "
+        "this is a bug in rhbatch, please report it")
+    assert "Traceback" not in result.stderr
+    log = (run_dir / "rhbatch.log").read_text(encoding="utf-8")
+    assert "rhbatch stopped on an unexpected error: 'a bug'" in log
+    assert "Traceback (most recent call last):" in log and "KeyError: 'a bug'" in log
+
+
+_BROKEN_STATUS = """
+import sys
+import pipeline.status
+def broken(*args, **kwargs):
+    raise ZeroDivisionError("a bug in status")
+pipeline.status.run_status = broken
+from pipeline.cli import main
+sys.argv = ["rhbatch", "status", sys.argv[1]]
+main()
+"""
+
+
+@pytest.mark.parametrize("debug", [None, "1"])
+def test_rhbatch_debug_shows_the_traceback_of_an_unexpected_error(debug, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNINGHUB_", "RHBATCH_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    if debug:
+        env["RHBATCH_DEBUG"] = debug
+    done = subprocess.run([sys.executable, "-c", _BROKEN_STATUS, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1
+    if debug:
+        assert "Traceback (most recent call last):" in done.stderr
+        assert done.stderr.splitlines()[-1] == "ZeroDivisionError: a bug in status"
+    else:
+        assert done.stderr == (
+            "Error: unexpected ZeroDivisionError: a bug in status (run with RHBATCH_DEBUG=1 for "
+            "the traceback); this is a bug in rhbatch, please report it\n")
+
+
+def test_verbose_logs_to_stderr_only_while_its_command_runs(make_sim, api_key, tmp_path):
+    import logging
+
+    logger = logging.getLogger("rhbatch")
+    handlers, level = list(logger.handlers), logger.level
+    sim = make_sim()
+    first = invoke(["run", str(write_manifest(tmp_path / "a.csv", 2)), "--out", str(tmp_path / "a"),
+                    "-v", *RUN_FLAGS], sim_env(sim, api_key))
+    assert first.exit_code == 0, first.output
+    assert "INFO rhbatch: run ended:" in first.stderr
+    assert logger.handlers == handlers and logger.level == level
+    second = invoke(["run", str(write_manifest(tmp_path / "b.csv", 3)), "--out", str(tmp_path / "b"),
+                     *RUN_FLAGS], sim_env(sim, api_key))
+    assert second.exit_code == 0, second.output
+    assert "INFO rhbatch" not in second.stderr  # the first command's handler is gone

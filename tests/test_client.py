@@ -297,3 +297,69 @@ def test_key_never_in_error_text_on_transport_failure():
     with pytest.raises(TransientApiError) as info:
         run(_call(handler, "outputs", "1", attempts=1))
     assert KEY not in str(info.value)
+
+
+def test_the_retry_loop_is_bounded_by_attempts_and_total_time_and_retries_only_what_it_names():
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    async def go() -> None:
+        calls = {"n": 0}
+
+        async def flaky() -> str:
+            calls["n"] += 1
+            if calls["n"] < 3:
+                raise TransientApiError("try again")
+            return "answer"
+
+        policy = RetryPolicy(max_attempts=5, initial_wait_s=0.01, max_wait_s=0.01, sleep=sleep)
+        transient = lambda exc: isinstance(exc, TransientApiError)  # noqa: E731
+        assert await policy.call(flaky, transient, "poll") == "answer"
+        assert calls["n"] == 3 and len(waits) == 2  # two retries, each after a wait
+
+        calls["n"] = -100  # fails every time: the policy's attempts are the bound
+        with pytest.raises(TransientApiError):
+            await policy.call(flaky, transient, "poll")
+        assert calls["n"] == -95
+
+        async def refused() -> str:
+            calls["n"] += 1
+            raise RunFatalError("bad key")
+
+        calls["n"] = 0
+        with pytest.raises(RunFatalError):  # not named transient: raised at once, as it is
+            await policy.call(refused, transient, "poll")
+        assert calls["n"] == 1
+
+        timed = RetryPolicy(max_attempts=100, max_total_s=0.0, sleep=sleep)
+        calls["n"] = -100
+        with pytest.raises(TransientApiError):  # the total time bound: no second attempt
+            await timed.call(flaky, transient, "poll")
+        assert calls["n"] == -99
+
+    run(go())
+
+
+def test_json_calls_on_the_aiohttp_stack_build_no_httpx_request(monkeypatch):
+    """The hot path (creates, polls, account reads) goes straight to aiohttp's pool."""
+    from pipeline.sim import AccountConfig, SimConfig, Simulator
+
+    def no_httpx(*args, **kwargs):
+        raise AssertionError("an httpx request was built on the hot path")
+
+    with Simulator(SimConfig(accounts=[AccountConfig(key=KEY)], time_scale=1e-9)) as sim:
+        settings = resolve_settings(api_key=KEY, base_url=sim.base_url, env={},
+                                    http_transport="aiohttp")
+        monkeypatch.setattr(httpx.AsyncClient, "build_request", no_httpx)
+
+        async def go() -> None:
+            async with RunningHubClient(settings, policy=RetryPolicy(max_attempts=1)) as rh:
+                made = await rh.create(build_payload("1904136902449209346", [
+                    {"nodeId": "3", "fieldName": "seed", "fieldValue": 1}]))
+                assert (await rh.poll(made.task_id)).state in ("QUEUED", "RUNNING")
+                assert (await rh.account_status()).current_task_counts == 1
+                assert rh.requests_sent >= 3
+
+        run(go())

@@ -19,11 +19,16 @@ from pipeline.client import (
     CreateOutcome,
     RetryPolicy,
     RunningHubClient,
-    TransportError,
     create_rule,
 )
 from pipeline.config import resolve_settings
-from pipeline.errors import CapacityError, RowFatalError, RunFatalError, SubmitUnknownError
+from pipeline.errors import (
+    ApiConnectionError,
+    CapacityError,
+    RowFatalError,
+    RunFatalError,
+    SubmitUnknownError,
+)
 
 KEY = secrets.token_hex(16)
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -139,8 +144,8 @@ def test_every_example_is_decided_by_its_rule_and_sent_once_unless_it_never_left
 
 def test_every_rule_has_an_example_and_create_rule_agrees_with_the_client():
     assert {rule for _, rule, _ in EXAMPLES} == set(range(len(CREATE_RULES)))
-    assert create_rule(None, TransportError("refused", sent=False)) == 0
-    assert create_rule(None, TransportError("read timeout", sent=True)) == 7
+    assert create_rule(None, ApiConnectionError("refused", sent=False)) == 0
+    assert create_rule(None, ApiConnectionError("read timeout", sent=True)) == 7
 
 
 def test_a_redirect_or_a_refused_key_is_unknown_and_stops_the_run_with_the_fix():

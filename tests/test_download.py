@@ -28,6 +28,7 @@ from pipeline import download as dl
 from pipeline import store as st
 from pipeline.client import RetryPolicy
 from pipeline.export import write_results
+from pipeline.store import FILE_PENDING
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -554,7 +555,7 @@ def test_a_planted_files_symlink_is_refused_and_nothing_lands_outside_the_run(tm
             f"(rm {files_dir}) and run the same command again")
         assert info.value.exit_code == 2
         assert list(outside.iterdir()) == [] and server.hits == Counter()
-        assert files(store)[(0, 0)]["status"] == dl.PENDING  # the row is fetched once it is fixed
+        assert files(store)[(0, 0)]["status"] == FILE_PENDING  # the row is fetched once it is fixed
         files_dir.unlink()
         assert run(store).downloaded == 1
         assert (files_dir / "r0_9_0.png").read_bytes() == png_bytes(5)

@@ -13,8 +13,8 @@ import pytest
 from conftest import canonical, fast_settings, read_results, write_manifest
 from test_download import server  # noqa: F401  (the loopback file server fixture)
 
+from pipeline.batch import ManifestArgs, run_batch
 from pipeline.client import RetryPolicy
-from pipeline.runs import ManifestArgs, run_batch
 from pipeline.sim import Faults
 from pipeline.sim.config import AFTER_WORK_MODES
 
@@ -37,7 +37,8 @@ RATE_FAULTS = ("http_5xx", "drop_connection", "garbage_body", "slow_answer", "ta
 SHAPES = dict(slow_answer_s=0.02, stall_s=0.3, trickle_interval_s=0.002,
               oversized_bytes=9 * 2**20, gzip_bomb_bytes=16 * 2**20)
 NOT_SWEPT = ("routes", "slow_answer_s", "after_work_modes", "stall_s", "trickle_interval_s",
-             "oversized_bytes", "gzip_bomb_bytes", "deep_json_depth", "nan_counts_style")
+             "oversized_bytes", "gzip_bomb_bytes", "deep_json_depth", "nan_counts_style",
+             "latency_s", "latency_jitter_s")  # a network round trip: the last case below has one
 
 
 # A redirect stops the run by design (every later create would be redirected too):
@@ -78,6 +79,9 @@ CASES.append(pytest.param(ALL_TOGETHER, id="all-together"))
 # The same on the v2 read path (auto), where status_outputs_lag_s (a v1 outputs quirk) cannot land
 CASES.append(pytest.param(dataclasses.replace(ALL_TOGETHER, status_outputs_lag_s=0.0),
                           id="all-together-v2-reads"))
+# Everything at once again, every answer 20-40 ms away, as a real service is.
+CASES.append(pytest.param(dataclasses.replace(ALL_TOGETHER, latency_s=0.02, latency_jitter_s=0.02),
+                          id="all-together-at-a-distance"))
 
 
 def fast_policy() -> RetryPolicy:

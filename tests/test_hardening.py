@@ -19,9 +19,9 @@ from kill_harness import subprocess_env
 from test_faults import fast_policy
 
 from pipeline import store as st
-from pipeline.client import RetryPolicy, RunningHubClient, TransportError
-from pipeline.errors import TASK_TIMEOUT_CODE, StorageError, SubmitUnknownError
-from pipeline.runs import ManifestArgs, run_batch
+from pipeline.batch import ManifestArgs, run_batch
+from pipeline.client import RetryPolicy, RunningHubClient
+from pipeline.errors import TASK_TIMEOUT_CODE, ApiConnectionError, StorageError, SubmitUnknownError
 from pipeline.sim import Faults
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def test_a_huge_or_bombed_answer_is_refused_within_a_stated_memory_bound(fault, 
                            env=subprocess_env(sim.base_url, api_key))
     assert probe.returncode == 0, probe.stderr
     result = json.loads(probe.stdout)
-    assert result["said"].startswith("TransportError: /uc/openapi/accountStatus: the answer ")
+    assert result["said"].startswith("ApiConnectionError: /uc/openapi/accountStatus: the answer ")
     assert ("is larger than 8 MiB" in result["said"]) == (fault == "oversized")
     assert ("inflates past 8 MiB" in result["said"]) == (fault == "gzip_bomb")
     assert result["peak_mb"] < 200, result  # the bound the issue states, for the whole process
@@ -219,7 +219,7 @@ def test_an_unreachable_service_is_never_sent_so_a_create_is_retried(api_key):
 
     async def go():
         async with RunningHubClient(settings, policy=policy) as client:
-            with pytest.raises(TransportError) as info:
+            with pytest.raises(ApiConnectionError) as info:
                 await client.create({"workflowId": "1"})
             return client.requests_sent, info.value
 

@@ -8,7 +8,7 @@ from collections import Counter
 from conftest import fast_settings, read_results
 
 from pipeline import store as st
-from pipeline.runs import ManifestArgs, run_batch
+from pipeline.batch import ManifestArgs, run_batch
 from pipeline.sim import DEFAULT_WEBAPP_ID, IMG2IMG_WORKFLOW_ID
 
 

@@ -1,17 +1,37 @@
-"""Ctrl-C, once or twice, at any moment: a summary, a current results file, exit 3."""
+"""Ctrl-C, once or twice, at any moment, or SIGTERM: a summary, current results files, exit 3."""
 
 from __future__ import annotations
 
+import csv
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import read_results, write_manifest
 from kill_harness import subprocess_env
 
+from pipeline import refresh
 from pipeline import store as st
+from pipeline.batch import ManifestArgs, open_run
+
+
+def _wait_for(predicate, timeout_s: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        assert proc is None or proc.poll() is None, "rhbatch exited early"
+        time.sleep(0.02)
+
+
+def _progress_lines(log: Path) -> int:
+    try:
+        return log.read_text(encoding="utf-8").count("rhbatch.progress: progress: ")
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="signals")
@@ -69,7 +89,7 @@ def test_without_a_terminal_progress_is_a_plain_line_every_interval_on_stderr_an
          "--concurrency", "2", "--progress-interval", "0.4"],
         env=subprocess_env(sim.base_url, api_key), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
+    _wait_for(lambda: _progress_lines(run_dir / "rhbatch.log") >= 3, proc=proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     lines = [line for line in err.splitlines() if line.startswith("progress: ")]
@@ -78,12 +98,70 @@ def test_without_a_terminal_progress_is_a_plain_line_every_interval_on_stderr_an
                                 "session), 2 submitted, 0.0 rows/min, 0 coins, ETA n/a")
     log = (run_dir / "rhbatch.log").read_text(encoding="utf-8")
     assert log.count("rhbatch.progress: progress: ") >= 3
+    # --quiet: while the run goes for three intervals and more (its 2 creates, then requests of
+    # its own seen by the simulator 1.2 s later), not one progress line
+    before = len(sim.audit.tasks())
     quiet = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "run", str(manifest), "--out", str(tmp_path / "q"),
          "--concurrency", "2", "--progress-interval", "0.4", "--quiet"],
         env=subprocess_env(sim.base_url, api_key), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    _wait_for(lambda: len(sim.audit.tasks()) >= before + 2, proc=quiet)
+    created = max(t["created_at"] for t in sim.audit.tasks())
+    _wait_for(lambda: sim.audit.requests()[-1]["t"] >= created + 3 * 0.4, proc=quiet)
     quiet.send_signal(signal.SIGINT)
     _, err = quiet.communicate(timeout=30)
     assert "progress: " not in err and quiet.returncode == 3
+    assert "Resume with the same command" in err  # it did run, and stopped on the signal
+
+
+def _half_done(manifest: Path, run_dir: Path) -> None:
+    """The run of ``manifest``, every other row SUCCESS, with the results files and index its
+    last session left (the way bench/sigterm_bench.py builds its 1,000,000-row run)."""
+    run_dir.mkdir()
+    with st.RunLock(run_dir):
+        store, _ = open_run(ManifestArgs(manifest), run_dir)
+        try:
+            with store.transaction() as conn:
+                conn.execute(
+                    "UPDATE rows SET status = 'SUCCESS', task_id = 'done-' || idx, outputs = '[]', "
+                    "submitted_at = ?, finished_at = ? WHERE idx % 2 = 0", (time.time(), time.time()))
+            refresh.write_results(store)
+        finally:
+            store.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="signals")
+@pytest.mark.timeout(120)
+def test_sigterm_on_a_half_done_run_leaves_both_results_files_complete_and_current_by_splicing(
+        make_sim, api_key, tmp_path):
+    sim = make_sim(time_scale=1.0, task_duration_s=600.0, queue_delay_s=0.0)
+    manifest = write_manifest(tmp_path / "m.csv", 4000)
+    run_dir = tmp_path / "run"
+    _half_done(manifest, run_dir)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(manifest), "--out", str(run_dir),
+         "--concurrency", "8", "--poll-interval", "0.05", "--account-poll-interval", "0.05", "-q"],
+        env=subprocess_env(sim.base_url, api_key), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    _wait_for(lambda: len(sim.audit.tasks()) >= 8, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err and "Resume with the same command: rhbatch run" in err
+    store = st.RunStore.open(run_dir, readonly=True)
+    try:
+        stored = [(r["row_id"], r["status"], r["task_id"]) for r in store.iter_rows()]
+    finally:
+        store.close()
+    live = {task["taskId"] for task in sim.audit.tasks()}
+    assert sum(task_id in live for _, _, task_id in stored) == len(live)  # every create recorded
+    records = read_results(run_dir)
+    assert [(r["row_id"], r["status"], r["taskId"]) for r in records] == stored
+    with (run_dir / "results.csv").open(encoding="utf-8", newline="") as fh:
+        assert [(r["row_id"], r["status"], r["taskId"] or None)
+                for r in csv.DictReader(fh)] == stored
+    # only the rows this session changed were rendered, not the 4,000 of the run
+    said = re.findall(r"results current: (\d+) row\(s\) rendered, (\w+)",
+                      (run_dir / "rhbatch.log").read_text(encoding="utf-8"))
+    assert said and said[-1][1] == "spliced" and int(said[-1][0]) <= len(live), said

@@ -10,15 +10,9 @@ import re
 import pytest
 
 from pipeline.errors import InputError, ManifestError, SchemaError
-from pipeline.manifest import (
-    _ENC,
-    Row,
-    _enc_scalar,
-    _fast_row,
-    content_key,
-    load_manifest,
-    parse_binding,
-)
+from pipeline.manifest import Row, content_key, load_manifest, parse_binding
+from pipeline.manifest.content import _ENC, _enc_scalar
+from pipeline.manifest.rows import _fast_row
 
 WF = "1904136902449209346"
 

@@ -75,7 +75,7 @@ def test_the_resume_line_without_a_key_flag_is_the_same_command(make_sim, api_ke
 
 
 def test_resume_command_keeps_everything_but_the_key():
-    from pipeline.cli import resume_command
+    from pipeline.progress import resume_command
 
     assert resume_command(["run", "m.csv", "--api-key", "k" * 32, "--out", "a b", "-q"]) == (
         "rhbatch run m.csv --out 'a b' -q", True)
@@ -163,7 +163,7 @@ def test_results_outside_the_run_say_where_to_write_instead(tmp_path):
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    with pytest.raises(StorageError) as info, export._AtomicFile(blocker / "out.csv"):
+    with pytest.raises(StorageError) as info, export.AtomicFile(blocker / "out.csv"):
         pass
     assert str(info.value) == (f"Cannot write {blocker / 'out.csv'}: File exists: choose a "
                                "writable place for it with -o FILE")

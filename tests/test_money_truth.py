@@ -11,7 +11,8 @@ from test_faults import fast_policy
 
 from pipeline import runner as runner_mod
 from pipeline import store as st
-from pipeline.runs import ManifestArgs, Selection, retry_rows, run_batch
+from pipeline.batch import ManifestArgs, run_batch
+from pipeline.retry import Selection, retry_rows
 from pipeline.sim import Faults
 from pipeline.sim.config import AFTER_WORK_MODES
 
@@ -192,17 +193,17 @@ def test_a_433_keeps_comfyuis_node_errors_and_says_what_to_fix(make_sim, api_key
     manifest.write_text(
         "row_id,workflowId,nodeInfoList\n"
         'good,1904136902449209346,"[{""nodeId"":""6"",""fieldName"":""text"",""fieldValue"":""x""}]"\n'
-        'bad,1904136902449209346,"[{""nodeId"":""6"",""fieldName"":""clip"",""fieldValue"":""x""}]"\n',
+        'bad,1904136902449209346,"[{""nodeId"":""5"",""fieldName"":""width"",""fieldValue"":999999}]"\n',
         encoding="utf-8")
     _run(sim, api_key, manifest, tmp_path / "run")
     by_id = {r["row_id"]: r for r in read_results(tmp_path / "run")}
     bad = by_id["bad"]
     assert bad["status"] == "FAILED" and bad["error_code"] == 433
     errors = bad["failedReason"]["node_errors"]
-    assert errors and errors[0]["node_id"] == "6" and errors[0]["class_type"] == "CLIPTextEncode"
-    assert errors[0]["input_name"] == "clip" and errors[0]["type"]
-    assert bad["error"].startswith("433 VALIDATE_PROMPT_FAILED: node 6 (CLIPTextEncode) input "
-                                   "clip: ")
+    assert errors and errors[0]["node_id"] == "5" and errors[0]["class_type"] == "EmptyLatentImage"
+    assert errors[0]["input_name"] == "width" and errors[0]["type"] == "value_bigger_than_max"
+    assert bad["error"].startswith("433 VALIDATE_PROMPT_FAILED: node 5 (EmptyLatentImage) input "
+                                   "width: ")
     assert by_id["good"]["status"] == "SUCCESS"
 
 

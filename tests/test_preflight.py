@@ -17,17 +17,14 @@ from pipeline.config import resolve_settings
 from pipeline.errors import InputError, Problem, RowFatalError
 from pipeline.preflight import (
     Field,
-    WorkflowCache,
     check_rows,
     describe_workflow,
-    fetch_workflows,
     fields_to_json,
     format_fields,
-    load_workflow_file,
     node_sort_key,
     targets_named,
-    workflow_hash,
 )
+from pipeline.workflows import WorkflowCache, fetch_workflows, load_workflow_file, workflow_hash
 
 DATA = Path(__file__).parent / "data" / "workflows"
 T2I = "1904136902449209346"
@@ -387,3 +384,35 @@ def test_a_column_that_feeds_no_node_is_matched_to_the_inputs_it_probably_meant(
     assert targets_named("text", t2i) == ["6.text", "7.text"]  # at most two, in node order
     assert targets_named("model", t2i) == []  # a link is not bindable
     assert targets_named("note", t2i) == []
+
+
+def test_the_catalogue_adds_ranges_combos_and_required_inputs_to_preflight():
+    """Every out-of-range width, every bad sampler name and the workflow's missing required input
+    are reported at once, by row and column with the fix; a cell preflight already refused is not
+    reported twice."""
+    from pipeline.catalogue import load_catalogue
+    from pipeline.preflight import check_rows, check_with_catalogue
+    from pipeline.resources import sim_workflow_path
+
+    api = json.loads(sim_workflow_path("text2img.json").read_text("utf-8"))
+    wid = "1904136902449209346"
+    broken = json.loads(json.dumps(api))
+    del broken["3"]["inputs"]["steps"]  # a required input of KSampler
+    rows = [explicit_row(1, ("5", "width", 99999), ("3", "sampler_name", "euler_a")),
+            explicit_row(2, ("5", "width", 512), ("3", "sampler_name", "euler")),
+            explicit_row(3, ("5", "width", "wide"), ("3", "sampler_name", "dpmpp_2m")),
+            explicit_row(4, ("5", "width", 8), ("3", "sampler_name", "euler"), workflow_id="77")]
+    bound = {"w": "5.width", "sampler": "3.sampler_name"}
+    workflows = {wid: api, "77": broken}
+    own = check_rows(rows, workflows, bound=bound)
+    found = check_with_catalogue(rows, workflows, load_catalogue(), bound=bound, already=own)
+    by_cell = {(p.row, p.column): p.message for p in found.problems}
+    assert (1, "w") in by_cell and "16384" in by_cell[(1, "w")]
+    assert (1, "sampler") in by_cell and "euler_ancestral" in by_cell[(1, "sampler")]
+    assert (4, "w") in by_cell and "16" in by_cell[(4, "w")]  # below EmptyLatentImage's min of 16
+    assert not [c for c in by_cell if c[0] == 2]
+    assert (3, "w") in {(p.row, p.column) for p in own} and (3, "w") not in by_cell
+    workflow_problems = [p for p in found.problems if p.row is None]
+    assert len(workflow_problems) == 1 and "steps" in workflow_problems[0].message
+    assert "77" in workflow_problems[0].message
+    assert "checked against the node catalogue" in found.coverage

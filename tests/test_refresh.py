@@ -1,10 +1,14 @@
-"""results.jsonl / results.csv are refreshed during a run by a child process that dies with rhbatch,
-never sees the key, and leaves the files exactly as the final in-process write would."""
+"""results.jsonl / results.csv are kept current during a run: a splice renders only the rows that
+changed and leaves the files byte for byte as a whole rewrite would; a whole rewrite runs in a child
+process that dies with rhbatch and never sees the key; a kill at any instant leaves both files
+complete."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -15,9 +19,11 @@ from pathlib import Path
 import pytest
 from conftest import fast_settings, read_results, write_manifest
 
-from pipeline.errors import StorageError
+from pipeline import export, refresh
+from pipeline import store as st
+from pipeline.batch import ManifestArgs, run_batch
+from pipeline.errors import SpliceAbandoned, StorageError
 from pipeline.refresh import refresh_in_child, remove_stale_temporaries
-from pipeline.runs import ManifestArgs, run_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,8 +100,11 @@ def test_the_child_never_sees_the_key_and_finds_this_checkout(tmp_path, monkeypa
 def test_a_failing_child_says_why(tmp_path):
     blocked = tmp_path / "run"
     blocked.mkdir()
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError) as info:
         asyncio.run(refresh_in_child(blocked))  # no state.db here
+    assert str(info.value) == (
+        f"{blocked} holds no rhbatch run (no state.db): check the path, or start one with "
+        f"`rhbatch run MANIFEST --out {blocked}`")
 
 
 def test_an_orphaned_child_writes_nothing(finished_run):
@@ -133,3 +142,143 @@ def test_a_killed_refresh_leaves_no_half_written_file_behind(make_sim, api_key, 
         path.write_text("{half")
     assert run() == 0  # a resume clears them before anything else
     assert not any(path.exists() for path in leftovers) and kept[0].read_text() == "mine"
+
+
+# -- splices --------------------------------------------------------------------------------
+
+
+def _whole_rewrite(run_dir: Path, into: Path) -> dict[str, bytes]:
+    """What a whole rewrite of ``run_dir``'s results gives, written into ``into`` (a copy)."""
+    store = st.RunStore.open(run_dir, readonly=True)
+    try:
+        export.write_jsonl(store, into / "results.jsonl")
+        export.write_csv(store, into / "results.csv")
+    finally:
+        store.close()
+    return _bytes(into)
+
+
+def _change_some_rows(run_dir: Path) -> set[int]:
+    """Rows changed the ways a run and a retry change them; returns their idx."""
+    store = st.RunStore.open(run_dir)
+    try:
+        store.requeue([3])
+        store.mark_failed(7, code=805, error="line one\nline two \u2028 =cmd", failed_reason={
+            "exception_type": "OutOfMemoryError", "exception_message": "é" * 300})
+        store.mark_success(12, [{"fileUrl": "https://cdn.example/x.png", "fileType": "png",
+                                 "consumeCoins": 3}], 5.0)
+        store.mark_unknown(29, "no answer")
+        store.plan_files([(0, 0, "https://cdn.example/0.png", "9", 1.0)])
+        store.update_file(0, 0, "https://cdn.example/0.png", path="files/r0_9_0.png",
+                          sha256="ab" * 32, size=1234, status=st.FILE_DOWNLOADED)
+    finally:
+        store.close()
+    return {3, 7, 12, 29, 0}
+
+
+def test_a_splice_renders_only_changed_rows_and_writes_what_a_whole_rewrite_writes(
+        finished_run, tmp_path):
+    store = st.RunStore.open(finished_run)
+    try:
+        index = refresh.write_results(store)
+        assert index.rendered == 30 and index.describes(finished_run)
+        changed = _change_some_rows(finished_run)
+        spliced = refresh.splice(store, index, also={0})  # row 0: its file record changed
+    finally:
+        store.close()
+    assert spliced is not None and spliced.rendered == len(changed)
+    assert spliced.describes(finished_run) and not index.describes(finished_run)
+    expected = _whole_rewrite(finished_run, tmp_path)
+    assert _bytes(finished_run) == expected
+    records = read_results(finished_run)
+    assert [r["status"] for r in records][:13:3] == ["SUCCESS", "PENDING", "SUCCESS", "SUCCESS",
+                                                     "SUCCESS"]
+    assert records[0]["files"][0]["status"] == st.FILE_DOWNLOADED
+    assert records[7]["error"] == "line one\nline two \u2028 =cmd"
+    # the index on disk is the one returned: the next run splices from it
+    reader = st.RunStore.open(finished_run, readonly=True)
+    try:
+        loaded = refresh.ResultsIndex.load(reader)
+        assert loaded is not None and loaded.identities == spliced.identities
+        again = refresh.splice(reader, loaded)
+    finally:
+        reader.close()
+    assert again is not None and again.rendered == 0  # nothing changed since: nothing written
+
+
+def test_an_abandoned_splice_changes_nothing_and_leaves_no_temporary(finished_run):
+    store = st.RunStore.open(finished_run)
+    try:
+        index = refresh.write_results(store)
+        before = _bytes(finished_run)
+        _change_some_rows(finished_run)
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(SpliceAbandoned):
+            refresh.splice(store, index, abandon=stop)
+    finally:
+        store.close()
+    assert _bytes(finished_run) == before and index.describes(finished_run)
+    assert not [p for p in finished_run.iterdir() if p.name.startswith(refresh.TMP_PREFIXES)]
+
+
+def test_results_another_writer_replaced_are_rewritten_whole(finished_run, tmp_path):
+    store = st.RunStore.open(finished_run)
+    try:
+        index = refresh.write_results(store)
+        export.write_results(store)  # what `rhbatch download` does: no index of its own
+        _change_some_rows(finished_run)
+        assert refresh.splice(store, index) is None  # the files are not the ones it describes
+        flusher = refresh.ResultsFlusher(store, 10.0)
+        assert flusher.index is None  # the index on disk does not describe them either
+        flusher.finish(store)
+    finally:
+        store.close()
+    assert flusher.index is not None and flusher.index.rendered == 30
+    assert _bytes(finished_run) == _whole_rewrite(finished_run, tmp_path)
+
+
+_SPLICE_FOREVER = """
+import random, sys
+from pipeline import refresh, store as st
+run_dir = sys.argv[1]
+store = st.RunStore.open(run_dir)
+index = refresh.ResultsIndex.load(store) or refresh.write_results(store)
+rng = random.Random(int(sys.argv[2]))
+print("ready", flush=True)
+while True:
+    for _ in range(3):
+        store.mark_failed(rng.randrange(30), code=805, error="x" * rng.randrange(1, 4000))
+    index = refresh.splice(store, index) or refresh.write_results(store)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL")
+@pytest.mark.timeout(120)
+def test_a_kill_at_any_instant_leaves_both_files_complete_and_the_index_sound(finished_run,
+                                                                             tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RUNNINGHUB_API_KEY"}
+    env["PYTHONPATH"] = str(ROOT)
+    rng = random.Random(5)
+    for kill in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", _SPLICE_FOREVER, str(finished_run),
+                                 str(kill)], env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            time.sleep(rng.uniform(0.0, 0.3))  # a random instant of the splicing loop
+        finally:
+            proc.kill()
+            proc.communicate()
+        records = read_results(finished_run)  # every line parses
+        assert [r["row"] for r in records] == list(range(1, 31))
+        with (finished_run / "results.csv").open(encoding="utf-8", newline="") as fh:
+            assert [int(r["row"]) for r in csv.DictReader(fh)] == list(range(1, 31))
+        store = st.RunStore.open(finished_run)
+        try:
+            refresh.remove_stale_temporaries(finished_run)
+            index = refresh.ResultsIndex.load(store)
+            if index is not None:  # an index that survived describes the files exactly
+                assert refresh.splice(store, index) is not None
+                assert _bytes(finished_run) == _whole_rewrite(finished_run, tmp_path)
+        finally:
+            store.close()

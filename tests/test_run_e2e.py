@@ -9,8 +9,8 @@ import pytest
 from conftest import canonical, fast_settings, read_results, write_manifest
 
 from pipeline import store as st
+from pipeline.batch import ManifestArgs, run_batch
 from pipeline.errors import ManifestChangedError
-from pipeline.runs import ManifestArgs, run_batch
 
 
 def _run(sim, key, manifest, out, preflight=True, **overrides):
@@ -100,8 +100,9 @@ def test_row_fatal_codes_fail_the_row_and_the_rest_go_on(make_sim, api_key, tmp_
         "row_id,workflowId,nodeInfoList\n"
         'a,1904136902449209346,"[{""nodeId"":""6"",""fieldName"":""text"",""fieldValue"":""x""}]"\n'
         'b,1904136902449209346,"[{""nodeId"":""99"",""fieldName"":""text"",""fieldValue"":""x""}]"\n'
-        'c,1904136902449209346,"[{""nodeId"":""6"",""fieldName"":""clip"",""fieldValue"":""x""}]"\n'
-        'd,1904136902449209346,"[{""nodeId"":""3"",""fieldName"":""seed"",""fieldValue"":2}]"\n',
+        'c,1904136902449209346,"[{""nodeId"":""5"",""fieldName"":""width"",""fieldValue"":999999}]"\n'
+        'd,1904136902449209346,"[{""nodeId"":""3"",""fieldName"":""seed"",""fieldValue"":2}]"\n'
+        'e,1904136902449209346,"[{""nodeId"":""6"",""fieldName"":""clip"",""fieldValue"":""x""}]"\n',
         encoding="utf-8",
     )
     # preflight would refuse these rows before sending; switched off, the service's answers count
@@ -110,8 +111,11 @@ def test_row_fatal_codes_fail_the_row_and_the_rest_go_on(make_sim, api_key, tmp_
     assert summary.exit_code == 1
     assert by_id["a"]["status"] == by_id["d"]["status"] == "SUCCESS"
     assert by_id["b"]["status"] == "FAILED" and by_id["b"]["error_code"] == 803
-    assert by_id["c"]["status"] == "FAILED" and by_id["c"]["error_code"] == 433
-    assert len(sim.audit.tasks()) == 2
+    assert by_id["c"]["status"] == "FAILED" and by_id["c"]["error_code"] == 433  # ComfyUI: > max
+    # a literal on a link input passes ComfyUI's validation and fails when the task runs (billed)
+    assert by_id["e"]["status"] == "FAILED" and by_id["e"]["error_code"] == 805
+    assert by_id["e"]["taskId"]
+    assert len(sim.audit.tasks()) == 3
 
 
 def test_resume_polls_known_tasks_and_never_resubmits(make_sim, api_key, tmp_path):
@@ -210,8 +214,8 @@ def test_budget_stops_before_passing_max_coins_and_resumes(make_sim, api_key, tm
 def test_reproducing_warns_when_the_workflow_changed_since(make_sim, api_key, tmp_path):
     import copy
 
-    from pipeline.preflight import load_workflow_file
     from pipeline.sim import TEXT2IMG_WORKFLOW_ID
+    from pipeline.workflows import load_workflow_file
 
     sim = make_sim()
     manifest = write_manifest(tmp_path / "m.csv", 4)
@@ -346,7 +350,7 @@ def test_the_window_learns_a_one_slot_key_at_once_and_a_resume_starts_there(make
     finally:
         store.close()
     # a resume (here: a retry of every row) starts from the learnt limit: no capacity answer
-    from pipeline.runs import Selection, retry_rows
+    from pipeline.retry import Selection, retry_rows
 
     before = len(refused)
     retry_rows(tmp_path / "run", settings, Selection(statuses=("SUCCESS",)),

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from conftest import FAST_FLAGS, closed_port, fast_settings, write_manifest
 from kill_harness import subprocess_env
 
+from pipeline.batch import ManifestArgs, run_batch
 from pipeline.cli import cli
 from pipeline.client import RetryPolicy
-from pipeline.runs import ManifestArgs, run_batch
 from pipeline.sim import Faults
 
 ROOT = Path(__file__).resolve().parent.parent

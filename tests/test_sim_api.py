@@ -160,17 +160,10 @@ def test_workflow_json_with_node_info_list_answers_803_and_alone_is_accepted(sta
 
 
 @pytest.mark.parametrize("node,field,value", [
-    ("6", "clip", "x"),            # a link input cannot take a literal
-    ("3", "model", ["99", 0]),     # nor a link to a node that does not exist
     ("3", "seed", "abc"),
-    ("3", "seed", 3.5),
-    ("3", "seed", True),
     ("3", "seed", ""),
     ("3", "cfg", "high"),
     ("3", "cfg", None),
-    ("6", "text", True),
-    ("6", "text", None),
-    ("6", "text", ["a", "b"]),
 ])
 def test_values_that_do_not_fit_answer_433_with_node_errors(start, node, field, value):
     sim, api = start()
@@ -180,8 +173,28 @@ def test_values_that_do_not_fit_answer_433_with_node_errors(start, node, field, 
     assert tips["result"] is False
     error = tips["node_errors"][node]
     assert error["class_type"] in ("KSampler", "CLIPTextEncode")
+    assert error["errors"][0]["type"] == "invalid_input_type"
     assert error["errors"][0]["extra_info"]["input_name"] == field
     assert error["dependent_outputs"] == ["9"]
+    assert sim.audit.tasks() == []
+
+
+@pytest.mark.parametrize("node,field,value,input_name", [
+    ("3", "model", ["99", 0], "samples"),    # a link to a node that does not exist
+    ("6", "text", ["a", "b"], "positive"),   # a two-item list is a link, to node "a"
+])
+def test_a_link_to_a_missing_node_answers_433_on_the_node_holding_it(start, node, field, value, input_name):
+    # ComfyUI reports the failure on the node whose link cannot be followed, as seen from the node
+    # that links to it (the input name is the downstream node's)
+    sim, api = start()
+    answer = api.create([(node, field, value)])
+    assert answer["code"] == 433
+    tips = json.loads(answer["data"]["promptTips"])
+    [error] = tips["node_errors"][node]["errors"]
+    assert error["type"] == "exception_during_inner_validation"
+    assert error["extra_info"]["input_name"] == input_name
+    assert error["extra_info"]["exception_type"] == "KeyError"
+    assert tips["node_errors"][node]["dependent_outputs"] == ["9"]
     assert sim.audit.tasks() == []
 
 
@@ -189,17 +202,33 @@ def test_values_that_do_not_fit_answer_433_with_node_errors(start, node, field, 
     ("3", "seed", 7),
     ("3", "seed", "1231231"),
     ("3", "seed", 7.0),
+    ("3", "seed", 3.5),            # truncated to 3
+    ("3", "seed", True),           # int(True) is 1
     ("3", "cfg", 7),
     ("3", "cfg", "7.5"),
     ("3", "denoise", 1),
     ("6", "text", 123),            # ComfyUI applies str() to STRING inputs
     ("6", "text", ""),
+    ("6", "text", True),           # "True"
+    ("6", "text", None),           # "None"
     ("3", "model", ["4", 0]),      # re-pointing a link at an existing node
     ("4", "ckpt_name", "sdxl.safetensors"),
 ])
 def test_values_comfyui_would_coerce_are_accepted(start, node, field, value):
     _, api = start()
     assert api.create([(node, field, value)])["code"] == 0
+
+
+def test_a_literal_on_a_link_input_is_accepted_and_fails_when_it_runs(start):
+    sim, api = start()
+    task_id = api.task_id([("6", "clip", "x")])
+    sim.advance(30)
+    answer = api.outputs(task_id)
+    assert answer["code"] == 805
+    reason = answer["data"]["failedReason"]
+    assert reason["node_id"] == "6" and reason["node_name"] == "CLIPTextEncode"
+    [task] = sim.audit.tasks()
+    assert task["status"] == "FAILED"
 
 
 def test_shared_and_normal_keys_answer_421_at_the_concurrency_limit(start, key):

@@ -93,3 +93,32 @@ def test_python_m_pipeline_sim_exits_2_on_a_bad_config(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("Error: ") and "unknown key(s) 'speed'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("text,message", [
+    ("seed: [unclosed\n", "not valid yaml: expected ',' or ']', but got '<stream end>' at line 2, column 1"),
+    ("a: b: c\n", "not valid yaml: mapping values are not allowed here at line 1, column 5"),
+    ("time_scale: fast\n", "simulator: time_scale must be > 0 (simulated seconds per real second), "
+                           "got 'fast'"),
+    ("seed: {}\n", "simulator: seed must be an integer, got {}"),
+    ("coins_per_second: x\n", "simulator: coins_per_second must be a number >= 0, got 'x'"),
+    ("webhook_retries: x\n", "simulator: webhook_retries must be an integer >= 0, got 'x'"),
+    ("faults: 3\n", "faults must be a mapping, got 3"),
+    ("faults: {routes: create}\n", "simulator faults: routes must be a list of route names or null"),
+    ("faults: {after_work_modes: 3}\n", "simulator faults: after_work_modes must be a non-empty list"),
+    ("faults: {latency_s: -1}\n", "simulator faults: latency_s must be a number >= 0 (real seconds)"),
+    ("accounts: [{key: k, concurrency: x}]\n", "concurrency must be an integer >= 1, got 'x'"),
+    ("accounts: [{key: k, free_user: 1}]\n", "free_user must be true or false, got 1"),
+    ("workflows: [1]\n", "workflows must be a mapping, got [1]"),
+    ('workflows: {"1": 3}\n', "simulator workflow 1: expected the path of an API-format JSON file "
+                              "or an inline mapping, got 3"),
+    ("[1, 2]\n", "the top level must be a mapping"),
+])
+def test_every_bad_config_is_one_error_line_and_exit_2(tmp_path, text, message):
+    config = tmp_path / "sim.yaml"
+    config.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(sim_command, ["--config", str(config), "--port", "0"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""

@@ -173,7 +173,8 @@ def test_advance_moves_the_clock_forward_only(start):
 def test_add_workflow_and_webapp_at_runtime(start):
     sim, api = start()
     sim.add_workflow("555", {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                    "color": 0}},
         "2": {"class_type": "SaveVideo", "inputs": {"images": ["1", 0], "fps": 8.0}},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     })
@@ -191,7 +192,10 @@ def test_add_workflow_and_webapp_at_runtime(start):
 
 def test_config_from_yaml_and_json_files(tmp_path, key):
     workflow = tmp_path / "wf.json"
-    workflow.write_text(json.dumps({"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}}}))
+    workflow.write_text(json.dumps({
+        "1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["2", 0]}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    }))
     (tmp_path / "sim.yaml").write_text(
         "seed: 3\ntime_scale: 50\ntask_duration_s: [1, 2]\nqueue_delay_s: 0.5\n"
         f"accounts:\n  - {{key: {key}, api_type: EXCLUSIVE, concurrency: 2, coins: 5}}\n"

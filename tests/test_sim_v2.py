@@ -25,7 +25,7 @@ from pipeline.sim import (
     Simulator,
     v2_error_code,
 )
-from pipeline.sim.testing import SimClient, WebhookReceiver
+from pipeline.sim.testing import SimClient, WebhookRecorder
 
 Starter = Callable[..., tuple[Simulator, SimClient]]
 
@@ -381,7 +381,7 @@ def test_v2_upload_errors(start, key):
 
 def test_a_v2_created_task_gets_an_object_event_data_and_v1_keeps_the_string(start, key):
     sim, api = start(queue_delay_s=0.0)
-    with WebhookReceiver() as hook:
+    with WebhookRecorder() as hook:
         v2_id = flat(v2(api, RUN_WF, {"nodeInfoList": NODES, "webhookUrl": hook.url}))["taskId"]
         v1_id = api.task_id([("3", "seed", 2)], webhookUrl=hook.url)
         sim.advance(11)
@@ -399,7 +399,7 @@ def test_a_v2_created_task_gets_an_object_event_data_and_v1_keeps_the_string(sta
 
 def test_a_failed_v2_task_webhook_carries_the_failure(start, key):
     sim, api = start(queue_delay_s=0.0, failure_rate=1.0)
-    with WebhookReceiver() as hook:
+    with WebhookRecorder() as hook:
         task_id = flat(v2(api, RUN_APP, {"nodeInfoList": NODES, "webhookUrl": hook.url}))["taskId"]
         sim.advance(11)
         [delivery] = hook.wait_for(1)

@@ -24,7 +24,7 @@ from pipeline.sim import (
     Simulator,
     WorkflowBilling,
 )
-from pipeline.sim.testing import SimClient, WebhookReceiver
+from pipeline.sim.testing import SimClient, WebhookRecorder
 
 Starter = Callable[..., tuple[Simulator, SimClient]]
 
@@ -215,7 +215,7 @@ def test_results_without_node_id_globally_and_per_workflow(start, key):
 def test_v2_webhooks_carry_children_and_results_without_node_id(start, key):
     sim, api = start(queue_delay_s=0.0, workflow_billing={
         WF: {"billing": "money", "child_tasks": 1, "results_without_node_id": True}})
-    with WebhookReceiver() as hook:
+    with WebhookRecorder() as hook:
         task_id = run(api, webhookUrl=hook.url)
         sim.advance(11)
         [delivery] = hook.wait_for(1)
@@ -227,7 +227,7 @@ def test_v2_webhooks_carry_children_and_results_without_node_id(start, key):
     assert child["usage"]["thirdPartyConsumeMoney"] == "0.14"
     assert event["usage"]["thirdPartyConsumeMoney"] is None
     # a v1 webhook (v1-created task) stays the outputs string, money included
-    with WebhookReceiver() as hook:
+    with WebhookRecorder() as hook:
         api.task_id([("3", "seed", 5)], webhookUrl=hook.url)
         sim.advance(11)
         [delivery] = hook.wait_for(1)

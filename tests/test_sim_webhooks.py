@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline.sim import AccountConfig, Simulator
-from pipeline.sim.testing import SimClient, WebhookReceiver
+from pipeline.sim.testing import SimClient, WebhookRecorder
 
 Starter = Callable[..., tuple[Simulator, SimClient]]
 
@@ -21,8 +21,8 @@ def start(frozen_sim: Starter) -> Starter:
 
 
 @pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    with WebhookReceiver() as hook:
+def receiver() -> Iterator[WebhookRecorder]:
+    with WebhookRecorder() as hook:
         yield hook
 
 
@@ -81,7 +81,7 @@ def test_failed_tasks_send_the_805_payload(start, receiver):
 
 def test_a_failing_receiver_gets_retries_then_the_record_says_failed(start):
     sim, api = start(webhook_retries=2, webhook_retry_interval_s=60.0)
-    with WebhookReceiver(default_status=500) as hook:
+    with WebhookRecorder(default_status=500) as hook:
         task_id = api.task_id(webhookUrl=hook.url)
         sim.advance(11)
         hook.wait_for(1)
@@ -105,7 +105,7 @@ def test_a_failing_receiver_gets_retries_then_the_record_says_failed(start):
 
 def test_a_slow_receiver_times_out_and_is_retried(start):
     sim, api = start(webhook_retries=1, webhook_retry_interval_s=10.0, webhook_timeout_s=0.2)
-    with WebhookReceiver(delay_s=0.6) as hook:
+    with WebhookRecorder(delay_s=0.6) as hook:
         task_id = api.task_id(webhookUrl=hook.url)
         sim.advance(11)
         detail = _wait_status(api, task_id, "RETRYING")["data"]
@@ -121,7 +121,7 @@ def test_a_slow_receiver_times_out_and_is_retried(start):
 
 def test_an_unreachable_receiver_fails_and_retry_webhook_resends_to_a_new_url(start, receiver):
     sim, api = start(webhook_retries=0)
-    with WebhookReceiver() as gone:
+    with WebhookRecorder() as gone:
         dead_url = gone.url
     task_id = api.task_id(webhookUrl=dead_url)
     sim.advance(11)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import export
 from pipeline import store as st
 from pipeline.errors import RunLockedError, StateError, StorageError
 
@@ -39,7 +40,7 @@ def test_rows_flow_through_the_lifecycle(tmp_path):
     store.mark_running(0, 1001.0)
     store.mark_success(0, [{"fileUrl": "http://x/1.png", "consumeCoins": 6.0,
                             "taskCostTime": 28.0}], 1030.0)
-    record = st.row_record(next(store.iter_rows()))
+    record = export.row_record(next(store.iter_rows()))
     assert record["status"] == "SUCCESS"
     assert record["taskId"] == "1900000000000000001"
     assert record["fileUrls"] == ["http://x/1.png"]

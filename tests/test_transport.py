@@ -15,9 +15,9 @@ import pytest
 import trustme
 from conftest import closed_port, no_sleep
 
-from pipeline.client import RetryPolicy, RunningHubClient, TransportError
+from pipeline.client import RetryPolicy, RunningHubClient
 from pipeline.config import ConfigError, resolve_settings
-from pipeline.errors import SubmitUnknownError
+from pipeline.errors import ApiConnectionError, SubmitUnknownError
 
 KEY = secrets.token_hex(16)
 STACKS = ("aiohttp", "httpx")
@@ -115,7 +115,7 @@ def client(stack: str, url: str, **settings: float) -> RunningHubClient:
 def test_a_refused_connection_is_never_sent_so_create_retries_it(stack):
     async def go() -> None:
         async with client(stack, f"http://127.0.0.1:{closed_port()}") as rh:
-            with pytest.raises(TransportError) as caught:
+            with pytest.raises(ApiConnectionError) as caught:
                 await rh.create(CREATE)
             assert caught.value.sent is False
             assert not isinstance(caught.value, SubmitUnknownError)
@@ -197,7 +197,7 @@ def test_tls_trusts_what_httpx_trusts_and_an_untrusted_certificate_is_never_sent
             monkeypatch.delenv("SSL_CERT_FILE", raising=False)
             monkeypatch.delenv("SSL_CERT_DIR", raising=False)
             async with client(stack, wire.url) as rh:  # a private CA nobody trusts
-                with pytest.raises(TransportError) as caught:
+                with pytest.raises(ApiConnectionError) as caught:
                     await rh.create(CREATE)
                 assert caught.value.sent is False and not isinstance(caught.value, SubmitUnknownError)
             assert wire.requests == []

@@ -18,7 +18,6 @@ from conftest import explicit_row, no_sleep
 from pipeline.client import RetryPolicy, RunningHubClient
 from pipeline.config import resolve_settings
 from pipeline.errors import RowFatalError
-from pipeline.preflight import load_workflow_file
 from pipeline.uploads import (
     UPLOAD_MAX_BYTES,
     UploadCache,
@@ -26,6 +25,7 @@ from pipeline.uploads import (
     substitute,
     upload_all,
 )
+from pipeline.workflows import load_workflow_file
 
 DATA = Path(__file__).parent / "data" / "workflows"
 I2I = "1904136902449209347"

@@ -164,6 +164,8 @@ def test_validate_names_the_columns_that_feed_no_node_and_the_input_they_probabl
     assert result.stdout == (
         f"{unsent}: 2 rows OK, workflow {TEXT2IMG}\n"
         "  preflight: every node id, field and value type matches the workflow\n"
+        "  catalogue: rhbatch core nodes (29 classes): 2 fields checked against the node "
+        "catalogue (4 values)\n"
         "  6.text -> 6.text\n"
         "  3.seed -> 3.seed\n"
         f"  warning: {UNSENT}\n"

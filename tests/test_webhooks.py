@@ -9,7 +9,7 @@ import pytest
 from conftest import fast_settings, read_results, write_manifest
 
 from pipeline import store as st
-from pipeline.runs import ManifestArgs, run_batch
+from pipeline.batch import ManifestArgs, run_batch
 from pipeline.webhooks import WebhookReceiver, parse_listen
 
 STABLE = ("row_id", "status", "nodeInfoList", "workflowId", "inputs")

@@ -14,7 +14,11 @@ API (``run/workflow/{id}``, ``run/ai-app/{id}``, ``query``, ``media/upload/binar
   queued + running, a coin balance billed per simulated GPU second when a task ends, and flags for
   free (801) and revoked (802) users. Unknown keys answer 412 (``unknown_key_code=806`` makes a
   well-formed unknown key answer 806 instead). ``open_accounts`` creates any well-formed
-  32-character key on first use from ``default_account``.
+  32-character key on first use from ``default_account``. Per-account faults, for key failover:
+  a small ``coins`` balance runs out mid-run (creates then answer ``wallet_code``, 416 being the
+  documented code), and a key can be revoked mid-run (``revoke_after_creates``, ``revoke_at_s``,
+  :meth:`Simulator.revoke`: every later call answers 802). :meth:`Audit.task_key_fps` proves
+  which keys touched each task.
 * **Create checks**, in the order of §8 (v1 and v2 creates alike): parameters 301 → key
   412/806/802/801 → balance 414/416/812 → workflow 380 (app 901) → a spent money wallet
   (``wallet_code``, workflows billed in money only) → concurrency 421, or 415 / personal queue /
@@ -38,6 +42,8 @@ API (``run/workflow/{id}``, ``run/ai-app/{id}``, ``query``, ``media/upload/binar
 * **Money and child tasks** (:class:`WorkflowBilling`, ``SimConfig.workflow_billing``): a
   workflow can be billed in money (to the cent) instead of or besides coins, and can spawn child
   tasks listed in v2 ``taskUsageList`` with a bare numeric ``taskId`` that lost its last digits.
+* **Latency** (``Faults.latency_s``, ``latency_jitter_s``): a real-time network round trip
+  added to every answer, waited out concurrently, whatever the simulated clock does.
 * **Faults** (:class:`Faults`) are drawn from a seeded RNG and recorded in the audit. Pre-faults
   fail before any work; ``lost_create``, ``create_813`` and ``after_work`` (one of
   ``AFTER_WORK_MODES``) fail a create whose task already exists and is billed; the hostile-answer
@@ -45,6 +51,26 @@ API (``run/workflow/{id}``, ``run/ai-app/{id}``, ``query``, ``media/upload/binar
   ``control_chars``, ``newline_task_id``) answer a processed request in a shape meant to break
   the client.
 * **Audit** (:class:`pipeline.sim.audit.Audit`) never holds a key, only ``key_fp``.
+
+Layout
+------
+``server.py`` is the wire (aiohttp, thread and loop, dispatch, fault injection, audit records,
+webhook delivery), with ``hostile.py`` (the answers faults send); ``api.py`` is RunningHub's
+routes and their checks over ``model.py`` (accounts, tasks, billing, the clock), with
+``checks.py`` (the create's parameter, nodeInfoList and value checks) and ``envelopes.py``
+(answer shapes and the code-name table); ``config.py`` the settings;
+``audit.py`` the records; ``testing.py`` the test helpers (``SimClient``, ``WebhookRecorder``);
+``cli.py`` ``rhbatch sim``.
+
+Independent copies, on purpose
+------------------------------
+The simulator is the oracle rhbatch is judged against, so it imports nothing from the client
+side (``pipeline.client``, ``pipeline.manifest``, ``pipeline.errors.CODES``...): it keeps its own
+code-name table (``envelopes.CODE_NAMES``), key fingerprint, ComfyUI link test and canonical
+nodeInfoList (``model.py``), and ``tests/conftest.py`` its own ``canonical``. If both sides
+shared one helper, a bug in it would agree with itself and no test would catch it. Do not
+"deduplicate" these copies; the one import from rhbatch is ``pipeline.errors.ConfigError`` (and
+``pipeline.resources`` to find the bundled workflows); ``tests/test_sim_layout.py`` pins it.
 """
 
 from pipeline.sim.audit import Audit

@@ -3,7 +3,9 @@
 Records never hold an API key: ``key_fp`` is the first 8 hex digits of sha256(key).
 
 A request record is ``{t, method, path, route, key_fp, status_http, code, task_id, fault}``, where
-``t`` is the simulated time, ``status_http`` is None when the connection was dropped, ``code`` is the
+``t`` is the simulated time, ``key_fp`` the fingerprint of the key the request carried (None
+without one; a request failed by a pre-fault is not read, so only a Bearer or query-string key
+is seen there), ``status_http`` is None when the connection was dropped, ``code`` is the
 business code answered (None for a dropped connection, garbage body or HTTP 5xx), and ``fault`` names
 the injected fault(s) joined with ``+`` (None without one). After-work faults read
 ``after_work:<mode>``; for them ``code`` is the integer code of the body sent (None for an HTML page,
@@ -50,6 +52,17 @@ class Audit:
     def codes(self, route: str) -> Counter[int | None]:
         """How often each business code was answered on ``route``."""
         return Counter(r["code"] for r in self.requests(route))
+
+    def task_key_fps(self) -> dict[str, set[str]]:
+        """{taskId: the fingerprints of every key that named it}: the key that created it and
+        every key that polled, cancelled or queried it (requests without a key, such as file
+        downloads, are left out). With several keys, a task polled only with the key that
+        created it has a set of one."""
+        touched: dict[str, set[str]] = {}
+        for row in self.requests():
+            if row["task_id"] is not None and row["key_fp"] is not None:
+                touched.setdefault(row["task_id"], set()).add(row["key_fp"])
+        return touched
 
     def faults(self) -> list[dict[str, Any]]:
         """The requests that carried an injected fault."""

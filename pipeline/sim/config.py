@@ -160,6 +160,19 @@ class AccountConfig:
     (814 beyond). ``wallet_code`` is the code create answers once ``coins`` is spent (414, 416 or
     812). ``free_user`` makes every call answer 801, ``revoked`` 802.
 
+    Per-account faults, for key failover (several keys in one run):
+
+    - **Running out of coins mid-run.** ``coins`` is the balance, and each task is billed when it
+      ends; once the account's billed coins reach it (balance <= 0) every create answers
+      ``wallet_code``: 416 TASK_CREATE_FAILED_BY_NOT_ENOUGH_WALLET is the documented code
+      (runninghub-api.md section 6), 414 (the default) the one observed live, 812 the enterprise
+      one (v2 creates: 605). Tasks already accepted run on; polls, cancels and accountStatus keep
+      working.
+    - **Revoked mid-run.** ``revoke_after_creates`` N revokes the key once N of its creates were
+      accepted (the Nth is accepted); ``revoke_at_s`` revokes it from that simulated time on;
+      ``Simulator.revoke(key)`` revokes it at once. From then on every call with the key (polls
+      of its own tasks included) answers 802 APIKEY_UNAUTHORIZED (v2: 1002), as ``revoked`` does.
+
     ``money`` is a money wallet in CNY (None = the account has none: accountStatus then says
     ``remainMoney``/``currency`` null). Workflows billed in money (``WorkflowBilling``) draw it down
     to the cent; once it is spent (<= 0) a create of such a workflow answers ``wallet_code`` (after
@@ -183,6 +196,8 @@ class AccountConfig:
     wallet_code: int = 414
     money: float | None = None
     v1_task_routes: str = "ok"
+    revoke_after_creates: int | None = None
+    revoke_at_s: float | None = None
 
     def validate(self) -> None:
         if not isinstance(self.key, str) or not self.key:
@@ -191,14 +206,21 @@ class AccountConfig:
             raise ConfigError(
                 f"simulator account: api_type {self.api_type!r} is not one of {', '.join(API_TYPES)}"
             )
-        if self.concurrency < 1:
-            raise ConfigError("simulator account: concurrency must be at least 1")
+        _check_integer("simulator account", "concurrency", self.concurrency, 1)
+        _check_number("simulator account", "coins", self.coins)
+        for name in ("free_user", "revoked"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"simulator account: {name} must be true or false, "
+                                  f"got {getattr(self, name)!r}")
+        if self.revoke_after_creates is not None:
+            _check_integer("simulator account", "revoke_after_creates", self.revoke_after_creates, 1)
+        if self.revoke_at_s is not None:
+            _check_number("simulator account", "revoke_at_s", self.revoke_at_s, 0)
         if self.wallet_code not in WALLET_CODES:
             raise ConfigError(
                 f"simulator account: wallet_code {self.wallet_code} is not one of {WALLET_CODES}"
             )
-        if self.personal_queue_limit < 0:
-            raise ConfigError("simulator account: personal_queue_limit must be >= 0")
+        _check_integer("simulator account", "personal_queue_limit", self.personal_queue_limit, 0)
         if self.money is not None and (isinstance(self.money, bool)
                                        or not isinstance(self.money, int | float)
                                        or not math.isfinite(self.money)):
@@ -233,7 +255,18 @@ class Faults:
       many per real second answer code 1003 (0 = no limit).
     - ``status_outputs_lag_s``: for this many simulated seconds after a task succeeds, ``/status``
       says SUCCESS while ``/outputs`` still answers 804.
-    - ``routes``: route names (see ``ROUTES``) the rate faults apply to; None = all but ``files``.
+    - ``routes``: route names (see ``ROUTES``) the rate faults and the latency apply to; None = all
+      but ``files``.
+
+    Network round trip (issue #18):
+
+    - ``latency_s``: every answer on ``routes`` (the pre-faults' answers included) leaves this many
+      real seconds after its request was read and processed, plus a uniform draw from 0 to
+      ``latency_jitter_s`` (from its own seeded RNG, so a jitter never changes which other faults
+      are drawn). Real seconds whatever ``time_scale`` (at a time_scale of 100, a 0.2 s round trip
+      lasts 20 simulated seconds) and whatever ``Simulator.advance`` does. The wait is an asyncio
+      sleep outside the simulator lock: concurrent requests wait side by side, and ``close()``
+      cuts it short.
 
     After-work faults (the request was processed and its task created, started and billed):
 
@@ -294,6 +327,8 @@ class Faults:
     nan_counts_style: str = "both"
     control_chars: float = 0.0
     newline_task_id: float = 0.0
+    latency_s: float = 0.0
+    latency_jitter_s: float = 0.0
 
     RATES = ("http_5xx", "drop_connection", "garbage_body", "slow_answer", "task_failure",
              "lost_create", "create_813", "after_work", "trickle", "oversized", "gzip_bomb",
@@ -309,13 +344,15 @@ class Faults:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
                 raise ConfigError(f"simulator faults: {name} must be >= 0, got {value!r}")
+        for name in ("latency_s", "latency_jitter_s"):
+            _check_number("simulator faults", name, getattr(self, name), 0, unit=" (real seconds)")
         for name, low in (("oversized_bytes", 64), ("gzip_bomb_bytes", 64), ("deep_json_depth", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"simulator faults: {name} must be an integer >= {low}, got {value!r}")
         if self.after_work_modes is not None:
             modes = self.after_work_modes
-            if isinstance(modes, str) or not modes:
+            if not isinstance(modes, tuple | list) or not modes:
                 raise ConfigError("simulator faults: after_work_modes must be a non-empty list of "
                                   f"modes (or null for all); valid modes: {', '.join(AFTER_WORK_MODES)}")
             unknown = [m for m in modes if m not in AFTER_WORK_MODES]
@@ -330,6 +367,9 @@ class Faults:
                 f"{', '.join(NAN_COUNTS_STYLES)}"
             )
         if self.routes is not None:
+            if not isinstance(self.routes, tuple | list):
+                raise ConfigError(f"simulator faults: routes must be a list of route names or null, "
+                                  f"got {self.routes!r}; valid routes: {', '.join(ROUTES)}")
             unknown = [r for r in self.routes if r not in ROUTES]
             if unknown:
                 raise ConfigError(
@@ -491,21 +531,32 @@ class SimConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on the first impossible value."""
-        if self.time_scale <= 0:
-            raise ConfigError("simulator: time_scale must be > 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"simulator: seed must be an integer, got {self.seed!r}")
+        scale = self.time_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) \
+                or scale <= 0:
+            raise ConfigError(f"simulator: time_scale must be > 0 (simulated seconds per real "
+                              f"second), got {scale!r}")
         _range(self.task_duration_s, "task_duration_s")
         _range(self.queue_delay_s, "queue_delay_s")
-        if not 0.0 <= self.failure_rate <= 1.0:
-            raise ConfigError("simulator: failure_rate must be between 0 and 1")
+        rate = self.failure_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"simulator: failure_rate must be between 0 and 1, got {rate!r}")
         for name in ("coins_per_second", "file_ttl_s", "retention_s", "webhook_retry_interval_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"simulator: {name} must be >= 0")
-        if self.webhook_timeout_s <= 0:
-            raise ConfigError("simulator: webhook_timeout_s must be > 0")
-        if self.webhook_retries < 0:
-            raise ConfigError("simulator: webhook_retries must be >= 0")
+            _check_number("simulator", name, getattr(self, name), 0)
+        _check_number("simulator", "webhook_timeout_s", self.webhook_timeout_s, 0, above=True)
+        _check_integer("simulator", "webhook_retries", self.webhook_retries, 0)
+        _check_integer("simulator", "max_upload_bytes", self.max_upload_bytes, 0)
         if self.unknown_key_code not in (412, 806):
             raise ConfigError("simulator: unknown_key_code must be 412 or 806")
+        if isinstance(self.cancel_finished_code, bool) or not isinstance(self.cancel_finished_code, int):
+            raise ConfigError(f"simulator: cancel_finished_code must be an integer code, "
+                              f"got {self.cancel_finished_code!r}")
+        if not isinstance(self.open_accounts, bool):
+            raise ConfigError("simulator: open_accounts must be true or false")
+        if not isinstance(self.faults, Faults):
+            raise ConfigError("simulator: faults must be a mapping of fault -> value")
         if not isinstance(self.workflow_billing, dict):
             raise ConfigError("simulator: workflow_billing must be a mapping of workflow id -> billing")
         for wf_id, billing in self.workflow_billing.items():
@@ -547,6 +598,9 @@ class SimConfig:
             values["accounts"] = [
                 _build(AccountConfig, a, f"{source}: accounts[{i}]") for i, a in enumerate(values["accounts"])
             ]
+        for name in ("default_account", "faults", "workflows", "webapps"):
+            if name in values and not isinstance(values[name] or {}, dict):
+                raise ConfigError(f"{source}: {name} must be a mapping, got {values[name]!r}")
         if "default_account" in values:
             account = dict(values["default_account"] or {})
             account.setdefault("key", "-")
@@ -598,8 +652,34 @@ class SimConfig:
             else:
                 data = json.loads(text)
         except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-            raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+            raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: "
+                              f"{_one_line(exc)}") from exc
         return cls.from_dict(data, base_dir=path.parent, source=str(path))
+
+
+def _one_line(exc: Exception) -> str:
+    """A parser's error on one line: YAML's problem and where ("line 2, column 5"), else the
+    message with its whitespace runs collapsed."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if isinstance(problem, str) and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
+def _check_number(source: str, name: str, value: Any, low: float | None = None, *,
+                  above: bool = False, unit: str = "") -> None:
+    """``value`` is a finite number (>= ``low``, or > ``low`` with ``above``), else ConfigError."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if above else value >= low
+    if not ok:
+        bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
+        raise ConfigError(f"{source}: {name} must be a number{bound}{unit}, got {value!r}")
+
+
+def _check_integer(source: str, name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{source}: {name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_keys(values: dict[str, Any], cls: type, source: str) -> None:

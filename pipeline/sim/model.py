@@ -42,6 +42,11 @@ WELL_FORMED_KEY = re.compile(r"^[0-9A-Za-z]{32}$")
 QUEUED, RUNNING, SUCCESS, FAILED, CANCEL = "QUEUED", "RUNNING", "SUCCESS", "FAILED", "CANCEL"
 
 
+# key_fingerprint and canonical_node_info below are the simulator's own copies of what
+# rhbatch's client also computes, kept apart on purpose: the simulator judges the client, and a
+# helper both sides shared would let a bug agree with itself (see pipeline.sim). Do not merge them.
+
+
 def key_fingerprint(key: str) -> str:
     """First 8 hex digits of sha256(key): what the audit and webhook records show instead of a key."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
@@ -83,15 +88,9 @@ class Clock:
 # -- workflows -----------------------------------------------------------------------------------
 
 
-def is_link(value: Any) -> bool:
-    """A ComfyUI link: ``[node_id, output_slot]``."""
-    return (
-        isinstance(value, list) and len(value) == 2 and isinstance(value[0], str | int)
-        and isinstance(value[1], int) and not isinstance(value[1], bool)
-    )
-
-
 def is_output_node(class_type: str) -> bool:
+    """The simulator's guess for a class its node catalogue does not know (a Save or Preview node);
+    a known class is an output node when the catalogue says so (:mod:`pipeline.sim.comfy`)."""
     return class_type == "PreviewImage" or class_type.startswith("Save")
 
 
@@ -123,66 +122,6 @@ class Workflow:
 def _node_order(node_id: str) -> tuple[int, str]:
     head = node_id.split(":", 1)[0]
     return (int(head), node_id) if head.isdigit() else (1 << 62, node_id)
-
-
-def _int_ok(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value) and value.is_integer()
-    if isinstance(value, str):
-        try:
-            int(value.strip())
-        except ValueError:
-            return False
-        return True
-    return False
-
-
-def _float_ok(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int | float):
-        return math.isfinite(value)
-    if isinstance(value, str):
-        try:
-            return math.isfinite(float(value.strip()))
-        except ValueError:
-            return False
-    return False
-
-
-def value_error(default: Any, value: Any, nodes: dict[str, Any]) -> tuple[str, str] | None:
-    """Why ``value`` cannot replace ``default`` in a ComfyUI prompt, or None when it fits.
-
-    Mirrors ComfyUI's coercions: INT takes ints, integral floats and integer strings ("1231231");
-    FLOAT takes any finite number or numeric string; STRING takes strings and numbers (ComfyUI
-    applies ``str()``), not booleans, null, lists or mappings; BOOLEAN takes only booleans. A link
-    input (``["4", 1]``) can only be re-pointed at another existing node, never set to a literal.
-    Inputs whose default is null or a mapping accept anything.
-    """
-    if is_link(default):
-        if is_link(value) and str(value[0]) in nodes:
-            return None
-        return ("invalid_input_type", "Input is a link to another node and cannot be set to a value")
-    if isinstance(value, list | dict):
-        return ("invalid_input_type", "Value is a list or mapping where a literal is expected")
-    if isinstance(default, bool):
-        ok, kind = isinstance(value, bool), "BOOLEAN"
-    elif isinstance(default, int):
-        ok, kind = _int_ok(value), "INT"
-    elif isinstance(default, float):
-        ok, kind = _float_ok(value), "FLOAT"
-    elif isinstance(default, str):
-        ok = isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool))
-        kind = "STRING"
-    else:
-        return None
-    if ok:
-        return None
-    return ("invalid_input_type", f"Failed to convert an input value to a {kind} value")
 
 
 # -- accounts and tasks --------------------------------------------------------------------------
@@ -233,6 +172,15 @@ class Task:
     v2: bool = False  # created on a v2 route: its webhook's eventData is a v2 query object
     money_cents: int | None = None  # money billed at the end, when its workflow bills money
     children: list[ChildTask] = field(default_factory=list)
+    # ComfyUI's ``outputs_to_execute`` for the task's prompt: the output nodes that passed validation
+    # (None: every output node of the workflow), the only ones whose files the task produces
+    outputs_to_execute: list[str] | None = None
+    # the ``failedReason`` of a value that passed validation and fails when the task runs (805)
+    run_failure: dict[str, Any] | None = None
+
+    def outputs(self) -> list[str]:
+        """The output nodes whose files this task produces."""
+        return self.workflow.output_nodes if self.outputs_to_execute is None else self.outputs_to_execute
 
     @property
     def money(self) -> float | None:
@@ -274,6 +222,9 @@ class Account:
         self.v1_task_routes = str(config.v1_task_routes)
         self.free_user = config.free_user
         self.revoked = config.revoked
+        self.revoke_at_s = config.revoke_at_s
+        self.revoke_after_creates = config.revoke_after_creates
+        self.creates = 0  # tasks accepted for this key
         self.personal_queue_limit = config.personal_queue_limit
         self.wallet_code = config.wallet_code
         self._service = service
@@ -323,6 +274,19 @@ class Account:
             return len(self.pqueue) + sum(1 for t in self.active.values() if t.status(now) == QUEUED)
 
     # bookkeeping (caller holds the lock)
+    def revoked_at(self, now: float) -> bool:
+        """Whether the key is revoked at simulated time ``now`` (``revoke_at_s`` passed, or
+        revoked by ``revoke_after_creates`` or :meth:`Simulator.revoke`)."""
+        if not self.revoked and self.revoke_at_s is not None and now >= self.revoke_at_s:
+            self.revoked = True
+        return self.revoked
+
+    def count_create(self) -> None:
+        """One more task accepted; the key is revoked once it reaches ``revoke_after_creates``."""
+        self.creates += 1
+        if self.revoke_after_creates is not None and self.creates >= self.revoke_after_creates:
+            self.revoked = True
+
     def start(self, task: Task, at: float) -> None:
         task.start_at = at + task.queue_delay
         task.end_at = task.start_at + task.runtime

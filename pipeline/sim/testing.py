@@ -1,8 +1,9 @@
 """Helpers for tests that drive the simulator over real HTTP (no pytest import here).
 
 - :class:`SimClient`: a small synchronous httpx client bound to one simulator and one key.
-- :class:`WebhookReceiver`: a loopback HTTP server that records webhook deliveries and answers
-  with scripted status codes or delays.
+- :class:`WebhookRecorder`: a loopback HTTP server that records webhook deliveries and answers
+  with scripted status codes or delays (rhbatch's own receiver is a different thing:
+  :class:`pipeline.webhooks.WebhookReceiver`).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class SimClient:
             time.sleep(0.01)
 
 
-class WebhookReceiver:
+class WebhookRecorder:
     """Record POSTed JSON bodies; answer ``statuses`` in turn (then ``default_status``)."""
 
     def __init__(self, *, statuses: Iterable[int] = (), default_status: int = 200, delay_s: float = 0.0):
@@ -144,7 +145,7 @@ class WebhookReceiver:
         self._server.server_close()
         self._thread.join()
 
-    def __enter__(self) -> WebhookReceiver:
+    def __enter__(self) -> WebhookRecorder:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,159 @@
+"""What ``rhbatch run`` shows while a run goes: tqdm on a terminal, plain lines without one, and
+with ``--verbose`` the log.
+
+The core emits :class:`~pipeline.runner.Event` values; this module (the command line's, and only
+imported when a run starts, with tqdm) turns them into a progress bar and status lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.config import PROGRESS_INTERVAL_S, RedactingFilter, redact
+from pipeline.safetext import amount, escape_controls
+
+# The runner stops with this detail when a task crashed (a full disk, ...); it then raises that
+# error, which handle_errors prints once with its fix, so the "Stopping:" line would repeat it.
+CRASH_PREFIX = "internal error: "
+
+
+class Progress:
+    """tqdm on stderr on a terminal; without one (nohup, CI, a pipe), a plain line every
+    ``interval_s`` on stderr and in the run's log: counts, rate, coins, ETA. --quiet: neither."""
+
+    def __init__(self, total: int, done: int, quiet: bool,
+                 interval_s: float = PROGRESS_INTERVAL_S, *,
+                 echo: Callable[[str], None] = lambda line: None):
+        self.echo = echo
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            unit="row",
+            file=sys.stderr,
+            disable=quiet or not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        )
+        self.counts = {"submitted": 0, "success": 0, "failed": 0, "unknown": 0}
+        self.total, self.done_before, self.coins = total, done, 0.0
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._lines: threading.Thread | None = None
+        if not quiet and not sys.stderr.isatty() and interval_s > 0:
+            self._lines = threading.Thread(target=self._plain_lines, args=(interval_s,),
+                                           name="progress", daemon=True)
+            self._lines.start()
+
+    def line(self) -> str:
+        """One plain progress line: what a person reading a log wants to know."""
+        done = self.counts["success"] + self.counts["failed"]
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed * 60 if elapsed > 0 else 0.0
+        left = self.total - self.done_before - done - self.counts["unknown"]
+        eta = f"{left / rate:,.0f} min" if rate > 0 and left > 0 else "n/a"
+        return (f"progress: {self.done_before + done:,}/{self.total:,} rows final "
+                f"({self.counts['success']:,} succeeded, {self.counts['failed']:,} failed, "
+                f"{self.counts['unknown']:,} unknown this session), {self.counts['submitted']:,} "
+                f"submitted, {rate:,.1f} rows/min, {amount(self.coins)} coins, ETA {eta}")
+
+    def _plain_lines(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            text = self.line()
+            self.echo(text)
+            logging.getLogger("rhbatch.progress").info("%s", text)
+
+    def __call__(self, event: Any) -> None:
+        if event.kind == "cost":
+            self.coins = float(event.detail)
+        if event.kind in self.counts:
+            self.counts[event.kind] += 1
+        if event.kind in ("success", "failed"):
+            self.bar.update(1)
+        if event.kind in ("outage", "reconciling"):
+            self.bar.write(f"{'Waiting for webhooks: ' if event.kind == 'reconciling' else ''}"
+                           f"{escape_controls(redact(event.detail))}", file=sys.stderr)
+        if event.kind == "stopping" and not str(event.detail).startswith(CRASH_PREFIX):
+            detail = escape_controls(redact(event.detail))
+            if detail == "interrupted":
+                detail = ("interrupted: finishing the create in flight and saving state; press "
+                          "Ctrl-C again to stop at once (that row then becomes SUBMIT_UNKNOWN)")
+            self.bar.write(f"Stopping: {detail}", file=sys.stderr)
+        self.bar.set_postfix(
+            sub=self.counts["submitted"], ok=self.counts["success"], fail=self.counts["failed"],
+            unk=self.counts["unknown"], refresh=False,
+        )
+
+    def close(self) -> None:
+        self._stop.set()
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def verbose_log(verbose: bool) -> Iterator[None]:
+    """``--verbose``: the ``rhbatch`` log on stderr (key redacted) while the command runs; the
+    handler is removed when it ends, so an in-process caller (a test, a notebook) that runs
+    another command does not log twice."""
+    if not verbose:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("rhbatch")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def spending_lines(spending: Any) -> list[str]:
+    """Coins (and money, when any) billed, split by how the tasks ended; unpriced tasks named."""
+    if spending is None:
+        return []
+    lines = []
+    parts = []
+    for status in ("SUCCESS", "FAILED", "CANCELLED"):
+        bucket = spending.by_status.get(status)
+        if bucket and (bucket["coins"] or bucket["money"] or bucket["third_party_money"]):
+            parts.append(f"{amount(bucket['coins'])} {status.lower()}")
+    line = f"Billed: {amount(spending.coins)} coins"
+    if parts:
+        line += f" ({', '.join(parts)}; every attempt counted)"
+    lines.append(line)
+    if spending.money or spending.third_party_money:
+        lines.append(f"Money: {amount(spending.money)} consumeMoney, "
+                     f"{amount(spending.third_party_money)} third-party")
+    if spending.unpriced:
+        lines.append(f"Cost unknown for {spending.unpriced} task(s): the service did not report it "
+                     "(not counted as 0)")
+    return lines
+
+
+def resume_command(argv: list[str]) -> tuple[str, bool]:
+    """The command that resumes this one, and whether ``--api-key`` was dropped from it: the key
+    is never printed, and ``--api-key ***`` would not work (the key then comes from the
+    environment)."""
+    kept: list[str] = []
+    dropped = skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--":
+            kept.extend(argv[i:])
+            break
+        elif arg == "--api-key":
+            dropped = skip = True
+        elif arg.startswith("--api-key="):
+            dropped = True
+        else:
+            kept.append(arg)
+    return " ".join(shlex.quote(escape_controls(a)) for a in ["rhbatch", *kept]), dropped
