@@ -17,21 +17,19 @@ KiB). The exit code is 0 when validate exits 0 and stays under both targets.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_ID = "1904136902449209346"
 SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc")
 TARGET_WALL_S = 6.0  # per 1,000,000 rows
 TARGET_PEAK_MB = 800.0  # per 1,000,000 rows (at least a tenth of it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_child  # noqa: E402  (bench/common.py: one wait4 measurement for every script)
+
 CHILD_TIMEOUT_S = 600.0
-POLL_INTERVAL_S = 0.02
 PANDAS_READ = "import sys, pandas; frame = pandas.read_csv(sys.argv[1]); print(len(frame))"
 
 
@@ -49,29 +47,6 @@ def write_csv(path: Path, rows: int) -> None:
         fh.write("".join(lines))
 
 
-def run_child(argv: list[str]) -> dict[str, Any]:
-    """Run ``argv``: its wall time, CPU (user+sys), peak RSS and exit code, via wait4."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile() as errfile:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errfile)
-        deadline = started + CHILD_TIMEOUT_S
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(POLL_INTERVAL_S)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        errfile.seek(0)
-        stderr = errfile.read().decode(errors="replace")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_mb": usage.ru_maxrss / 1024, "exit": proc.returncode, "stderr": stderr[-2000:]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -83,18 +58,20 @@ def main() -> None:
         if not path.exists():
             write_csv(path, args.rows)
         size_mb = path.stat().st_size / 1e6
-        ours = run_child([sys.executable, "-m", "pipeline", "validate", str(path)])
-        floor = None if args.no_pandas else run_child([sys.executable, "-c", PANDAS_READ, str(path)])
+        ours = run_child([sys.executable, "-m", "pipeline", "validate", str(path)],
+                         timeout_s=CHILD_TIMEOUT_S)
+        floor = None if args.no_pandas else run_child(
+            [sys.executable, "-c", PANDAS_READ, str(path)], timeout_s=CHILD_TIMEOUT_S)
     scale = args.rows / 1e6
     wall_target, peak_target = TARGET_WALL_S * scale, TARGET_PEAK_MB * max(scale, 0.1)
-    ok = ours["exit"] == 0 and ours["wall_s"] < wall_target and ours["peak_mb"] < peak_target
+    ok = ours["exit"] == 0 and ours["wall_s"] < wall_target and ours["peak_rss_mb"] < peak_target
     print(f"validate_memory: {args.rows:,}-row CSV, {size_mb:.0f} MB, 4 bound columns")
     print(f"  rhbatch validate : {ours['wall_s']:6.2f} s wall ({ours['cpu_s']:.2f} s CPU), "
-          f"peak RSS {ours['peak_mb']:5.0f} MB, exit {ours['exit']}   "
+          f"peak RSS {ours['peak_rss_mb']:5.0f} MB, exit {ours['exit']}   "
           f"[target < {wall_target:g} s, < {peak_target:.0f} MB: {'OK' if ok else 'MISSED'}]")
     if floor is not None:
         print(f"  pandas.read_csv  : {floor['wall_s']:6.2f} s wall ({floor['cpu_s']:.2f} s CPU), "
-              f"peak RSS {floor['peak_mb']:5.0f} MB, exit {floor['exit']}")
+              f"peak RSS {floor['peak_rss_mb']:5.0f} MB, exit {floor['exit']}")
     if ours["exit"] != 0:
         print(ours["stderr"], file=sys.stderr)
     sys.exit(0 if ok else 1)
