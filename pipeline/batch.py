@@ -182,6 +182,14 @@ def open_run(
     identity = args.identity()
     if st.RunStore.exists(run_dir):
         store = st.RunStore.open(run_dir)
+        if store.get_meta("manifest_fingerprint") is None and store.counts()[st.PENDING] == store.total():
+            # A creation killed before its rows and facts were recorded: no row of it was ever sent,
+            # so it is started again from the manifest instead of being taken for another run.
+            store.close()
+            for suffix in ("", "-wal", "-shm"):
+                (run_dir / f"{st.RunPaths.STATE_DB}{suffix}").unlink(missing_ok=True)
+            return open_run(args, run_dir, settings, manifest=manifest, earlier=earlier,
+                            on_warning=on_warning)
         if store.get_meta("manifest_identity") == identity:
             return store, False
         manifest = args.load()

@@ -377,3 +377,34 @@ def test_with_v2_the_window_starts_at_the_keys_concurrent_limit(make_sim, api_ke
     most = max(sum(1 for a, b in spans if a <= start < b) for start, _ in spans)
     assert most == 3  # three in flight at once (the key's limit), not --concurrency's default 1
     assert [r["route"] for r in sim.audit.requests()].count("v2_queue_status") == 1
+
+
+@pytest.mark.parametrize("rows_stored", [0, 3])
+def test_a_creation_killed_before_it_was_recorded_starts_again(make_sim, api_key, tmp_path,
+                                                              rows_stored):
+    """A kill between making state.db and recording the manifest's facts leaves a store no row of
+    which was sent: the same command starts the run again instead of calling it another manifest."""
+    from pipeline.manifest import load_manifest
+
+    sim = make_sim()
+    manifest = write_manifest(tmp_path / "m.csv", 5)
+    store = st.RunStore.open(tmp_path / "run", create=True)
+    store.insert_rows(list(load_manifest(manifest).rows)[:rows_stored])
+    store.close()
+    summary = _run(sim, api_key, manifest, tmp_path / "run")
+    assert summary.exit_code == 0 and summary.counts[st.SUCCESS] == 5
+    assert len(sim.audit.tasks()) == 5
+
+
+def test_a_run_with_a_row_sent_is_never_started_again(make_sim, api_key, tmp_path):
+    from pipeline.manifest import load_manifest
+
+    sim = make_sim()
+    manifest = write_manifest(tmp_path / "m.csv", 5)
+    store = st.RunStore.open(tmp_path / "run", create=True)
+    store.insert_rows(load_manifest(manifest).rows)
+    store.mark_submitting(0)  # a create may have left: this store must be kept
+    store.close()
+    with pytest.raises(ManifestChangedError):
+        _run(sim, api_key, manifest, tmp_path / "run")
+    assert (tmp_path / "run" / "state.db").exists() and not sim.audit.tasks()
