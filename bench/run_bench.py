@@ -13,6 +13,9 @@ Sections (see bench/README.md for what each measures and the targets):
 - ``wide``    1,000 slots of 30 s tasks at a 200 ms round trip: how busy the slots are
 - ``faults``  300 rows, 8 slots, 0.3 s tasks, 20 % of creates failing: time over the ideal and
   the capacity waits
+- ``keys``    a pool of 3 keys (account limits 1, 5 and 20) over 2,000 rows: makespan over the
+  ideal for their 26 slots, beside one key of 26 slots, and calls made with another key than the
+  task's creator (from the simulator's audit)
 - ``client``  rhbatch's own CPU per task and peak RSS, ``rhbatch run`` in a child process
 - ``manifest`` validating a 1,000,000-row CSV: rows/s and peak RSS
 - ``resume``  a half-done 1,000,000-row run: ``rhbatch run`` start to the first new create
@@ -54,8 +57,8 @@ from common import (  # noqa: E402
 
 from pipeline import config  # noqa: E402
 
-SECTIONS = ("slots", "calls", "grid", "wide", "faults", "api", "window", "client", "manifest",
-            "resume", "compare")
+SECTIONS = ("slots", "calls", "grid", "wide", "faults", "api", "window", "keys", "client",
+            "manifest", "resume", "compare")
 RUN_TIMEOUT_S = 1800.0
 
 # rhbatch's defaults in real seconds (pipeline/config.py); benchmarks divide them by the time scale
@@ -86,8 +89,10 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def rhbatch_in_process(sim: SimProcess, workdir: Path, tasks: int, concurrency: int,
-                       name: str, api: str = "auto", **overrides: Any) -> dict[str, Any]:
-    """``run_batch`` in this process, intervals scaled by the simulator's time scale."""
+                       name: str, api: str = "auto", keys: list[Any] | None = None,
+                       **overrides: Any) -> dict[str, Any]:
+    """``run_batch`` in this process, intervals scaled by the simulator's time scale; ``keys``
+    (``PoolKey``s) runs them as one pool instead of a single generated key."""
     from pipeline.batch import ManifestArgs, run_batch
     from pipeline.config import resolve_settings
 
@@ -96,13 +101,14 @@ def rhbatch_in_process(sim: SimProcess, workdir: Path, tasks: int, concurrency: 
     intervals = {k: v / scale for k, v in REAL_INTERVALS_S.items()}
     intervals.update(overrides)
     settings = resolve_settings(
-        api_key=api_key(), base_url=sim.base_url, env={}, concurrency=concurrency, api=api,
-        **intervals,
+        api_key=keys[0].secret.reveal() if keys else api_key(), base_url=sim.base_url, env={},
+        concurrency=concurrency, api=api, **intervals,
     )
     run_dir = workdir / name
+    pool: dict[str, Any] = {"keys": keys} if keys else {}
     wall0, mono0 = time.time(), time.monotonic()
     started = time.monotonic()
-    summary = run_batch(ManifestArgs(manifest), run_dir, settings, handle_signals=False)
+    summary = run_batch(ManifestArgs(manifest), run_dir, settings, handle_signals=False, **pool)
     elapsed = time.monotonic() - started
     audit = sim.ask("summary tasks")
     conn = sqlite3.connect(run_dir / "state.db")
@@ -289,6 +295,96 @@ def bench_window(workdir: Path, *, tasks: int, duration_s: float, time_scale: fl
             ratio <= 1.10),
         Row("window", "capacity answers at --concurrency 8 (the whole run)", f"{refused}", "<= 3",
             refused <= 3),
+    ]
+
+
+KEY_LIMITS = (1, 5, 20)  # the pool's three accounts: 26 slots in all
+
+
+def _key_audit(audit: dict[str, Any], fps: dict[str, str], limits: dict[str, int]
+               ) -> tuple[int, int, dict[str, str]]:
+    """(cross-key calls, tasks named by a key other than their creator's, per key label:
+    tasks created and its slots' busy share, first create to last end)."""
+    creator, key_fps = audit["creator"], audit["key_fps"]
+    # ids no task has (rhbatch's probe of the API generation) are not tasks
+    cross_tasks = sum(1 for t, seen in key_fps.items() if t in creator and set(seen) != {creator[t]})
+    span = (audit["last_end_t"] or 0.0) - (audit["first_create_t"] or 0.0)
+    per_key = {}
+    for fp, label in fps.items():
+        mine = [t for t, c in creator.items() if c == fp]
+        ran = sum(audit["ended_at"][t] - audit["created_at"][t] for t in mine
+                  if audit["ended_at"].get(t) is not None)
+        busy = ran / (limits[fp] * span) if span > 0 else float("nan")
+        per_key[label] = f"{len(mine)} tasks, {busy * 100:.0f} % busy"
+    return audit["cross_key_calls"], cross_tasks, per_key
+
+
+def _recorded_keys(run_dir: Path, audit: dict[str, Any], pipeline_fp: dict[str, str]
+                   ) -> tuple[int, int]:
+    """(rows whose recorded key_fp is the key the simulator says created their task, rows with
+    a task)."""
+    conn = sqlite3.connect(run_dir / "state.db")
+    try:
+        rows = conn.execute("SELECT task_id, key_fp FROM rows WHERE task_id IS NOT NULL").fetchall()
+    finally:
+        conn.close()
+    agree = sum(1 for task, fp in rows
+                if fp is not None and pipeline_fp.get(audit["creator"].get(task, "")) == fp)
+    return agree, len(rows)
+
+
+def bench_keys(workdir: Path, *, tasks: int, duration_s: float, time_scale: float) -> list[Row]:
+    """Three keys of 1, 5 and 20 slots in one run against one key of 26 slots, same rows and D
+    (issue #17: makespan <= 1.10 x ceil(N/26) x D), and no task touched by another key than the
+    one that created it (the simulator's audit of the key behind every call)."""
+    from pipeline.config import key_fingerprint
+    from pipeline.keys import resolve_keys
+
+    slots = sum(KEY_LIMITS)
+    ideal = math.ceil(tasks / slots) * duration_s
+    secrets_ = [api_key() for _ in KEY_LIMITS]
+    keys = resolve_keys(env={"RUNNINGHUB_API_KEYS": ",".join(secrets_)})
+    config = sim_config(concurrency=slots, duration_s=duration_s, time_scale=time_scale)
+    with SimProcess(workdir, config) as sim:
+        fps, limits, pipeline_fp = {}, {}, {}
+        for key, secret, limit in zip(keys, secrets_, KEY_LIMITS, strict=True):
+            fp = sim.ask(f"account {secret} {limit}")["key_fp"]
+            fps[fp], limits[fp], pipeline_fp[fp] = key.label, limit, key_fingerprint(secret)
+        result = rhbatch_in_process(sim, workdir, tasks, slots, "keys", keys=keys)
+        audit = sim.ask("summary tasks keys")
+    with SimProcess(workdir, config) as sim:
+        single = rhbatch_in_process(sim, workdir, tasks, slots, "keys-single")
+    summary = result["summary"]
+    done = summary.counts["SUCCESS"]
+    makespan = audit["last_end_t"] - audit["first_create_t"]
+    one = single["audit"]["last_end_t"] - single["audit"]["first_create_t"]
+    ratio = makespan / ideal
+    cross_calls, cross_tasks, per_key = _key_audit(audit, fps, limits)
+    agree, with_task = _recorded_keys(workdir / "keys", audit, pipeline_fp)
+    outcomes = "; ".join(
+        f"{k.label} {k.created} created, {k.capacity_answers} capacity answers, window "
+        f"{k.window}" + (f", retired: {k.retired}" if k.retired else "")
+        for k in getattr(summary, "keys", []))
+    return [
+        Row("keys", f"3 keys (limits {', '.join(map(str, KEY_LIMITS))}), {tasks} rows, "
+            f"D={duration_s:g}s, time scale {time_scale:g}: succeeded", f"{done}/{tasks}",
+            f"{tasks}", done == tasks),
+        Row("keys", f"makespan / ceil(N/{slots})xD, 3 keys", f"{_fmt(ratio)} ({makespan:,.0f}s / "
+            f"{ideal:,.0f}s sim)", "<= 1.10", ratio <= 1.10),
+        Row("keys", f"makespan / ceil(N/{slots})xD, 1 key of {slots} slots (same rows and D)",
+            f"{_fmt(one / ideal)} ({one:,.0f}s sim, "
+            f"{single['summary'].counts['SUCCESS']}/{tasks} succeeded)"),
+        Row("keys", "cross-key calls (simulator audit: a task named with another key than its "
+            "creator's)", f"{cross_calls} (tasks: {cross_tasks})", "0",
+            cross_calls == 0 and cross_tasks == 0),
+        Row("keys", "rows whose recorded key is the task's creator (state.db key_fp)",
+            f"{agree}/{with_task}", f"{with_task}", agree == with_task),
+        Row("keys", "    tasks per key, slots busy", "; ".join(
+            f"{label}: {text}" for label, text in per_key.items())),
+        Row("keys", "    per key (run summary)", outcomes or "none reported"),
+        Row("keys", "    calls / task: 3 keys, 1 key",
+            f"{audit['requests'] / max(1, audit['finished']):.2f}, "
+            f"{single['audit']['requests'] / max(1, single['audit']['finished']):.2f}"),
     ]
 
 
@@ -585,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
         if "window" in only:
             rows += bench_window(workdir, tasks=8 if smoke else 24, duration_s=30.0,
                                  time_scale=time_scale)
+        if "keys" in only:
+            rows += bench_keys(workdir, tasks=60 if smoke else 2000, duration_s=30.0,
+                               time_scale=time_scale)
         if "client" in only:
             client_tasks = args.tasks or (300 if smoke else 100_000)
             rows += bench_client(workdir, tasks=client_tasks,

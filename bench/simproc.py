@@ -7,7 +7,11 @@ answers one JSON line per command read from stdin:
 
 - ``summary``: request counts by route, accepted tasks, the simulated times of the first create
   and the last task end, and each finished task's ``{taskId: ended_at}`` (simulated seconds) when
-  asked with ``summary tasks``;
+  asked with ``summary tasks``; ``summary keys`` adds each task's creating key fingerprint
+  (``creator``), the fingerprints of every key that named it (``key_fps``, from
+  ``Audit.task_key_fps``) and ``cross_key_calls``, the requests naming a task with another key;
+- ``account KEY CONCURRENCY``: an account for ``KEY`` with that limit (the key comes over the pipe,
+  never on disk); answers its audit fingerprint;
 - ``first_create``: the simulated time of the first create or ai-app/run request (null if none);
 - ``quit``: stop serving and exit.
 
@@ -29,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 CREATE_ROUTES = ("create", "ai_app_run")
 
 
-def _summary(sim, with_tasks: bool) -> dict:
+def _summary(sim, with_tasks: bool, with_keys: bool = False) -> dict:
     requests = sim.audit.requests()
     routes = Counter(r["route"] for r in requests)
     creates = [r["t"] for r in requests if r["route"] in CREATE_ROUTES]
@@ -46,6 +50,13 @@ def _summary(sim, with_tasks: bool) -> dict:
         "last_end_t": max(ends) if ends else None,
         "now": sim.now(),
     }
+    if with_keys:
+        creator = {t["taskId"]: t["key_fp"] for t in tasks}
+        out["creator"] = creator
+        out["key_fps"] = {t: sorted(fps) for t, fps in sim.audit.task_key_fps().items()}
+        out["cross_key_calls"] = sum(
+            1 for r in requests if r["task_id"] in creator and r["key_fp"] is not None
+            and r["key_fp"] != creator[r["task_id"]])
     if with_tasks:
         out["ended_at"] = {t["taskId"]: t["ended_at"] for t in tasks}
         out["created_at"] = {t["taskId"]: t["created_at"] for t in tasks}
@@ -66,7 +77,12 @@ def main() -> int:
             if not command or command[0] == "quit":
                 break
             if command[0] == "summary":
-                answer = _summary(sim, "tasks" in command[1:])
+                answer = _summary(sim, "tasks" in command[1:], "keys" in command[1:])
+            elif command[0] == "account" and len(command) == 3:
+                from pipeline.sim import AccountConfig, key_fingerprint
+
+                sim.add_account(AccountConfig(key=command[1], concurrency=int(command[2])))
+                answer = {"key_fp": key_fingerprint(command[1])}
             elif command[0] == "first_create":
                 with sim.lock:
                     first = next((row for row in sim._requests if row[3] in CREATE_ROUTES), None)

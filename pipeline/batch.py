@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from pipeline import store as st
 from pipeline.client import AccountStatus, RetryPolicy, RunningHubClient, build_payload
-from pipeline.config import TRACEBACK_NOTE, RedactingFilter, Settings, key_fingerprint, show_url
+from pipeline.config import TRACEBACK_NOTE, RedactingFilter, Settings, show_url
 from pipeline.download import download_loop, download_pass
 from pipeline.errors import (
     ManifestChangedError,
@@ -45,7 +45,17 @@ from pipeline.errors import (
     StateError,
     StorageError,
 )
+from pipeline.keys import PoolKey
 from pipeline.manifest import Manifest, ProblemGroup, check_manifest_path, load_manifest
+from pipeline.pool import (
+    LEGACY_KEY_META,
+    Pool,
+    check_keys,
+    merge,
+    record_keys,
+    record_outcomes,
+    run_all,
+)
 from pipeline.prepare import Prepared, load_and_prepare, load_checked, prepare_rows
 from pipeline.refresh import ResultsFlusher, remove_stale_temporaries
 from pipeline.runner import Event, Runner, RunSummary
@@ -253,6 +263,7 @@ class RunOptions:
     download: bool = False
     webhook_listen: str | None = None
     base_url_moved: bool = False  # --base-url-moved: accept (and record) a new base URL
+    keys: tuple[PoolKey, ...] = ()  # several keys (pipeline.keys); empty: the settings' one key
 
 
 async def _drive(store: st.RunStore, settings: Settings, options: RunOptions,
@@ -260,11 +271,11 @@ async def _drive(store: st.RunStore, settings: Settings, options: RunOptions,
     """Run the loop, with the webhook receiver around it when asked for."""
     if not options.webhook_listen:
         return await _drive_loop(store, settings, options, flusher, None)
-    runners: list[Runner] = []
+    pools: list[Pool] = []
     host, port = parse_listen(options.webhook_listen)
     receiver = WebhookReceiver(
         host, port,
-        lambda task_id, token=None: runners[0].hint_finished(task_id, token) if runners else False,
+        lambda task_id, token=None: pools[0].hint_finished(task_id, token) if pools else False,
     )
     await receiver.start()
     public = settings.task_options.get("webhookUrl")
@@ -273,7 +284,7 @@ async def _drive(store: st.RunStore, settings: Settings, options: RunOptions,
     )
     log.info("webhook receiver listening on %s:%d", receiver.host, receiver.port)
     try:
-        return await _drive_loop(store, settings, options, flusher, runners.append)
+        return await _drive_loop(store, settings, options, flusher, pools.append)
     finally:
         await receiver.stop()
 
@@ -284,24 +295,51 @@ async def _read_account_first(client: RunningHubClient, runner: Runner, store: s
     try:
         account = await client.account_status()
     except RunFatalError as exc:
-        log.error("stopping before any submission: %s", exc)
+        if runner.pool.solo:
+            log.error("stopping before any submission: %s", exc)
         return RunSummary(
             counts=store.counts(), total=store.total(), elapsed_s=0.0, stopped=str(exc),
-            exit_code=3, coins=store.spent_coins(), requests=client.requests_sent,
+            exit_code=3, coins=store.spending().coins, requests=client.requests_sent,
         )
     except Exception as exc:  # the pre-check is informative; the run decides by itself
         log.warning("could not read the account before the run: %s", exc)
         return None
     runner.service_reachable()
-    options.on_account(account)
+    named = "" if runner.pool.solo else f"key {runner.label}: "
+    if runner.pool.solo:
+        options.on_account(account)
+    else:
+        coins = "?" if account.remain_coins is None else number(account.remain_coins)
+        options.on_notice(f"{named}{account.api_type or 'unknown type'}, {coins} coins, "
+                          f"{account.current_task_counts} task(s) running or queued")
     said = await client.detect()
-    log.info("%s", said)
-    options.on_notice(said)
+    log.info("%s%s", named, said)
+    options.on_notice(f"{named}{said}")
     limit = await client.queue_limit() if client.read_api == "v2" else None
     if limit is not None:
         runner.set_ceiling(limit)
-        log.info("the key's concurrentLimit is %d: the window starts at %d", limit, runner.window)
+        log.info("%sthe key's concurrentLimit is %d: the window starts at %d", named, limit,
+                 runner.window)
     return None
+
+
+def run_keys(settings: Settings, options: RunOptions) -> list[PoolKey]:
+    """The keys this invocation creates and polls with."""
+    if options.keys:
+        return list(options.keys)
+    settings.require_key()
+    assert settings.api_key is not None
+    return [PoolKey(settings.api_key, "key")]
+
+
+def _key_settings(settings: Settings, key: PoolKey) -> Settings:
+    """One key's settings: its secret, and its ``max=`` as a cap over the key's stated limit."""
+    if key.max_in_flight is None:
+        return dataclasses.replace(settings, api_key=key.secret)
+    cap = min(key.max_in_flight, settings.concurrency if settings.concurrency_given
+              else key.max_in_flight)
+    return dataclasses.replace(settings, api_key=key.secret, concurrency=cap,
+                               concurrency_given=True)
 
 
 async def _drive_loop(
@@ -309,31 +347,42 @@ async def _drive_loop(
     settings: Settings,
     options: RunOptions,
     flusher: ResultsFlusher,
-    register: Callable[[Runner], None] | None,
+    register: Callable[[Pool], None] | None,
 ) -> RunSummary:
-    async with RunningHubClient(settings, policy=options.policy) as client:
-        runner = Runner(
-            store,
-            client,
-            settings,
-            on_event=options.on_event,
-            max_coins=options.max_coins,
-            max_money=options.max_money,
-            expected_task_coins=options.expected_task_coins,
-            submit_only=None if options.submit_only is None else set(options.submit_only),
-            webhook_tokens=register is not None,
-        )
+    keys = run_keys(settings, options)
+    legacy = store.get_meta(LEGACY_KEY_META)
+    async with contextlib.AsyncExitStack() as stack:
+        pool = Pool(store, submit_only=options.submit_only, max_coins=options.max_coins,
+                    max_money=options.max_money, expected_task_coins=options.expected_task_coins,
+                    size=len(keys))
+        runners = []
+        for n, key in enumerate(keys):
+            key_settings = _key_settings(settings, key)
+            client = await stack.enter_async_context(
+                RunningHubClient(key_settings, policy=options.policy))
+            runners.append(Runner(
+                store, client, key_settings, on_event=options.on_event, pool=pool,
+                key_fp=key.fingerprint, label=key.label, key_limits=(key.max_coins, key.max_money),
+                owns_unrecorded=key.fingerprint == legacy if legacy else n == 0,
+                webhook_tokens=register is not None,
+            ))
         if register is not None:
-            register(runner)
-        stopped = await _read_account_first(client, runner, store, options)
-        if stopped is not None:
-            return stopped
+            register(pool)
+        for runner in runners:
+            stopped = await _read_account_first(runner.client, runner, store, options)
+            if stopped is not None and pool.solo:
+                return stopped
+            if stopped is not None:
+                runner._retire(f"refused before any create: {stopped.stopped}")
+        if not pool.solo and all(r.retired for r in runners):
+            pool.stop("no key of the run can create: " + "; ".join(
+                f"{r.label}: {r.retired}" for r in runners), interrupt=False)
         loop = asyncio.get_running_loop()
         installed = []
         if options.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
-                    loop.add_signal_handler(sig, runner.stop)
+                    loop.add_signal_handler(sig, pool.stop)
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError):
                     pass
@@ -341,7 +390,8 @@ async def _drive_loop(
         downloader = (asyncio.create_task(download_loop(store.run_dir, flusher.files_changed))
                       if options.download else None)
         try:
-            summary = await runner.run()
+            summary = merge(await run_all(runners), store)
+            record_outcomes(store, runners)
             if downloader is not None and summary.stopped != "interrupted":
                 downloader.cancel()
                 await asyncio.gather(downloader, return_exceptions=True)
@@ -357,20 +407,6 @@ async def _drive_loop(
                 # the results are still to be written: a signal now is noted, not obeyed (the
                 # _signals_held around the whole run puts the caller's handlers back after)
                 signal.signal(sig, _note_signal)
-
-
-def check_key(store: st.RunStore, settings: Settings) -> None:
-    """A run's tasks belong to the key that created them: refuse to poll them with another."""
-    current = key_fingerprint(settings.require_key())
-    recorded = store.get_meta("key_fingerprint")
-    if recorded is None:
-        store.set_meta(key_fingerprint=current)
-    elif recorded != current:
-        raise StateError(
-            f"{store.run_dir} was run with another API key (fingerprint {recorded}, this one is "
-            f"{current}); its tasks belong to that key and would look lost to this one: set "
-            "RUNNINGHUB_API_KEY to the original key, or start a new --out directory"
-        )
 
 
 BASE_URL_META = "base_url"
@@ -486,7 +522,9 @@ def execute(store: st.RunStore, settings: Settings, created: bool, options: RunO
 
     An unexpected exception (a bug, not an :class:`RhbatchError`) is logged with its traceback to
     the run's log, and a note naming that log is added to it."""
-    check_key(store, settings)
+    keys = run_keys(settings, options)
+    check_keys(store, keys)
+    record_keys(store, keys)
     options = resolve_budget(store, options)
     settings = resolve_api(store, settings, options)
     with attach_log(store.run_dir, options.verbose) as log_path:
@@ -532,7 +570,8 @@ def run_batch(args: ManifestArgs, run_dir: str | Path, settings: Settings,
     run_options = RunOptions(**options)
     args = args.for_settings(settings)
     run_dir = Path(run_dir)
-    settings.require_key()
+    if not run_options.keys:
+        settings.require_key()
     check_manifest_path(args.path)  # a directory, a device or a FIFO: refused before any read
     # A new run's manifest is checked before its directory exists: a refused one leaves nothing.
     manifest, earlier = (None, ()) if st.RunStore.exists(run_dir) else load_checked(args.load)

@@ -163,6 +163,29 @@ def connection_options(func: F) -> F:
     return func
 
 
+def keys_option(func: F) -> F:
+    """--keys-file: several keys in one run (pipeline.keys); RUNNINGHUB_API_KEYS is the same
+    from the environment."""
+    return click.option(
+        "--keys-file", type=click.Path(dir_okay=False, path_type=Path),
+        help="Several API keys, one a line: KEY [label=NAME] [max=N] [max_coins=N] [max_money=N] "
+             "(chmod 600; default: $RUNNINGHUB_API_KEYS, comma-separated, else the one key).")(func)
+
+
+def _pool_keys(keys_file: Path | None, api_key: str | None) -> tuple[Any, ...]:
+    """The keys of a run with several (or a keys file); () for the usual single key."""
+    from pipeline.keys import ENV_API_KEYS, resolve_keys
+
+    if keys_file is None and (api_key or not os.environ.get(ENV_API_KEYS, "").strip()):
+        return ()  # the one key: checked (and named in messages) by the settings as ever
+    return tuple(resolve_keys(keys_file=keys_file, api_key=api_key))
+
+
+def _env_without_key() -> dict[str, str]:
+    """The environment for settings when the keys come from a pool (each key is its own)."""
+    return {k: v for k, v in os.environ.items() if k != ENV_API_KEY}
+
+
 def _manifest_args(manifest: Path, binds: tuple[str, ...], workflow_id: str | None,
                    schema: Path | None, allow_duplicates: bool,
                    workflow_files: tuple[str, ...] = (), no_preflight: bool = False,
@@ -250,8 +273,8 @@ def validate(manifest: Path, binds: tuple[str, ...], workflow_id: str | None,
 
 
 def print_summary(run_dir: Path, summary: Any) -> None:
-    from pipeline.progress import spending_lines
-    from pipeline.status import top_failures
+    from pipeline.progress import key_summary_lines, spending_lines
+    from pipeline.status import key_breakdown_of, top_failures
     from pipeline.store import RunPaths, refuse_entry
 
     paths = RunPaths(run_dir)
@@ -263,6 +286,8 @@ def print_summary(run_dir: Path, summary: Any) -> None:
         f"{summary.requests} requests."
     )
     for line in spending_lines(getattr(summary, "spending", None)):
+        echo_err(line)
+    for line in key_summary_lines(getattr(summary, "keys", None) or [], key_breakdown_of(run_dir)):
         echo_err(line)
     for how, n in (getattr(summary, "reconciled", None) or {}).items():
         echo_err(f"Reconciled: {n} unknown create(s) proven to be a task by {how}, never resent")
@@ -332,6 +357,7 @@ def budget_options(func: F) -> F:
 @base_url_moved_option
 @manifest_options
 @connection_options
+@keys_option
 @click.option("--concurrency", type=int, help="Tasks in flight at most: the account's limit "
                                                "(default: 1; 50 for enterprise shared keys).")
 @click.option("--poll-interval", type=float, help="Seconds between polls of one task (default: 5).")
@@ -383,7 +409,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         instance_type: str | None,
         use_personal_queue: bool | None, webhook_url: str | None, webhook_listen: str | None,
         dry_run: bool, download: bool, progress_interval: float, quiet: bool,
-        verbose: bool) -> None:
+        verbose: bool, keys_file: Path | None) -> None:
     """Submit every row of MANIFEST, collect results into OUT; resume if OUT holds this run."""
     from pipeline import batch
     from pipeline.progress import Progress, verbose_log
@@ -409,8 +435,10 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
             click.echo(json.dumps(payload, ensure_ascii=False))
         echo_err(f"Dry run: {len(planned.manifest.rows)} request bodies printed, nothing sent.")
         return
+    keys = _pool_keys(keys_file, api_key)
     settings = resolve_settings(
-        api_key=api_key,
+        api_key=None if keys else api_key,
+        env=_env_without_key() if keys else None,
         base_url=base_url,
         concurrency=concurrency,
         poll_interval_s=poll_interval,
@@ -431,7 +459,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
         verb = "Starting" if created else "Resuming"
         echo_err(f"{verb} {total} rows in {out_dir} ({done} already final)")
         progress = Progress(total, done, quiet, progress_interval, echo=echo_err)
-        progress.coins = store.spent_coins()
+        progress.coins = store.spending().coins
 
     def on_event(event: Any) -> None:
         if progress:
@@ -451,7 +479,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
                 on_open=on_open, on_warning=lambda w: echo_err(f"Warning: {w}"),
                 max_coins=max_coins, max_money=max_money, expected_task_coins=expected_coins,
                 verbose=verbose, download=download, webhook_listen=webhook_listen,
-                on_notice=echo_err, base_url_moved=base_url_moved,
+                on_notice=echo_err, base_url_moved=base_url_moved, keys=keys,
             )
     finally:
         if progress:
@@ -480,6 +508,7 @@ def run(manifest: Path, out_dir: Path, binds: tuple[str, ...], workflow_id: str 
                    "expected coins; send nothing.")
 @budget_options
 @connection_options
+@keys_option
 @base_url_moved_option
 @click.option("--concurrency", type=int, help="Tasks in flight at most (default: 1).")
 @click.option("--poll-interval", type=float, help="Seconds between polls of one task (default: 5).")
@@ -495,7 +524,7 @@ def retry(run_dir: Path, statuses: tuple[str, ...], codes: tuple[int, ...], clas
           api_key: str | None, base_url: str | None, base_url_moved: bool,
           concurrency: int | None,
           poll_interval: float | None, account_poll_interval: float | None,
-          request_deadline: float | None, quiet: bool) -> None:
+          request_deadline: float | None, quiet: bool, keys_file: Path | None) -> None:
     """Submit the chosen rows of RUN_DIR again, keeping each row's history and attempt count.
 
     Only the rows the selection names are sent; rows still PENDING are `rhbatch run`'s business.
@@ -507,15 +536,17 @@ def retry(run_dir: Path, statuses: tuple[str, ...], codes: tuple[int, ...], clas
         statuses=statuses or (() if unknown else ("FAILED",)), codes=codes, classes=classes,
         where=where, unknown=unknown, accept_double_pay=accept_double_pay,
     )
+    keys = () if dry_run else _pool_keys(keys_file, api_key)
     settings = resolve_settings(
-        api_key=api_key, base_url=base_url, env=None if not dry_run else {},
+        api_key=None if keys else api_key, base_url=base_url,
+        env={} if dry_run else _env_without_key() if keys else None,
         concurrency=concurrency, poll_interval_s=poll_interval,
         account_poll_interval_s=account_poll_interval, request_deadline_s=request_deadline,
     )
     plan, summary = retry_rows(run_dir, settings, selection, dry_run=dry_run,
                                max_coins=max_coins, max_money=max_money,
                                expected_task_coins=expected_coins, on_notice=echo_err,
-                               base_url_moved=base_url_moved)
+                               base_url_moved=base_url_moved, keys=keys)
     if summary is None:
         for row in plan.rows:
             click.echo(json.dumps({"row": row["row"], "row_id": row["row_id"],
@@ -545,49 +576,14 @@ def retry(run_dir: Path, statuses: tuple[str, ...], codes: tuple[int, ...], clas
 @handle_errors
 def status(run_dir: Path, by: tuple[str, ...], as_json: bool) -> None:
     """Counts per state of the run in RUN_DIR (safe while it runs)."""
-    from pipeline.progress import spending_lines
-    from pipeline.status import run_status
+    from pipeline.status import run_status, status_json, status_lines
 
     report = run_status(run_dir, by, failures=5)
     if as_json:
-        spending = report.spending
-        data = {"run_dir": str(run_dir), "total": report.total, "counts": report.counts,
-                "coins": report.coins, "reconciled": report.reconciled}
-        if spending is not None:
-            data.update(money=spending.money, third_party_money=spending.third_party_money,
-                        unpriced_tasks=spending.unpriced,
-                        billed_by_status={k: v for k, v in spending.by_status.items()
-                                          if k in ("SUCCESS", "FAILED", "CANCELLED")})
-        if report.groups is not None:
-            data["groups"] = [
-                {"key": list(k) if isinstance(k, tuple) else k, "counts": v}
-                for k, v in report.groups.items()
-            ]
-        click.echo(json.dumps(data, ensure_ascii=False))
+        click.echo(json.dumps(status_json(report, run_dir), ensure_ascii=False))
         return
-    click.echo(f"{escape_controls(run_dir)}: {report.total} rows from "
-               f"{escape_controls(report.source)}, {amount(report.coins)} coins")
-    for state, n in report.counts.items():
-        if n:
-            click.echo(f"  {state:<15} {n}")
-    for line in spending_lines(report.spending):
-        click.echo(f"  {line}")
-    for how, n in report.reconciled.items():
-        click.echo(f"  reconciled by {how}: {n} unknown create(s) proven to be a task")
-    if report.top_failures:
-        click.echo("  top failure causes:")
-        for count, cause in report.top_failures:
-            click.echo(f"    {count} x {escape_controls(cause)}")
-    for number, row_id, why in report.unknown:
-        click.echo(f"  unknown: row {number} ({escape_controls(row_id)}): {escape_controls(why)}")
-    more = report.counts.get("SUBMIT_UNKNOWN", 0) - len(report.unknown)
-    if more > 0:
-        click.echo(f"  ... and {more} more unknown row(s): `rhbatch export {run_dir}` lists them all")
-    if report.groups is not None:
-        states = [s for s in report.counts if any(g[s] for g in report.groups.values())]
-        click.echo("  " + " | ".join([escape_controls(", ".join(by))] + states))
-        for key, counts in report.groups.items():
-            click.echo("  " + " | ".join([escape_controls(key)] + [str(counts[s]) for s in states]))
+    for line in status_lines(report, run_dir, by):
+        click.echo(line)
 
 
 @cli.command("export")

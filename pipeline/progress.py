@@ -13,13 +13,16 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm import tqdm
 
 from pipeline.config import PROGRESS_INTERVAL_S, RedactingFilter, redact
 from pipeline.safetext import amount, escape_controls
+
+if TYPE_CHECKING:
+    from pipeline.status import KeyRow
 
 # The runner stops with this detail when a task crashed (a full disk, ...); it then raises that
 # error, which handle_errors prints once with its fix, so the "Stopping:" line would repeat it.
@@ -135,6 +138,79 @@ def spending_lines(spending: Any) -> list[str]:
     if spending.unpriced:
         lines.append(f"Cost unknown for {spending.unpriced} task(s): the service did not report it "
                      "(not counted as 0)")
+    return lines
+
+
+class KeyOutcomeLike(Protocol):
+    """What one key did in this invocation (:class:`pipeline.pool.KeyOutcome`)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def created(self) -> int: ...  # creates accepted
+    @property
+    def capacity_answers(self) -> int: ...
+    @property
+    def capacity_wait_s(self) -> float: ...
+    @property
+    def window(self) -> int: ...
+    @property
+    def retired(self) -> str | None: ...
+
+
+def key_table_lines(keys: Sequence[KeyRow]) -> list[str]:
+    """``rhbatch status``: one line per key of :func:`pipeline.status.key_breakdown` (rows
+    done, failed, unknown, live; coins, money, why it was retired); none for a run on one key."""
+    if len(keys) < 2:
+        return []
+    money = any(k.money for k in keys)
+    unpriced = any(k.unpriced for k in keys)
+    head = ["key", "done", "failed", "unknown", "live", "coins", *(["money"] * money),
+            *(["unpriced"] * unpriced), "retired"]
+    table = [head] + [
+        [escape_controls(k.label), f"{k.count('SUCCESS'):,}", f"{k.count('FAILED', 'CANCELLED'):,}",
+         f"{k.count('SUBMIT_UNKNOWN'):,}", f"{k.count('SUBMITTING', 'QUEUED', 'RUNNING'):,}",
+         amount(k.coins), *([amount(k.money)] * money), *([f"{k.unpriced:,}"] * unpriced),
+         escape_controls(k.retired) if k.retired else "-"]
+        for k in keys]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    return ["keys:"] + ["  " + "  ".join(
+        [row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:-1], widths[1:], strict=True)),
+         row[-1]]).rstrip() for row in table]
+
+
+def key_summary_lines(outcomes: Sequence[KeyOutcomeLike], breakdown: Sequence[KeyRow]) -> list[str]:
+    """The end-of-run summary per key when the run knows more than one: what each key created in
+    this invocation, its rows' outcomes and cost over the run, the capacity answers it waited on,
+    and why it was retired; none for a run on one key."""
+    by_fp = {k.fingerprint: k for k in breakdown}
+    done: dict[str | None, KeyOutcomeLike] = {o.fingerprint: o for o in outcomes}
+    order = [*done, *(fp for fp in by_fp if fp not in done)]
+    if len(order) < 2:
+        return []
+    lines = ["Keys:"]
+    for fp in order:
+        outcome, row = done.get(fp), by_fp.get(fp)
+        label = outcome.label if outcome is not None else row.label if row is not None else "?"
+        parts = [f"{outcome.created:,} created this run" if outcome is not None else
+                 "not used this run"]
+        if row is not None:
+            ends = [f"{row.count('SUCCESS'):,} succeeded",
+                    f"{row.count('FAILED', 'CANCELLED'):,} failed"]
+            unknown, live = row.count("SUBMIT_UNKNOWN"), row.count("SUBMITTING", "QUEUED", "RUNNING")
+            ends += [f"{unknown:,} unknown"] * bool(unknown) + [f"{live:,} live"] * bool(live)
+            parts.append(f"its rows: {', '.join(ends)}")
+            parts.append(f"{amount(row.coins)} coins" +
+                         (f", {amount(row.money)} money" if row.money else ""))
+        if outcome is not None:
+            parts.append(f"{outcome.capacity_answers:,} capacity answers "
+                         f"({outcome.capacity_wait_s:,.1f} s waited)")
+        retired = (outcome.retired if outcome is not None else None) or (row.retired if row else None)
+        if retired:
+            parts.append(f"retired: {escape_controls(retired)}")
+        lines.append(f"  {escape_controls(label)}: {'; '.join(parts)}")
     return lines
 
 

@@ -5,6 +5,8 @@ The page (default ``DIR/report.html``) holds:
 - a summary: rows per state, coins spent, task time (median, p90 of ``taskCostTime``), throughput
   (finished rows per hour between the first submit and the last finish), downloads per state, the
   run's source manifest;
+- for a run on several keys, each key's rows by outcome, coins, money and why it was retired
+  (``report_keys``);
 - a contact sheet: thumbnails of the downloaded outputs laid out along two input columns (``x``
   across, ``y`` down). By default these are the two bound input columns with the most distinct
   values (the one with fewer values goes across); with one varying column, or axes too wide to
@@ -713,6 +715,8 @@ def _write_atomic(target: Path, text: str) -> None:
 
 def render(store: RunStore, *, x: str | None, y: str | None, out: Path, thumb_px: int) -> str:
     """The report page for ``store`` as text (``out`` is where it will live, for relative links)."""
+    from pipeline.report_keys import keys_section  # it reads status, which imports this module
+
     columns = list(store.get_meta("columns") or [])
     if not columns:
         first = next(store.iter_rows(batch=1), None)
@@ -738,6 +742,7 @@ def render(store: RunStore, *, x: str | None, y: str | None, out: Path, thumb_px
         f'<p class="muted">Generated {esc(_iso(time.time()))} from {esc(store.run_dir)} · '
         f'<a href="#sheet">contact sheet</a> · <a href="#triage">failure triage</a></p>',
         _summary_html(store, facts, file_counts),
+        keys_section(store),
         _sheet_html(x, y, facts, cells, grid, xs, ys, left_out, columns, thumb_px, link_base,
                     flat_reason, _cell_axes(cells, grid, [c for c in varying if c not in (x, y)])),
         _triage_html(facts, varying, columns),

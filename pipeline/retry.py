@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import store as st
-from pipeline.batch import RunOptions, check_base_url, check_key, execute
+from pipeline.batch import RunOptions, check_base_url, execute, run_keys
 from pipeline.client import build_payload
 from pipeline.config import Settings
 from pipeline.errors import Kind, UsageError, classify
+from pipeline.pool import check_keys
 from pipeline.runner import RunSummary
 
 log = logging.getLogger("rhbatch")
@@ -169,11 +170,12 @@ def retry_rows(
             return plan_retry(reader, settings, selection), None
         finally:
             reader.close()
-    settings.require_key()
+    run_keys(settings, run_options)  # a key is needed (before the lock: nothing changes)
     with st.RunLock(run_dir):
         store = st.RunStore.open(run_dir)
         try:
-            check_key(store, settings)  # before anything is requeued: a refused retry changes nothing
+            # before anything is requeued: a refused retry changes nothing
+            check_keys(store, run_keys(settings, run_options))
             check_base_url(store, settings, run_options.base_url_moved, record=False)
             store.recover()
             plan = plan_retry(store, settings, selection)

@@ -49,7 +49,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pipeline import store as st
 from pipeline.client import MAX_STORED_TEXT, RunningHubClient, build_payload, parse_prompt_tips
@@ -66,14 +66,14 @@ from pipeline.errors import (
     TransientApiError,
     code_name,
 )
-from pipeline.safetext import amount, clean_text, number
+from pipeline.pool import KeyOutcome, Ledger, Pool
+from pipeline.safetext import clean_text
 
 log = logging.getLogger("rhbatch.runner")
 
 _STOPPED_IN_FLIGHT = ("rhbatch was stopped while this row's create request was in flight; check "
                       "RunningHub's call records before resubmitting")
 
-PENDING_BATCH = 500
 # Polls in flight at once: at least this many, more when the round trip and the rate of ends
 # call for them (POLL_HEADROOM x Little's law), always leaving room in the client's connection
 # pool for the creates in flight and the account read.
@@ -139,10 +139,6 @@ RTT_SAMPLES = 16  # the round trip is the median of this many recent polls and a
 # Under a budget, every task not yet priced (in flight, in doubt, ended without a reported cost, and
 # the next one) is counted at a multiple of the dearest task seen so far: task costs follow their
 # run time, which varies, and an estimate that is too low is what lets a run spend past its limit.
-# Twice the dearest while fewer than BUDGET_FEW_PRICED tasks are priced, then one and a half times.
-BUDGET_ESTIMATE_FACTOR_FEW = 2.0
-BUDGET_ESTIMATE_FACTOR = 1.5
-BUDGET_FEW_PRICED = 3
 # With a webhook receiver, how long a run waits at its end for deliveries that can reconcile
 # creates that ended in doubt: three typical task durations, within these bounds.
 RECONCILE_WAIT_MIN_S = 30.0
@@ -355,6 +351,7 @@ class RunSummary:
     reconciled: dict[str, int] = field(default_factory=dict)  # unknown creates resolved, by how
     capacity_wait_s: float = 0.0  # seconds submissions waited for a free slot after a refusal
     creates_in_flight_max: int = 0  # the most creates that were in flight at once
+    keys: list[KeyOutcome] = field(default_factory=list)  # what each key did (several keys)
 
 
 @dataclass(order=True)
@@ -398,20 +395,29 @@ class Runner:
         submit_only: set[int] | None = None,
         webhook_tokens: bool = False,
         creates_in_flight: int | None = None,
+        pool: Pool | None = None,
+        key_fp: str | None = None,
+        label: str = "key",
+        key_limits: tuple[float | None, float | None] = (None, None),
+        owns_unrecorded: bool = True,
     ):
-        self.store = store
-        self.client = client
-        self.settings = settings
+        self.store, self.client, self.settings = store, client, settings
         self.on_event = on_event or (lambda event: None)
-        self.max_coins = max_coins
-        self.max_money = max_money
-        self.expected_task_coins = expected_task_coins
-        # retry: only these rows are submitted; other pending rows are left for `rhbatch run`
-        self.submit_only = submit_only
+        # the rows and the run's budget, shared with the runners of the run's other keys;
+        # retry: only the rows of submit_only are submitted (others are left for `rhbatch run`)
+        self.pool = pool or Pool(store, submit_only=submit_only, max_coins=max_coins,
+                                 max_money=max_money, expected_task_coins=expected_task_coins)
+        # this runner's key: written with each SUBMITTING commit; its own limits (keys file)
+        self.key_fp, self.label = key_fp, label
+        self.key_ledger = Ledger(*key_limits, parent=self.pool.ledger, name=label)
+        self.key_ledger.members.append(self)
+        self._owns_unrecorded = owns_unrecorded  # rows with no key recorded are this key's
+        self.outcome, self.retired = KeyOutcome(label, key_fp or ""), cast("str | None", None)
         # each create's webhookUrl carries a token of its own (see hint_finished)
         self.webhook_tokens = webhook_tokens
         # a limit learnt from capacity answers (this run or an earlier start) caps the window
-        self._learnt_limit: int | None = store.get_meta("learnt_limit")
+        self._limit_meta = "learnt_limit" if self.pool.solo else f"learnt_limit:{key_fp}"
+        self._learnt_limit: int | None = store.get_meta(self._limit_meta)
         self.window = min(settings.concurrency, self._learnt_limit or settings.concurrency)
         self._creates_at_limit = 0
         self._ceiling: int | None = None  # the key's slots as the service states them (v2)
@@ -461,17 +467,8 @@ class Runner:
         self._full_at: int | None = None
         self._refused = False  # a refusal the account has not been read since: it says the limit
         self._capacity_wait_s = 0.0
-        self._pending_exhausted = False
-        self._pending: list[Any] = []
-        self._pending_cursor = -1
         self._polls = 0  # polls in flight
         self._poll_tasks: set[asyncio.Task[None]] = set()
-        self._spent = 0.0  # coins billed, every attempt of the run
-        self._spent_money = 0.0  # money and third-party money billed
-        self._priced = 0  # tasks whose cost is known
-        self._max_coins = 0.0  # the dearest task seen, in coins and in money
-        self._max_money = 0.0
-        self._doubtful = 0  # rows in SUBMIT_UNKNOWN and ended tasks with no reported cost
         self._reconciled: dict[str, int] = {}
         self._unknown_tokens: dict[str, int] = {}
         self._reconciling: set[int] = set()
@@ -482,6 +479,7 @@ class Runner:
         self._ever_answered = False  # set by the first answer of this run (or the account read)
         self._unsynced = False  # task ids committed without fsync since the last store.sync()
         self._synced_at = -math.inf
+        self.pool.join(self)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -519,7 +517,7 @@ class Runner:
             return
         self._unknown_tokens.pop(token or "", None)
         self._reconciling.discard(idx)
-        self._doubtful = max(0, self._doubtful - 1)
+        self.key_ledger.doubt(-1)
         now = time.time()
         self.store.mark_reconciled(idx, task_id, st.RUNNING if result.state != "QUEUED"
                                    else st.QUEUED, "webhook", now)
@@ -572,20 +570,13 @@ class Runner:
     async def run(self) -> RunSummary:
         started = time.monotonic()
         now_mono = time.monotonic()
-        spending = self.store.spending()
-        self._spent = spending.coins
-        self._spent_money = spending.all_money
-        self._priced = self.store.priced_rows()
-        self._max_coins = spending.max_coins or 0.0
-        self._max_money = spending.max_money or 0.0
-        # counted at their expected cost by budgets: unknown creates (now, and earlier attempts
-        # resubmitted on consent) and ended tasks whose cost was never reported
-        self._doubtful = (self.store.counts()[st.SUBMIT_UNKNOWN] + spending.unpriced
-                          + spending.unknown_attempts)
+        self.pool.start(self)
         if self.webhook_tokens:
-            self._unknown_tokens = self.store.unknown_tokens()
+            self._unknown_tokens = self.pool.unknown_tokens(self)
         now_wall = time.time()
         for known in self.store.active():
+            if not self.owns(known.key_fp):
+                continue
             # made before this invocation: its age comes from the stored create time
             t0 = now_mono - min(max(0.0, now_wall - known.submitted_at), 30 * 86400.0)
             live = _Live(known.idx, known.task_id, known.status, known.submitted_at, now_mono, t0)
@@ -593,6 +584,7 @@ class Runner:
             self._schedule(live, self._first_check_delay(live) if self.model.known else 0.0)
         submitter = asyncio.create_task(self._submitter(), name="submitter")
         self._submitter_task = submitter
+        submitter.add_done_callback(lambda _: self._poll_wake.set())
         watcher = asyncio.create_task(self._account_watcher(), name="account")
         poller = asyncio.create_task(self._poller(), name="poller")
         guard = asyncio.create_task(self._guard_run_dir(), name="run-dir")
@@ -627,8 +619,9 @@ class Runner:
             elapsed_s=time.monotonic() - started,
             stopped=self._stopped,
             exit_code=exit_code,
-            coins=self.store.spent_coins(),
+            coins=self.store.spending().coins,
             requests=self.client.requests_sent,
+            keys=[self._outcome()],
             spending=self.store.spending(),
             reconciled=dict(self._reconciled),
             capacity_answers=self.capacity_answers,
@@ -663,20 +656,23 @@ class Runner:
             live.suspected = ended
             self._held += -1 if ended else 1
 
+    def owns(self, key_fp: str | None) -> bool:
+        """Whether a task created with ``key_fp`` is this runner's to follow."""
+        if self.pool.solo:
+            return True
+        return key_fp == self.key_fp or (key_fp is None and self._owns_unrecorded)
+
+    def _outcome(self) -> KeyOutcome:
+        out = self.outcome
+        out.capacity_answers, out.capacity_wait_s = self.capacity_answers, self._capacity_wait_s
+        out.window, out.retired = self.window, self.retired
+        return out
+
     def _next_pending(self) -> Any | None:
-        while not self._pending and not self._pending_exhausted:
-            batch = self.store.pending(self._pending_cursor, PENDING_BATCH)
-            if not batch:
-                self._pending_exhausted = True
-                break
-            self._pending_cursor = batch[-1]["idx"]
-            if self.submit_only is not None:
-                batch = [r for r in batch if r["idx"] in self.submit_only]
-            self._pending = batch[::-1]
-        return self._pending.pop() if self._pending else None
+        return self.pool.rows.next()
 
     def _push_back(self, row: Any) -> None:
-        self._pending.append(row)
+        self.pool.rows.give_back(row)
 
     def _looked_at(self, sent: float, answered: float) -> float:
         """When the service handled a request sent at ``sent`` and answered at ``answered``:
@@ -754,16 +750,19 @@ class Runner:
                     await self._sync()
                 await self._sleep_or_wake(due if self._unsynced and due > 0 else None)
                 continue
-            budget = self._budget()
+            budget, ledger = self._budget()
             if budget == "wait":  # tasks in flight will tell what the next one may cost
                 await self._sleep_or_wake(None)
                 continue
             if budget == "stop":
-                self.stop(self._budget_message(), interrupt=False)
+                if ledger is self.key_ledger and self.pool.keys_creating(self) > 0:
+                    self._retire(ledger.message())  # this key's own budget: the others go on
+                else:
+                    self.pool.stop(ledger.message(), interrupt=False)
                 break
             rows = self._take_rows()
             if not rows:
-                if not self._creating:
+                if not self.pool.rows.creating:  # (a key's refused create gives its row back)
                     break
                 await self._sleep_or_wake(None)  # a refused create may give its row back
                 continue
@@ -779,13 +778,14 @@ class Runner:
         room = min(self.window - self._in_flight(), self._create_slots() - self._creating)
         rows: list[Any] = []
         while len(rows) < room:
-            if rows and self._budget() != "ok":
+            if rows and self._budget()[0] != "ok":
                 break
             row = self._next_pending()
             if row is None:
                 break
             rows.append(row)
             self._creating += 1  # counted at once: the budget and the window see it
+            self.pool.rows.creating += 1
         return rows
 
     def _prepare(self, row: Any) -> tuple[str | None, dict[str, Any]]:
@@ -803,13 +803,14 @@ class Runner:
         prepared = [(row, *self._prepare(row)) for row in rows]
         try:
             if len(prepared) == 1:
-                self.store.mark_submitting(rows[0]["idx"], prepared[0][1])
+                self.store.mark_submitting(rows[0]["idx"], prepared[0][1], self.key_fp)
             else:
                 with self.store.transaction():
                     for row, token, _ in prepared:
-                        self.store.mark_submitting(row["idx"], token)
+                        self.store.mark_submitting(row["idx"], token, self.key_fp)
         except BaseException:
             self._creating -= len(rows)
+            self.pool.rows.creating -= len(rows)
             raise
         self._most_creating = max(self._most_creating, self._creating)
         loop = asyncio.get_running_loop()
@@ -822,7 +823,10 @@ class Runner:
     def _create_done(self, task: asyncio.Task[None]) -> None:
         self._creates.discard(task)
         self._creating -= 1
+        self.pool.rows.creating -= 1
         self._wake.set()
+        if not self.pool.rows.creating:  # a key waiting for a given-back row may end now
+            self.pool.rows.wake_all()
         if not task.cancelled() and task.exception() is not None:
             self._crash = self._crash or task.exception()
             self.stop(f"internal error: {task.exception()}")
@@ -833,62 +837,17 @@ class Runner:
             self._synced_at = time.monotonic()
             await asyncio.to_thread(self.store.sync)
 
-    def _high_estimate(self, limit: str) -> float | None:
-        """A deliberately high cost for a task not yet priced, in coins or money; None if unknown."""
-        if limit == "coins":
-            seen, given = self._max_coins, self.expected_task_coins
-        else:
-            seen, given = self._max_money, None
-        if not self._priced:
-            return given
-        factor = (BUDGET_ESTIMATE_FACTOR_FEW if self._priced < BUDGET_FEW_PRICED
-                  else BUDGET_ESTIMATE_FACTOR)
-        return max(seen * factor, given or 0.0)
-
-    def _budget(self) -> str:
-        """"ok" to submit, "wait" for tasks in flight, or "stop".
-
-        Admit a task only while what is spent, plus a deliberately high estimate for every task
-        not yet priced (in flight, created in doubt, ended without a reported cost) and for the
-        next one, stays within each limit (--max-coins, --max-money). The spent figures count
-        every attempt, failed and cancelled tasks included.
-        """
-        verdicts = []
-        for limit, cap, spent in (("coins", self.max_coins, self._spent),
-                                  ("money", self.max_money, self._spent_money)):
-            if cap is None:
-                continue
-            unpriced = len(self.live) + self._creating + self._doubtful
-            estimate = self._high_estimate(limit)
-            busy = bool(self.live) or self._creating > 0
-            if estimate is None:  # no price known yet: one task at a time until one is measured
-                if busy:
-                    verdicts.append("wait")
-                elif self._doubtful or spent >= cap:
-                    verdicts.append("stop")
-                else:
-                    verdicts.append("ok")
-                continue
-            if spent + estimate * (unpriced + 1) <= cap:
-                verdicts.append("ok")
-            else:
-                verdicts.append("wait" if busy else "stop")
-        if "stop" in verdicts:
-            return "stop"
-        return "wait" if "wait" in verdicts else "ok"
-
-    def _budget_message(self) -> str:
-        parts = []
-        if self.max_coins is not None:
-            parts.append(f"{amount(self._spent)} coins spent of --max-coins "
-                         f"{number(self.max_coins)}")
-        if self.max_money is not None:
-            parts.append(f"{amount(self._spent_money)} money spent of --max-money "
-                         f"{number(self.max_money)}")
-        doubt = (f"; {self._doubtful} task(s) in doubt or unpriced count at their expected cost"
-                 if self._doubtful else "")
-        return (f"budget reached: {', '.join(parts)}, and the next task could pass it{doubt}; "
-                "raise the limit and run the same command to resume")
+    def _budget(self) -> tuple[str, Ledger]:
+        """"ok" to submit, "wait" for tasks in flight, or "stop", with the limit that says so: the
+        run's (--max-coins, --max-money, over every key) or this key's own (the keys file). See
+        :meth:`pipeline.pool.Ledger.verdict`."""
+        worst = ("ok", self.pool.ledger)
+        for ledger in (self.pool.ledger, self.key_ledger):
+            if ledger.limited:
+                verdict = ledger.verdict()
+                if verdict == "stop" or (verdict == "wait" and worst[0] == "ok"):
+                    worst = (verdict, ledger)
+        return worst
 
     async def _sleep_or_wake(self, timeout: float | None) -> None:
         try:
@@ -903,7 +862,7 @@ class Runner:
         prepared = self._submitting.get(idx)
         if prepared is None:
             token, body = self._prepare(row)
-            self.store.mark_submitting(idx, token)
+            self.store.mark_submitting(idx, token, self.key_fp)
             self._submitting[idx] = (token, body)
         else:
             token, body = prepared
@@ -975,18 +934,20 @@ class Runner:
             self.store.mark_failed(idx, code=433, error=f"433 VALIDATE_PROMPT_FAILED: {summary}",
                                    failed_reason=reason)
             self.on_event(Event("failed", idx, summary))
-            self._doubtful += 1  # until its cost is known
+            self.outcome.created += 1
+            self.key_ledger.doubt()  # until its cost is known
             self._spawn(self._learn_cost(live, counted=True))
             return
         self._add_live(live)
         self._schedule(live, self._first_check_delay(live))
         self._after_create_ok()
+        self.outcome.created += 1
         self.on_event(Event("submitted", idx))
         if self._read_idle:
             self._read_wake.set()  # the account watcher plans its next read with this task
 
     def _remember_unknown(self, idx: int, token: str | None) -> None:
-        self._doubtful += 1
+        self.key_ledger.doubt()
         if token:
             self._unknown_tokens[token] = idx
 
@@ -1099,7 +1060,7 @@ class Runner:
     def _set_learnt_limit(self, limit: int) -> None:
         if limit != self._learnt_limit:
             self._learnt_limit = limit
-            self.store.set_meta(learnt_limit=limit)
+            self.store.set_meta(**{self._limit_meta: limit})
             log.info("the key holds %d task(s) at a time: the window stays there (probing one "
                      "higher every %d creates)", limit, LIMIT_PROBE_EVERY)
 
@@ -1129,6 +1090,11 @@ class Runner:
         message = redact(exc)
         if prefix:
             message = f"{prefix}: {message}; run the same command again to resume"
+        if not self.pool.solo:
+            self._retire(message)
+            if self.pool.keys_creating(self):
+                return  # the other keys take its rows
+            message = f"no key is left to create with (the last, {self.label}: {message})"
         log.error("stopping: %s", message)
         if not self._stopped:
             self._stopped = message
@@ -1136,6 +1102,20 @@ class Runner:
         self._stop_submitting = True
         self.on_event(Event("stopping", detail=message))
         self._poll_wake.set()
+
+    def _retire(self, why: str) -> None:
+        """This key creates no more in this run (several keys): the rows it never sent go to the
+        others; its live tasks are still followed with it while its polls are answered."""
+        if self.retired is None:
+            # the advice names the key of the pool, not the one-key variable
+            why = why.replace("RUNNINGHUB_API_KEY", f"key {self.label} (and its line in the keys)")
+            self.retired = why
+            log.error("key %s retired for the rest of the run: %s", self.label, why)
+            self.on_event(Event("retired", detail=f"key {self.label}: {why}"))
+        self._stop_submitting = True
+        self._wake.set()
+        self._poll_wake.set()
+        self.pool.rows.wake_all()
 
     # -- polling ----------------------------------------------------------------------------
 
@@ -1206,7 +1186,8 @@ class Runner:
 
     async def _poller(self) -> None:
         while True:
-            if (not self.live and (self._stop_submitting or self._submitter_done())
+            # the submitter ends after its last create answered: until then a task may join
+            if (not self.live and self._submitter_task is not None and self._submitter_task.done()
                     and not self._awaiting_webhooks()):
                 return
             if self._interrupted:
@@ -1255,7 +1236,9 @@ class Runner:
         return now < self._reconcile_deadline
 
     def _submitter_done(self) -> bool:
-        return self._pending_exhausted and not self._pending
+        # no row left to take, and none of this key's creates in flight (with several keys the
+        # rows run out while a create of this key may still be on its way to a live task)
+        return self.pool.rows.empty and not self._creating
 
     def _hand_over(self, live: _Live, now: float) -> None:
         """At a far service, free the slot of a task as its expected-end check leaves (see
@@ -1360,7 +1343,7 @@ class Runner:
         if cost.known:
             self._count_cost(cost)
         else:
-            self._doubtful += 1  # counted at its expected cost until the service says
+            self.key_ledger.doubt()  # counted at its expected cost until the service says
             await self._learn_cost(live, counted=True)
 
     async def _learn_cost(self, live: _Live, *, counted: bool) -> None:
@@ -1369,18 +1352,14 @@ class Runner:
             return  # stays unpriced: shown as unknown, counted at the expected cost by budgets
         self.store.set_cost(live.idx, cost)
         if counted:
-            self._doubtful = max(0, self._doubtful - 1)
+            self.key_ledger.doubt(-1)
         self._count_cost(cost)
         self._wake.set()
 
     def _count_cost(self, cost: st.Cost) -> None:
-        self._spent += cost.coins or 0.0
         money = (cost.money or 0.0) + (cost.third_party_money or 0.0)
-        self._spent_money += money
-        self._priced += 1
-        self._max_coins = max(self._max_coins, cost.coins or 0.0)
-        self._max_money = max(self._max_money, money)
-        self.on_event(Event("cost", detail=repr(self._spent)))
+        self.key_ledger.count_cost(cost.coins or 0.0, money)
+        self.on_event(Event("cost", detail=repr(self.pool.ledger.spent)))
 
     # -- stuck tasks, outages, the run directory -----------------------------------------------
 
@@ -1405,7 +1384,7 @@ class Runner:
             status=st.FAILED,
         )
         self.on_event(Event("failed", live.idx, "task timeout"))
-        self._doubtful += 1
+        self.key_ledger.doubt()
         await self._learn_cost(live, counted=True)
 
     def _service_answered(self) -> None:

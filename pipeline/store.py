@@ -23,8 +23,7 @@ Invariants:
   result) are committed with ``synchronous=NORMAL`` and reach the disk with the next FULL commit or
   :meth:`RunStore.sync`. Losing one of those to a power cut only moves a row back a step that is
   safe to resume from: a lost task id leaves ``SUBMITTING`` (so ``SUBMIT_UNKNOWN``, never a
-  second create), a lost result leaves a task id that is polled again. One fsync per create instead
-  of three halves the time a create holds the serial submitter.
+  second create), a lost result leaves a task id that is polled again.
 - A row with a task id is only ever polled, never resubmitted (``retry`` starts a new attempt and
   keeps the old one in ``attempts_log``).
 
@@ -331,10 +330,8 @@ class RunStore:
             self._full_sync = full
 
     def sync(self) -> None:
-        """Make every commit so far durable against power loss (fsync the WAL file).
-
-        Cheap when nothing is pending and safe from another thread (it only opens the file).
-        """
+        """Make every commit so far durable against power loss (fsync the WAL file); cheap when
+        nothing is pending, and safe from another thread (it only opens the file)."""
         try:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
         except OSError:
@@ -446,8 +443,8 @@ class RunStore:
             )
         ]
 
-    def keys_in_use(self) -> dict[str | None, dict[str, int]]:
-        """Per key fingerprint (None: the run's only key), how many rows are in each state."""
+    def key_counts(self) -> dict[str | None, dict[str, int]]:
+        """Per key fingerprint (None: not recorded), how many rows are in each state."""
         out: dict[str | None, dict[str, int]] = {}
         for key_fp, status, n in self.conn.execute(
                 "SELECT key_fp, status, COUNT(*) FROM rows WHERE key_fp IS NOT NULL OR "
@@ -778,23 +775,26 @@ class RunStore:
         return {how: n for how, n in self.conn.execute(
             "SELECT reconciled, COUNT(*) FROM rows WHERE reconciled IS NOT NULL GROUP BY reconciled")}
 
-    def spent_coins(self) -> float:
-        """Coins billed for every task of the run whose cost is known, earlier attempts included."""
-        return self.spending().coins
-
     def spending(self) -> Spending:
         """What the run has cost so far, every attempt counted, split by how each task ended."""
-        out = Spending()
+        return self.spending_by_key(whole=True)[None]
+
+    def spending_by_key(self, *, whole: bool = False) -> dict[str | None, Spending]:
+        """:meth:`spending` per fingerprint of the creating key (None: not recorded, an old run's
+        one key); ``whole``: every key together under None."""
+        out: dict[str | None, Spending] = {None: Spending()} if whole else {}
+        group = "status" if whole else "key_fp, status"
         for source in ("rows", "attempts_log"):
-            for status, n, coins, money, third, unpriced, max_coins, max_money in self.conn.execute(
-                f"SELECT status, COUNT(*), SUM(coins), SUM(money), SUM(third_party_money), "  # noqa: S608
-                f"SUM(task_id IS NOT NULL AND coins IS NULL AND money IS NULL "
-                f"AND third_party_money IS NULL), MAX(coins), "
+            for key_fp, status, n, coins, money, third, unpriced, top, top_money in self.conn.execute(
+                f"SELECT {'NULL' if whole else 'key_fp'}, status, COUNT(*), SUM(coins), "  # noqa: S608
+                f"SUM(money), SUM(third_party_money), SUM(task_id IS NOT NULL AND coins IS NULL "
+                f"AND money IS NULL AND third_party_money IS NULL), MAX(coins), "
                 f"MAX(COALESCE(money, 0) + COALESCE(third_party_money, 0)) FROM {source} "
-                "GROUP BY status"
+                f"GROUP BY {group}"
             ):
-                out.add(status, n, coins, money, third, unpriced or 0, max_coins, max_money,
-                        final=status in FINAL)
+                into = out.setdefault(key_fp, Spending())
+                into.add(status, n, coins, money, third, unpriced or 0, top, top_money,
+                         final=status in FINAL)
                 if source == "attempts_log" and status == SUBMIT_UNKNOWN:
-                    out.unknown_attempts += n
+                    into.unknown_attempts += n
         return out

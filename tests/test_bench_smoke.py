@@ -21,7 +21,7 @@ def test_bench_smoke_prints_every_row(tmp_path: Path) -> None:
     rows = json.loads(out.read_text(encoding="utf-8"))
     sections = {r["section"] for r in rows}
     assert sections == {"slots", "calls", "grid", "wide", "faults", "api", "window", "client",
-                        "manifest", "resume", "compare"}
+                        "manifest", "resume", "compare", "keys"}
     metrics = [r["metric"] for r in rows]
     for needle in ("makespan (first create -> last task end)", "API requests / task",
                    "detection latency p95", "round trip 200 ms", "slots busy",

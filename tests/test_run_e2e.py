@@ -296,25 +296,37 @@ def test_a_second_interrupt_stops_at_once_and_leaves_the_row_in_doubt_unknown(
         store.close()
 
 
-def test_a_run_refuses_to_resume_with_another_api_key(make_sim, api_key, tmp_path):
+def test_a_run_refuses_to_resume_without_the_key_that_holds_its_tasks(make_sim, api_key,
+                                                                       tmp_path):
+    """Tasks (here creates in doubt) belong to the key that sent them: a resume with another key
+    only is refused, naming that key, and sends nothing; once nothing is left on a key, a run may
+    go on with another."""
     import secrets
 
     from pipeline.errors import StateError
-    from pipeline.sim import AccountConfig
+    from pipeline.sim import AccountConfig, Faults
 
     other = secrets.token_hex(16)
-    sim = make_sim(accounts=[AccountConfig(key=api_key, api_type="SHARED", concurrency=5),
-                             AccountConfig(key=other, api_type="SHARED", concurrency=5)])
+    accounts = [AccountConfig(key=api_key, api_type="SHARED", concurrency=5),
+                AccountConfig(key=other, api_type="SHARED", concurrency=5)]
+    sim = make_sim(accounts=accounts, faults=Faults(lost_create=1.0, routes=["create"]))
     manifest = write_manifest(tmp_path / "m.csv", 4)
-    _run(sim, api_key, manifest, tmp_path / "run")
+    summary = _run(sim, api_key, manifest, tmp_path / "run")
+    assert summary.counts[st.SUBMIT_UNKNOWN] == 4
     creates = len(sim.audit.tasks())
-    with pytest.raises(StateError, match=r"was run with another API key \(fingerprint [0-9a-f]{12}"):
+    with pytest.raises(StateError, match=r"key key \(fingerprint [0-9a-f]{12}\) still has 4 "
+                                         r"task\(s\) live or in doubt"):
         _run(sim, other, manifest, tmp_path / "run")
     assert len(sim.audit.tasks()) == creates
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             data = path.read_bytes()
             assert api_key.encode() not in data and other.encode() not in data
+    done = make_sim(accounts=[AccountConfig(key=api_key, concurrency=5),
+                              AccountConfig(key=other, concurrency=5)])
+    _run(done, api_key, write_manifest(tmp_path / "n.csv", 3), tmp_path / "done")
+    again = _run(done, other, tmp_path / "n.csv", tmp_path / "done")
+    assert again.exit_code == 0 and again.counts[st.SUCCESS] == 3
 
 
 def test_the_account_is_read_faster_only_when_many_tasks_end_often():

@@ -396,8 +396,9 @@ def test_rows_leave_together_within_the_window_and_the_creates_in_flight_bound(r
 
 def test_the_budget_admits_creates_in_flight_as_if_each_were_already_billed(runner):
     r = runner(rows=10, concurrency=8)
-    r.max_coins = 100.0
-    r._priced, r._max_coins, r._spent = 5, 10.0, 40.0  # the next task is counted at 15 coins
+    ledger = r.pool.ledger
+    ledger.max_coins = 100.0
+    ledger.priced, ledger.top_coins, ledger.spent = 5, 10.0, 40.0  # the next task: 15 coins
     _measure(r, 5.0, 3)
     rows = r._take_rows()
     assert len(rows) == 4  # 40 + 15 x 4 = 100; a fifth could pass the limit

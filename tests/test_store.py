@@ -46,7 +46,7 @@ def test_rows_flow_through_the_lifecycle(tmp_path):
     assert record["fileUrls"] == ["http://x/1.png"]
     assert record["coins"] == 6.0 and record["attempts"] == 1
     assert record["submitted_at"].startswith("1970-01-01T00:16:40")
-    assert store.spent_coins() == 6.0
+    assert store.spending().coins == 6.0
 
 
 def test_capacity_refusal_is_not_an_attempt(tmp_path):
