@@ -287,8 +287,9 @@ def print_summary(run_dir: Path, summary: Any) -> None:
     )
     for line in spending_lines(getattr(summary, "spending", None)):
         echo_err(line)
-    for line in key_summary_lines(getattr(summary, "keys", None) or [], key_breakdown_of(run_dir)):
-        echo_err(line)
+    keys = getattr(summary, "keys", None) or []
+    for line in key_summary_lines(keys, key_breakdown_of(run_dir)) if len(keys) > 1 else ():
+        echo_err(line)  # (the breakdown reads every row: only for a run of several keys)
     for how, n in (getattr(summary, "reconciled", None) or {}).items():
         echo_err(f"Reconciled: {n} unknown create(s) proven to be a task by {how}, never resent")
     failures = top_failures(run_dir)

@@ -311,6 +311,7 @@ def merge(summaries: list[Any], store: st.RunStore) -> Any:
     first = summaries[0]
     stopped = next((s.stopped for s in summaries if s.exit_code == 3 and s.stopped), None)
     counts = store.counts()
+    spending = store.spending()
     exit_code = max(s.exit_code for s in summaries)
     if exit_code != 3:
         unfinished = sum(counts[s] for s in (st.FAILED, st.SUBMIT_UNKNOWN, st.CANCELLED,
@@ -322,6 +323,7 @@ def merge(summaries: list[Any], store: st.RunStore) -> Any:
             reconciled[how] = reconciled.get(how, 0) + n
     return dataclasses.replace(
         first, counts=counts, total=sum(counts.values()), stopped=stopped, exit_code=exit_code,
+        spending=spending, coins=spending.coins,
         elapsed_s=max(s.elapsed_s for s in summaries),
         requests=sum(s.requests for s in summaries),
         capacity_answers=sum(s.capacity_answers for s in summaries),

@@ -46,6 +46,7 @@ class Progress:
             dynamic_ncols=True,
         )
         self.counts = {"submitted": 0, "success": 0, "failed": 0, "unknown": 0}
+        self._stopping_said: Any = None  # the last "Stopping:" line's reason
         self.total, self.done_before, self.coins = total, done, 0.0
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -80,10 +81,16 @@ class Progress:
             self.counts[event.kind] += 1
         if event.kind in ("success", "failed"):
             self.bar.update(1)
+        if event.kind == "retired":  # one of several keys stops creating (pipeline.pool)
+            self.bar.write(f"Key retired: {escape_controls(redact(event.detail))}",
+                           file=sys.stderr)
+        if event.kind == "stopping" and event.detail == self._stopping_said:
+            return  # said once (every key's runner stops with the run)
         if event.kind in ("outage", "reconciling"):
             self.bar.write(f"{'Waiting for webhooks: ' if event.kind == 'reconciling' else ''}"
                            f"{escape_controls(redact(event.detail))}", file=sys.stderr)
         if event.kind == "stopping" and not str(event.detail).startswith(CRASH_PREFIX):
+            self._stopping_said = event.detail
             detail = escape_controls(redact(event.detail))
             if detail == "interrupted":
                 detail = ("interrupted: finishing the create in flight and saving state; press "

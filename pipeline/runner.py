@@ -608,7 +608,9 @@ class Runner:
                     pass  # the model is a hint; the state that matters is committed
         if self._crash is not None:
             raise self._crash
-        counts = self.store.counts()
+        # read once for the run (several keys: by pipeline.pool.merge; each a scan of every row)
+        counts = self.store.counts() if self.pool.solo else dict.fromkeys(st.STATES, 0)
+        spending = self.store.spending() if self.pool.solo else None
         exit_code = self._exit_code
         if not exit_code:
             unfinished = counts[st.FAILED] + counts[st.SUBMIT_UNKNOWN] + counts[st.CANCELLED]
@@ -619,10 +621,10 @@ class Runner:
             elapsed_s=time.monotonic() - started,
             stopped=self._stopped,
             exit_code=exit_code,
-            coins=self.store.spending().coins,
+            coins=spending.coins if spending else 0.0,
             requests=self.client.requests_sent,
             keys=[self._outcome()],
-            spending=self.store.spending(),
+            spending=spending,
             reconciled=dict(self._reconciled),
             capacity_answers=self.capacity_answers,
             capacity_wait_s=self._capacity_wait_s,

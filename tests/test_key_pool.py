@@ -138,13 +138,19 @@ def test_the_run_stops_with_exit_3_only_when_no_key_is_left(make_sim, tmp_path):
     _no_row_twice(sim)
 
 
+# the simulator bills 0.2 coins a second of 10-30 s tasks, so at most 6 coins a task: the
+# --expected-coins a user who knows the workflow gives (a lower one is the user's own estimate,
+# trusted until the first prices come back)
+EXPECTED = 6.0
+
+
 def test_the_run_budget_holds_over_every_key_and_a_key_budget_over_its_own(make_sim, tmp_path):
     a, b = secrets.token_hex(16), secrets.token_hex(16)
     sim = make_sim(accounts=[AccountConfig(key=a, concurrency=4),
                              AccountConfig(key=b, concurrency=4)])
     manifest = write_manifest(tmp_path / "m.csv", 200)
     summary = _run(sim, _keys(a, b), manifest, tmp_path / "run", max_coins=60.0,
-                   expected_task_coins=3.0)
+                   expected_task_coins=EXPECTED)
     billed = sum(t["coins"] or 0 for t in sim.audit.tasks())
     assert summary.exit_code == 3 and "budget reached" in (summary.stopped or "")
     assert 0 < billed <= 60.0
@@ -157,7 +163,7 @@ def test_the_run_budget_holds_over_every_key_and_a_key_budget_over_its_own(make_
     sim2 = make_sim(accounts=[AccountConfig(key=a, concurrency=4),
                               AccountConfig(key=b, concurrency=4)])
     summary = _run(sim2, keys, write_manifest(tmp_path / "n.csv", 60), tmp_path / "run2",
-                   expected_task_coins=3.0)
+                   expected_task_coins=EXPECTED)
     outcomes = {k.label: k for k in summary.keys}
     assert outcomes["small"].retired and "own budget" in outcomes["small"].retired
     small = sum(t["coins"] or 0 for t in sim2.audit.tasks() if t["key_fp"] == audit_fp(a))
@@ -254,3 +260,17 @@ def test_run_and_retry_take_their_keys_from_the_environment(make_sim, tmp_path):
     assert again.returncode in (0, 1), again.stderr
     assert len(sim.audit.tasks()) == tasks + sent  # each unknown row sent once more
     assert a not in again.stderr + first.stderr and b not in again.stderr + first.stderr
+
+
+def test_progress_says_a_key_retired_once_and_a_stop_of_every_key_once(capsys):
+    from pipeline.progress import Progress
+    from pipeline.runner import Event
+
+    progress = Progress(10, 0, quiet=True, interval_s=0)
+    progress(Event("retired", detail="key key-2: 416 not enough wallet"))
+    for _ in range(3):  # the run's budget stops each key's runner
+        progress(Event("stopping", detail="budget reached: 60 coins spent of --max-coins 60"))
+    progress.close()
+    err = capsys.readouterr().err
+    assert err.count("Key retired: key key-2: 416 not enough wallet") == 1
+    assert err.count("Stopping: budget reached") == 1
