@@ -256,6 +256,7 @@ class Pool:
         self.ledger = Ledger(max_coins, max_money, expected_task_coins)
         self.runners: list[Any] = []
         self._started = False
+        self._by_key: tuple[dict[str | None, st.Spending], dict[str | None, dict[str, int]]] | None = None
 
     @property
     def solo(self) -> bool:
@@ -275,10 +276,11 @@ class Pool:
             self.ledger.start(self.store.spending(), self.store.priced_rows(),
                               self.store.counts()[st.SUBMIT_UNKNOWN])
         if runner.key_ledger.limited and not self.solo:
-            by_key = self.store.spending_by_key()
-            spending = by_key.get(runner.key_fp) or st.Spending()
-            unknown = self.store.key_counts().get(runner.key_fp, {}).get(st.SUBMIT_UNKNOWN, 0)
-            runner.key_ledger.start(spending, 0, unknown)
+            if self._by_key is None:  # read once for every key with limits of its own
+                self._by_key = self.store.spending_by_key(), self.store.key_counts()
+            spending, counts = self._by_key
+            runner.key_ledger.start(spending.get(runner.key_fp) or st.Spending(), 0,
+                                    counts.get(runner.key_fp, {}).get(st.SUBMIT_UNKNOWN, 0))
 
     def unknown_tokens(self, runner: Any) -> dict[str, int]:
         """The webhook tokens of the creates in doubt that ``runner``'s key sent."""

@@ -31,8 +31,8 @@ def _keys(*secrets_: str, **labels: str):
     return resolve_keys(env=env)
 
 
-def _run(sim, keys, manifest, out, **options):
-    settings = fast_settings(sim, None, concurrency=50)
+def _run(sim, keys, manifest, out, settings=None, **options):
+    settings = fast_settings(sim, None, concurrency=50, **(settings or {}))
     return run_batch(ManifestArgs(manifest), out, settings, handle_signals=False,
                      keys=tuple(keys), **options)
 
@@ -274,3 +274,40 @@ def test_progress_says_a_key_retired_once_and_a_stop_of_every_key_once(capsys):
     err = capsys.readouterr().err
     assert err.count("Key retired: key key-2: 416 not enough wallet") == 1
     assert err.count("Stopping: budget reached") == 1
+
+
+def test_creates_that_made_their_task_then_failed_stay_with_their_key_and_are_never_resent(
+        make_sim, tmp_path):
+    """The service does the work and then answers 5xx, an odd envelope, a cut or a stalled
+    answer: each such row is SUBMIT_UNKNOWN on the key that sent it, and no other key sends it
+    again, in this run or on resume."""
+    from pipeline.sim import Faults
+
+    secrets_ = [secrets.token_hex(16) for _ in range(3)]
+    sim = make_sim(accounts=[AccountConfig(key=k, concurrency=4) for k in secrets_],
+                   faults=Faults(after_work=0.3, routes=["create"]), seed=11)
+    manifest = write_manifest(tmp_path / "m.csv", 40)
+    keys = _keys(*secrets_)
+    first = _run(sim, keys, manifest, tmp_path / "run", settings={"request_deadline_s": 2.0})
+    assert first.counts[st.SUBMIT_UNKNOWN] > 0
+    _no_row_twice(sim)
+    again = _run(sim, keys, manifest, tmp_path / "run", settings={"request_deadline_s": 2.0})
+    assert again.counts[st.SUBMIT_UNKNOWN] == first.counts[st.SUBMIT_UNKNOWN]
+    _no_row_twice(sim)
+    made_by = {_seed(t): t["key_fp"] for t in sim.audit.tasks()}
+    store = st.RunStore.open(tmp_path / "run", readonly=True)
+    try:
+        unknown = [r for r in store.iter_rows() if r["status"] == st.SUBMIT_UNKNOWN]
+        for row in unknown:  # the row names the key whose create made its task
+            seed = json_seed(row["node_info_list"])
+            assert audit_fp_of(row["key_fp"], secrets_) == made_by[seed]
+    finally:
+        store.close()
+    _each_task_read_with_its_key(sim)
+
+
+def json_seed(node_info_list: str) -> int:
+    import json
+
+    return next(int(n["fieldValue"]) for n in json.loads(node_info_list)
+                if n["fieldName"] == "seed")
