@@ -74,9 +74,7 @@ class RowSource:
     """The run's pending rows in input order, for every key of the run.
 
     ``next()`` hands out a row once; ``give_back`` returns one that was not sent (refused for
-    capacity, or by a retired key) and wakes every key, so the first with a free slot takes it.
-    ``creating`` counts creates in flight over all keys: while any is, a key with nothing to take
-    waits instead of ending, since a refused create may still give its row back."""
+    capacity, or by a retired key) and wakes every key, so the first with a free slot takes it."""
 
     def __init__(self, store: st.RunStore, submit_only: Iterable[int] | None = None):
         self.store = store
@@ -84,7 +82,6 @@ class RowSource:
         self._rows: list[Any] = []
         self._cursor = -1
         self.exhausted = False
-        self.creating = 0
         self._wakers: list[Callable[[], None]] = []
 
     def subscribe(self, wake: Callable[[], None]) -> None:
@@ -289,6 +286,12 @@ class Pool:
             return tokens
         keys = {r["idx"]: r["key_fp"] for r in self.store.rows_by_idx(list(tokens.values()))}
         return {t: idx for t, idx in tokens.items() if runner.owns(keys.get(idx))}
+
+    @property
+    def creating(self) -> int:
+        """Creates in flight over every key: while any is, a key with nothing to take waits
+        instead of ending, since a refused create may still give its row back."""
+        return sum(r._creating for r in self.runners)
 
     def keys_creating(self, but: Any) -> int:
         """How many keys other than ``but`` are neither retired nor stopped."""

@@ -764,7 +764,7 @@ class Runner:
                 break
             rows = self._take_rows()
             if not rows:
-                if not self.pool.rows.creating:  # (a key's refused create gives its row back)
+                if not self.pool.creating:  # (a key's refused create gives its row back)
                     break
                 await self._sleep_or_wake(None)  # a refused create may give its row back
                 continue
@@ -787,7 +787,6 @@ class Runner:
                 break
             rows.append(row)
             self._creating += 1  # counted at once: the budget and the window see it
-            self.pool.rows.creating += 1
         return rows
 
     def _prepare(self, row: Any) -> tuple[str | None, dict[str, Any]]:
@@ -812,7 +811,6 @@ class Runner:
                         self.store.mark_submitting(row["idx"], token, self.key_fp)
         except BaseException:
             self._creating -= len(rows)
-            self.pool.rows.creating -= len(rows)
             raise
         self._most_creating = max(self._most_creating, self._creating)
         loop = asyncio.get_running_loop()
@@ -825,9 +823,8 @@ class Runner:
     def _create_done(self, task: asyncio.Task[None]) -> None:
         self._creates.discard(task)
         self._creating -= 1
-        self.pool.rows.creating -= 1
         self._wake.set()
-        if not self.pool.rows.creating:  # a key waiting for a given-back row may end now
+        if not self.pool.creating:  # a key waiting for a given-back row may end now
             self.pool.rows.wake_all()
         if not task.cancelled() and task.exception() is not None:
             self._crash = self._crash or task.exception()
