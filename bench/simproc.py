@@ -10,6 +10,8 @@ answers one JSON line per command read from stdin:
   asked with ``summary tasks``; ``summary keys`` adds each task's creating key fingerprint
   (``creator``), the fingerprints of every key that named it (``key_fps``, from
   ``Audit.task_key_fps``) and ``cross_key_calls``, the requests naming a task with another key;
+  ``summary polls`` adds ``polls``, ``{taskId: [simulated time of each request naming it, not its
+  create]}`` (where a run's calls per task go);
 - ``account KEY CONCURRENCY``: an account for ``KEY`` with that limit (the key comes over the pipe,
   never on disk); answers its audit fingerprint;
 - ``first_create``: the simulated time of the first create or ai-app/run request (null if none);
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 CREATE_ROUTES = ("create", "ai_app_run")
 
 
-def _summary(sim, with_tasks: bool, with_keys: bool = False) -> dict:
+def _summary(sim, with_tasks: bool, with_keys: bool = False, with_polls: bool = False) -> dict:
     requests = sim.audit.requests()
     routes = Counter(r["route"] for r in requests)
     creates = [r["t"] for r in requests if r["route"] in CREATE_ROUTES]
@@ -57,6 +59,12 @@ def _summary(sim, with_tasks: bool, with_keys: bool = False) -> dict:
         out["cross_key_calls"] = sum(
             1 for r in requests if r["task_id"] in creator and r["key_fp"] is not None
             and r["key_fp"] != creator[r["task_id"]])
+    if with_polls:
+        polls: dict[str, list[float]] = {}
+        for r in requests:
+            if r["task_id"] is not None and r["route"] not in CREATE_ROUTES:
+                polls.setdefault(r["task_id"], []).append(r["t"])
+        out["polls"] = polls
     if with_tasks:
         out["ended_at"] = {t["taskId"]: t["ended_at"] for t in tasks}
         out["created_at"] = {t["taskId"]: t["created_at"] for t in tasks}
@@ -77,7 +85,8 @@ def main() -> int:
             if not command or command[0] == "quit":
                 break
             if command[0] == "summary":
-                answer = _summary(sim, "tasks" in command[1:], "keys" in command[1:])
+                answer = _summary(sim, "tasks" in command[1:], "keys" in command[1:],
+                                  "polls" in command[1:])
             elif command[0] == "account" and len(command) == 3:
                 from pipeline.sim import AccountConfig, key_fingerprint
 

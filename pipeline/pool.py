@@ -254,6 +254,7 @@ class Pool:
         self.runners: list[Any] = []
         self._started = False
         self._by_key: tuple[dict[str | None, st.Spending], dict[str | None, dict[str, int]]] | None = None
+        self.planned = 0  # rows this invocation may run: pending or live when it started
 
     @property
     def solo(self) -> bool:
@@ -270,14 +271,19 @@ class Pool:
         own (a key's figures: the attempts created with it)."""
         if not self._started:
             self._started = True
+            counts = self.store.counts()
             self.ledger.start(self.store.spending(), self.store.priced_rows(),
-                              self.store.counts()[st.SUBMIT_UNKNOWN])
+                              counts[st.SUBMIT_UNKNOWN])
+            self.planned = sum(counts[state] for state in (
+                st.PENDING, st.SUBMITTING, st.QUEUED, st.RUNNING))
+            if self.rows.submit_only is not None:
+                self.planned = min(self.planned, len(self.rows.submit_only))
         if runner.key_ledger.limited and not self.solo:
             if self._by_key is None:  # read once for every key with limits of its own
                 self._by_key = self.store.spending_by_key(), self.store.key_counts()
-            spending, counts = self._by_key
+            spending, by_key = self._by_key
             runner.key_ledger.start(spending.get(runner.key_fp) or st.Spending(), 0,
-                                    counts.get(runner.key_fp, {}).get(st.SUBMIT_UNKNOWN, 0))
+                                    by_key.get(runner.key_fp, {}).get(st.SUBMIT_UNKNOWN, 0))
 
     def unknown_tokens(self, runner: Any) -> dict[str, int]:
         """The webhook tokens of the creates in doubt that ``runner``'s key sent."""

@@ -7,15 +7,18 @@ One asyncio process drives cooperating loops over the :class:`~pipeline.store.Ru
   create. Several creates may be in flight at once, so the submission rate is not capped at one
   per round trip: as many as the measured round trip and the rate the slots need call for (one
   at a time on loopback and near services), never more than ``creates_in_flight`` (default: one
-  per 16 slots of the window, 8 to 64; 1 sends one at a time). A kill leaves at most that many
+  per 16 slots of the window, 8 to 64, and at least 1.5 times what turning the slots over once a
+  task needs at the measured round trip; 1 sends one at a time). A kill leaves at most that many
   rows in doubt. The window starts at ``--concurrency`` (or the key's stated limit). A capacity
   answer (421, 415, 814, 1520, 1003, 1010-1012) sets it to what the account holds, and the next
   create waits until the account's count shows a free slot (the count includes tasks whose
   creates are in doubt) or a task of this run ends; a growing pause is only the fallback when no
   count can be read.
 - **poller**: asks ``outputs`` (or v2 ``query``) about each live task at its *expected end*:
-  :class:`EndModel` learns from the tasks that ended when the others will, and a task still
-  running then is asked again after a short gap that grows for stragglers. Before any end is
+  :class:`~pipeline.pacing.EndModel` learns from the tasks that ended when the others will (after
+  a first end seen only roughly, a few tasks of each round probe inside that interval while the
+  rest are asked at its top), and a task still running then is asked again after a short gap
+  that grows for stragglers. Before any end is
   known, each task is asked every ``max_poll_interval_s`` (four times less often while the
   account's count is exactly ours). At a far service (a round trip of 0.5 % of a task or more)
   a task's slot goes to the next create as its check leaves, so a task and its successor do not
@@ -24,7 +27,9 @@ One asyncio process drives cooperating loops over the :class:`~pipeline.store.Ru
   the run. When the account holds fewer tasks than we believe are live, that many of ours have
   ended: the likeliest are polled at once and their slots handed to the submitter before the
   poll answers. Until an end is known it reads at the configured interval (a quarter of it while
-  four or more tasks are live), slowed to a tenth of the oldest task's age; then only as often as
+  four or more tasks are live), slowed to a tenth of the oldest task's age once it has spent
+  FIRST_END_READS_PER_ROW reads per row of the run (a run of many rows sees its first ends
+  closely for a small share of its calls); then only as often as
   ends are expected and as the reads prove useful: when durations are regular, the expected-end
   polls find every end and the account is read rarely; when they vary, the reads find the ends
   in between. A read that would concern a single task is that task's poll instead. With
@@ -66,6 +71,16 @@ from pipeline.errors import (
     TransientApiError,
     code_name,
 )
+from pipeline.pacing import (
+    ACCOUNT_CALLS_PER_TASK,
+    ACCOUNT_POLL_MIN_FRACTION,
+    CREATE_FILL_S,
+    RECHECK_FRACTION,
+    EndModel,
+    account_poll_interval,
+    create_slots,
+    default_creates_in_flight,
+)
 from pipeline.pool import KeyOutcome, Ledger, Pool
 from pipeline.safetext import clean_text
 
@@ -81,35 +96,17 @@ MAX_CONCURRENT_POLLS = 12
 POLL_HEADROOM = 3.0
 UNKNOWN_STREAK_PAUSE = 2  # creates in doubt in a row before submissions slow down
 UNKNOWN_STREAK_STOP = 10  # ... and before the run stops (exit 3) to let the user look
-# The shared accountStatus read is spent at about this many calls per finished task when ends are
-# hard to predict: with many short tasks in flight it is read more often than
-# --account-poll-interval, down to a quarter of it.
-ACCOUNT_CALLS_PER_TASK = 0.5
-ACCOUNT_POLL_MIN_FRACTION = 0.25
-# -- pacing by expected ends (EndModel) --
-# A task still running at its expected end is asked again after this share of the expected
-# duration, each later gap this many times the last (a straggler costs a few calls).
-RECHECK_FRACTION = 0.005
-RECHECK_GROWTH = 1.5
-RECHECK_MIN_S = 0.005
-# A task found ended at its first check moves the expected end this share earlier, spread over a
-# generation of live tasks; while a whole generation agrees the step grows, up to the maximum.
-DRIFT_FRACTION = 0.001
-DRIFT_GROWTH = 1.5
-DRIFT_MAX_FRACTION = 0.05
-DRIFT_FIRST_MAX = 0.5  # after a first end seen in a wide interval: halve the guess per generation
-LATE_SAMPLES = 5  # a task still running at its first check raises the expected end to the median
-# of this many late ends, so one straggler does not delay every later check
-EARLY_WEIGHT = 0.2  # moving average of "an account read found this end before its first check"
-EARLY_START = 0.5  # before the first ends say otherwise, reads are assumed to find ends early
-EARLY_FULL = 0.3  # at this share of early ends the account is read at ACCOUNT_CALLS_PER_TASK ...
-READ_SHARE_MIN = 0.1  # ... and never at less than this share of that pace
-EARLY_MARGIN_FRACTION = 0.05  # found this share of the expected end before its check: early
 READ_WINDOW_FRACTION = 0.5  # a task's end is looked for by account reads after this share of it
 # Before any end is known the account is read every --account-poll-interval, slowed to this share
 # of the oldest live task's age (a long first task costs a few reads, not one every 2 s) ...
 FIRST_END_AGE_FRACTION = 0.1
 FIRST_END_FAST_LIVE = 4  # ... and down to a quarter of that interval while this many are live
+# A run of many rows can afford a closer watch of its first tasks: reads before the first end
+# stay at that floor, not slowed by the age, while they number less than FIRST_END_READS_PER_ROW
+# times the rows the run has to do (split over its keys). They cost at most that many calls per
+# task, and the first generation's ends are seen within the floor's interval (0.5 s at the
+# default 2 s) instead of a tenth of their age (3 s for 30 s tasks).
+FIRST_END_READS_PER_ROW = 0.2
 # ... and each task is asked about every max_poll_interval_s, this many times less often while the
 # account count is exactly ours (the count then tells every end by itself).
 SAFETY_SLOW_FACTOR = 4.0
@@ -121,24 +118,9 @@ WEBHOOK_SAFETY_FACTOR = 2.0
 # answers: both reach the service together, and a create that comes too early is refused for
 # capacity (nothing is made) and sent again at the task's real end.
 HANDOVER_RTT_FRACTION = 0.005
-# -- creates in flight --
-# At most this many creates in flight at once, unless --creates-in-flight says otherwise: one
-# for every CREATE_SLOTS_EACH slots of the window, from CREATES_IN_FLIGHT_MIN to
-# CREATES_IN_FLIGHT_MAX. A kill leaves at most that many rows in doubt. Within it, Little's law
-# on the measured round trip: the rate the slots need (free slots, or the slots of a wave of
-# tasks about to end, filled within CREATE_FILL_S; every slot turned over once a task duration)
-# times the round trip, times CREATE_RATE_HEADROOM.
-CREATES_IN_FLIGHT_MIN = 8
-CREATES_IN_FLIGHT_MAX = 64
-CREATE_SLOTS_EACH = 16
-CREATE_FILL_S = 0.5
-CREATE_RATE_HEADROOM = 3.0
 CREATE_SLOTS_REFRESH_S = 0.05  # how often that figure is worked out again
 FAR_RTT_S = 0.01  # a round trip from which waves of ends are looked for
 RTT_SAMPLES = 16  # the round trip is the median of this many recent polls and account reads
-# Under a budget, every task not yet priced (in flight, in doubt, ended without a reported cost, and
-# the next one) is counted at a multiple of the dearest task seen so far: task costs follow their
-# run time, which varies, and an estimate that is too low is what lets a run spend past its limit.
 # With a webhook receiver, how long a run waits at its end for deliveries that can reconcile
 # creates that ended in doubt: three typical task durations, within these bounds.
 RECONCILE_WAIT_MIN_S = 30.0
@@ -160,174 +142,6 @@ SYNC_INTERVAL_S = 1.0
 END_MODEL_META = "end_model"
 
 
-def account_poll_interval(base_s: float, typical_task_s: float | None, live: int,
-                          calls_per_task: float = ACCOUNT_CALLS_PER_TASK,
-                          slowest_s: float | None = None) -> float:
-    """Seconds until the next accountStatus read.
-
-    ``live`` tasks of ``typical_task_s`` end about ``live / typical_task_s`` times a second; reading
-    the count every ``typical / (calls_per_task x live)`` seconds costs that many calls per task
-    and halves the wait for the next read when ends come often. Never slower than ``slowest_s``
-    (default ``base_s``, the configured interval) nor faster than a quarter of ``base_s``.
-    """
-    if not typical_task_s or live <= 0:
-        return base_s
-    paced = typical_task_s / (calls_per_task * live)
-    return min(base_s if slowest_s is None else slowest_s,
-               max(base_s * ACCOUNT_POLL_MIN_FRACTION, paced))
-
-
-class EndModel:
-    """When this run's tasks end, learnt from the ones that did.
-
-    ``tau`` is the offset (seconds after a create was answered) at which a live task is first
-    asked about. A check only says "ended by now" or "not yet", so ``tau`` is steered rather than
-    measured. The first end known sets it to the middle of the interval in which that task was
-    seen to end (the top of it when that interval is wide). Afterwards:
-
-    - a task that had ended by its first check (or that an account read found earlier) moves
-      ``tau`` a little earlier: DRIFT_FRACTION per generation of live tasks, a step that grows by
-      DRIFT_GROWTH while whole generations agree, so a right guess costs a "not yet" only now and
-      then. After a first end seen in a wide interval, each agreeing generation halves what is
-      left of that interval (a bisection towards the end), until a task comes back late;
-    - a task still running at its first check ("late") raises ``tau`` to just after the median
-      of the last LATE_SAMPLES late ends (each the middle of the interval it was seen to end in):
-      regular durations settle just after their end, one straggler does not delay every later
-      check.
-
-    A task still running after its expected end is asked again after RECHECK_FRACTION of ``tau``,
-    then after (RECHECK_GROWTH - 1) times how late it already is. ``early`` is the moving share
-    of ends an account read found before their first check: near 0 when durations are regular
-    (the expected-end checks find every end and the account is read rarely), high when they vary.
-    """
-
-    def __init__(self, tau: float | None = None, early: float = EARLY_START):
-        self.tau = tau
-        self.early = early
-        self.ends = 0
-        self._late: deque[tuple[float, float]] = deque(maxlen=LATE_SAMPLES)
-        self._drift = DRIFT_FRACTION
-        self._agreeing = 0
-        self._first_wide = False
-        self._first_low = 0.0
-
-    @property
-    def known(self) -> bool:
-        return self.tau is not None
-
-    def recheck_s(self, overdue_s: float, *, floor_s: float = RECHECK_MIN_S,
-                  cap_s: float = math.inf) -> float:
-        """The wait before asking again a task still running ``overdue_s`` after the expected
-        end (negative: before it). Before it, half the way there each time (a first check made
-        far too early closes in on the end in a few calls); then RECHECK_FRACTION of ``tau``;
-        then (RECHECK_GROWTH - 1) x how late it already is, so the checks of a straggler space
-        out geometrically."""
-        assert self.tau is not None
-        gap = max(self.tau * RECHECK_FRACTION, abs(overdue_s) * (RECHECK_GROWTH - 1))
-        if overdue_s < 0:
-            gap = max(self.tau * RECHECK_FRACTION, -overdue_s / 2)
-        return min(cap_s, max(floor_s, gap))
-
-    def learn(self, ended_by: float, *, running_at: float | None = None, late: bool = False,
-              by_read: bool = False, first_check: float | None = None, live: int = 1) -> None:
-        """One task ended by ``ended_by`` s after its create; it was still running at
-        ``running_at`` s (its last "not yet", if any); ``late``: it was still running at its
-        first check (due at ``first_check`` s); ``by_read``: an account read found its end;
-        ``live``: tasks now in flight. An end counts as early when a read found it well
-        (EARLY_MARGIN_FRACTION of ``tau``) before its first check would have."""
-        self.ends += 1
-        due = first_check if first_check is not None else self.tau
-        early = (by_read and not late and due is not None
-                 and due - ended_by > EARLY_MARGIN_FRACTION * due)
-        self.early += EARLY_WEIGHT * ((1.0 if early else 0.0) - self.early)
-        if self.tau is None:
-            low = min(running_at if running_at is not None else 0.0, ended_by)
-            width = ended_by - low
-            if width <= 2 * RECHECK_FRACTION * ended_by:  # seen closely: its middle
-                self.tau = max(RECHECK_MIN_S, (low + ended_by) / 2)
-                return
-            # Seen in a wide interval (a read's, before anything was known): the top of it, so
-            # the next checks find their tasks ended rather than asking them over and over
-            # before their end; then a bisection of the interval, a generation a step, until a
-            # task comes back late.
-            self.tau = max(RECHECK_MIN_S, ended_by)
-            self._drift = min(DRIFT_FIRST_MAX, max(DRIFT_FRACTION, width / (2 * ended_by)))
-            self._first_wide = True
-            self._first_low = low
-            return
-        if first_check is None and not late:  # it ended before the model asked it anything
-            if running_at is None or running_at <= self.tau:
-                return
-            late = True  # still running after the expected end
-        if late:
-            # where it ended: between its last "not yet" and the answer that said it had
-            low = ended_by if running_at is None else min(running_at, ended_by)
-            self._late.append(((low + ended_by) / 2, (ended_by - low) / 2))
-            middles = [m for m, _ in self._late]
-            # just after the middle of the recent late ends (a few are trusted no further than
-            # twice the current guess): not where the checks happened to be made
-            middle = (statistics.median(middles) if len(middles) >= 3
-                      else min(min(middles), 2 * self.tau))
-            # plus half the usual width of those intervals (at most a recheck): the first checks
-            # should find the task ended
-            margin = min(statistics.median(h for _, h in self._late), RECHECK_FRACTION * self.tau)
-            self.tau = max(self.tau, middle + margin)
-            self._drift = DRIFT_FRACTION
-            self._agreeing = 0
-            self._first_wide = False
-            return
-        generation = max(1, live)
-        # the whole generation moves it by the step
-        self.tau = max(RECHECK_MIN_S, self.tau * (1.0 - self._drift) ** (1.0 / generation))
-        self._agreeing += 1
-        if self._agreeing >= generation:
-            self._agreeing = 0
-            if self._first_wide:  # a bisection of what is left of the wide first interval
-                self._drift = min(DRIFT_FIRST_MAX, max(
-                    DRIFT_FRACTION, (self.tau - self._first_low) / (2 * self.tau)))
-            else:
-                self._drift = min(max(DRIFT_MAX_FRACTION, self._drift), self._drift * DRIFT_GROWTH)
-
-    def read_share(self) -> float:
-        """The share of ACCOUNT_CALLS_PER_TASK the account reads are worth now."""
-        return min(1.0, max(READ_SHARE_MIN, self.early / EARLY_FULL))
-
-    def state(self) -> dict[str, float]:
-        return {"tau_s": self.tau or 0.0, "early": self.early}
-
-    @classmethod
-    def from_state(cls, state: Any) -> EndModel:
-        """The model kept by an earlier invocation of the run (anything unusable: a fresh one)."""
-        if isinstance(state, dict):
-            tau, early = state.get("tau_s"), state.get("early")
-            if (isinstance(tau, int | float) and isinstance(early, int | float)
-                    and math.isfinite(tau) and tau > 0 and 0.0 <= early <= 1.0):
-                return cls(float(tau), float(early))
-        return cls()
-
-
-def default_creates_in_flight(window: int) -> int:
-    """The bound on creates in flight when --creates-in-flight is not given: one for every
-    CREATE_SLOTS_EACH slots, from CREATES_IN_FLIGHT_MIN to CREATES_IN_FLIGHT_MAX."""
-    return min(CREATES_IN_FLIGHT_MAX, max(CREATES_IN_FLIGHT_MIN, window // CREATE_SLOTS_EACH))
-
-
-def create_slots(bound: int, rtt_s: float | None, *, to_fill: int, window: int,
-                 task_s: float | None, ending_soon: int = 0) -> int:
-    """How many creates may be in flight now: Little's law on the round trip ``rtt_s``.
-
-    The rate the slots need is the largest of filling ``to_fill`` free slots, or the slots of the
-    ``ending_soon`` tasks expected to end, within CREATE_FILL_S, and of turning all ``window``
-    slots over once per task duration ``task_s``; in flight = rate x round trip x
-    CREATE_RATE_HEADROOM, rounded down, from 1 to ``bound``. One while no round trip has been
-    measured (the first create) and on loopback.
-    """
-    if bound <= 1 or rtt_s is None:
-        return 1
-    rate = max(0, to_fill, ending_soon) / CREATE_FILL_S
-    if task_s:
-        rate = max(rate, window / task_s)
-    return max(1, min(bound, int(rate * rtt_s * CREATE_RATE_HEADROOM)))
 
 
 @dataclass
@@ -374,6 +188,7 @@ class _Live:
     polling: bool = False
     by_read: bool = False  # suspected from an account read
     first_check: float | None = None  # offset (s from t0) of its first expected-end check
+    probe: bool = False  # that check was a probe of the end model's search (below its top)
     negatives: int = 0  # "still running" answers since that check
     running_at: float | None = None  # monotonic time of its last "still running" answer
     read_low: float | None = None  # monotonic time of the read before the one that suspected it
@@ -451,6 +266,7 @@ class Runner:
         self._last_read_at: float | None = None  # monotonic middle of the last account read
         self._rtt_asked = False  # a first read (or poll) to measure the round trip has left
         self._quiet_read_at: float | None = None  # the last read that showed no end of ours
+        self._first_end_reads = 0  # account reads (or lone-task polls) before any end was known
         # at most this many creates in flight (--creates-in-flight; 1 = one at a time; None:
         # from the window, see default_creates_in_flight)
         self._creates_setting: int | None = (creates_in_flight
@@ -707,7 +523,7 @@ class Runner:
         """The most creates in flight at once, so the most rows a kill can leave in doubt."""
         if self._creates_setting:
             return max(1, self._creates_setting)
-        return default_creates_in_flight(self.window)
+        return default_creates_in_flight(self.window, self._rtt_floor_s(), self.model.tau)
 
     @create_bound.setter
     def create_bound(self, value: int) -> None:
@@ -1133,9 +949,10 @@ class Runner:
                      if tau is not None else self.settings.max_poll_interval_s)
             return max(0.0, live.t0 + after - now)
         if tau is not None:
-            live.first_check = tau
+            live.first_check = self.model.first_check(self.window)
+            live.probe = live.first_check < tau
             live.negatives = 0
-            return max(0.0, live.t0 + tau - (self._rtt_s() or 0.0) / 2 - now)
+            return max(0.0, live.t0 + live.first_check - (self._rtt_s() or 0.0) / 2 - now)
         if not self._account_ok:
             return self.settings.poll_interval_s
         slow = SAFETY_SLOW_FACTOR if self._account_exact else 1.0
@@ -1150,7 +967,8 @@ class Runner:
         if tau is not None and live.first_check is not None:
             at = live.running_at if live.running_at is not None else time.monotonic()
             # no round trip in the floor: the answer that says "not yet" has already taken one
-            return self.model.recheck_s(at - live.t0 - live.first_check, cap_s=cap)
+            return self.model.recheck_s(at - live.t0 - live.first_check, cap_s=cap,
+                                        age_s=at - live.t0)
         if not self._account_ok:
             return self.settings.poll_interval_s * random.uniform(0.8, 1.0)
         slow = SAFETY_SLOW_FACTOR if self._account_exact else 1.0
@@ -1241,13 +1059,14 @@ class Runner:
 
     def _hand_over(self, live: _Live, now: float) -> None:
         """At a far service, free the slot of a task as its expected-end check leaves (see
-        HANDOVER_RTT_FRACTION): only for the check itself, durations that are regular, and while
-        rows wait."""
+        HANDOVER_RTT_FRACTION): only for the check itself (not a search's probe), durations
+        that are regular, and while rows wait."""
         tau, rtt = self.model.tau, self._rtt_s()
         if (tau is None or rtt is None or rtt < max(HANDOVER_RTT_FRACTION * tau, FAR_RTT_S)
                 or self.webhook_tokens
                 or live.suspected or live.by_read or live.negatives or live.first_check is None
                 or now - live.t0 < live.first_check - rtt or self.model.read_share() >= 1.0
+                or self.model.searching and live.first_check < tau  # a probe: maybe early
                 or self._submitter_done() or self._stop_submitting):
             return
         self._suspect(live, True)
@@ -1310,6 +1129,7 @@ class Runner:
                 live.hinted_at = None
             live.by_read = False
             live.running_at = at
+            self.model.not_yet(at - live.t0)
             if guessed and live.first_check is not None and live.negatives == 0:
                 due = live.t0 + live.first_check - (self._rtt_s() or 0.0) / 2
                 if due > time.monotonic():  # asked before its expected end: that check stands
@@ -1474,9 +1294,14 @@ class Runner:
                 running = quiet - live.t0  # a read after that showed no end of ours, about
             late = live.negatives > 0
         known = self.model.known
+        first_check = live.first_check
+        if live.probe and not self.model.searching:
+            # a probe of a search that is over: its answers were learnt as they came, and where
+            # it ended in the wide gap up to the top says nothing more
+            first_check, running, late = None, None, False
         # a generation is the slots' worth of tasks (not the few left at the run's end)
         self.model.learn(max(0.0, ended), running_at=running, late=late, by_read=live.by_read,
-                         first_check=live.first_check, live=max(self.window, len(self.live)))
+                         first_check=first_check, live=max(self.window, len(self.live)))
         self._forget(live)
         if not known and self.model.known:
             self._replan()
@@ -1519,6 +1344,8 @@ class Runner:
             # many tasks share each read: down to a quarter of the interval, as when they end
             floor = (base * ACCOUNT_POLL_MIN_FRACTION if len(live) >= FIRST_END_FAST_LIVE
                      else base)
+            if self._first_end_reads < self._first_end_budget():
+                return last + floor  # a run of many rows: the first ends seen closely
             return last + max(floor, FIRST_END_AGE_FRACTION * (now - oldest))
         opens = [t.t0 + READ_WINDOW_FRACTION * tau for t in live]
         open_now = sum(1 for at in opens if at <= now)
@@ -1527,6 +1354,11 @@ class Runner:
         return last + account_poll_interval(
             base, tau, open_now, ACCOUNT_CALLS_PER_TASK * self.model.read_share(),
             slowest_s=math.inf)
+
+    def _first_end_budget(self) -> float:
+        """How many reads this key may spend closely before its first end: a share of the rows
+        the run has to do, split over its keys."""
+        return FIRST_END_READS_PER_ROW * self.pool.planned / max(1, self.pool.size)
 
     def _lone_task(self, now: float) -> _Live | None:
         """The one live task whose end a read would look for, when there is only one (not
@@ -1560,6 +1392,8 @@ class Runner:
                     pass
                 continue
             self._rtt_asked = True
+            if not self.model.known:
+                self._first_end_reads += 1
             lone = self._lone_task(now)
             if lone is not None:  # a read for one task costs what its own poll costs: poll it
                 lone.by_read = True

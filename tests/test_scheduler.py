@@ -18,24 +18,31 @@ from conftest import fast_settings, write_manifest
 from pipeline import store as st
 from pipeline.config import resolve_settings
 from pipeline.errors import CapacityError
-from pipeline.runner import (
+from pipeline.pacing import (
     ACCOUNT_CALLS_PER_TASK,
+    ACCOUNT_POLL_MIN_FRACTION,
     CREATE_FILL_S,
     CREATE_RATE_HEADROOM,
     CREATES_IN_FLIGHT_MAX,
     CREATES_IN_FLIGHT_MIN,
     DRIFT_FRACTION,
-    FIRST_END_AGE_FRACTION,
+    DRIFT_GROWTH,
+    DRIFT_MIN_GENERATION,
     RECHECK_FRACTION,
     RECHECK_GROWTH,
-    SAFETY_SLOW_FACTOR,
-    UNKNOWN_STREAK_STOP,
+    SEARCH_PROBES,
     EndModel,
-    Runner,
-    _Live,
     account_poll_interval,
     create_slots,
     default_creates_in_flight,
+)
+from pipeline.runner import (
+    FIRST_END_AGE_FRACTION,
+    FIRST_END_READS_PER_ROW,
+    SAFETY_SLOW_FACTOR,
+    UNKNOWN_STREAK_STOP,
+    Runner,
+    _Live,
 )
 
 # -- the end model ---------------------------------------------------------------------------------
@@ -81,27 +88,90 @@ def test_ends_found_at_the_first_check_move_the_expected_end_earlier_faster_each
     assert all(b > a for a, b in zip(steps, steps[1:], strict=False))  # a wrong guess corrects fast
     model.learn(50.0, running_at=49.0, late=True)  # a late one resets the step
     before = model.tau
-    model.learn(model.tau, first_check=model.tau, live=1)
+    for _ in range(10):
+        model.learn(model.tau, first_check=model.tau, live=10)
     assert 1 - model.tau / before == pytest.approx(DRIFT_FRACTION)
+    after = model.tau
     # an end the model never asked about says nothing about its first check
-    model.learn(1.0, live=1)
-    assert model.tau == pytest.approx(before * (1 - DRIFT_FRACTION))
+    model.learn(1.0, live=10)
+    assert model.tau == after
 
 
-def test_after_a_first_end_seen_in_a_wide_interval_the_guess_closes_in_by_halves():
+def _search_rounds(model: EndModel, true_end: float, generation: int) -> tuple[int, int]:
+    """Generations of ``generation`` tasks of ``true_end`` s each, their first checks handed out
+    together (tasks created before any of them answered), asked in time order; a task still
+    running is asked again at the recheck the model gives. Returns (tasks, extra calls) until the
+    search ends."""
+    tasks = extra = 0
+    while model.searching and tasks < 100 * generation:
+        for due in sorted(model.first_check(generation) for _ in range(generation)):
+            if not model.searching:
+                break
+            tasks += 1
+            if due >= true_end:
+                model.learn(due, first_check=due, live=generation)
+                continue
+            model.not_yet(due)
+            extra += 1
+            searching = model.searching
+            again = due + model.recheck_s(due - (model.tau or 0.0), age_s=due)
+            if searching:  # a probe that came too early asks again at the top: ended
+                assert again >= true_end
+            running = due
+            while again < true_end:  # the search ended with this answer: the usual rechecks
+                model.not_yet(again)
+                extra += 1
+                running = again
+                again += model.recheck_s(again - (model.tau or 0.0), age_s=again)
+            model.learn(again, running_at=running, late=True, first_check=due, live=generation)
+    return tasks, extra
+
+
+def test_after_a_first_end_seen_in_a_wide_interval_the_end_is_searched_for_with_few_calls():
     # 0.3 s tasks, the first ones seen ended by a read 2 s after their creates
     model = EndModel()
     model.learn(2.0, running_at=0.0)
-    assert model.tau == pytest.approx(2.0)
-    for expected in (1.0, 0.5, 0.25):
-        for _ in range(8):  # a generation of 8, each ended by its first check
-            model.learn(model.tau, first_check=model.tau, live=8)
-        assert model.tau == pytest.approx(expected, rel=0.05)
-    model.learn(0.31, running_at=0.3, late=True, first_check=model.tau)  # asked too early
-    assert 0.305 <= model.tau <= 0.32
+    assert model.tau == pytest.approx(2.0) and model.searching
+    # while searching, every task but the probes is asked at the top, where all have ended
+    probes = [model.first_check(8) for _ in range(8)]
+    assert probes[:SEARCH_PROBES] == pytest.approx([0.5, 1.0, 1.5])
+    assert probes[SEARCH_PROBES:] == [2.0] * (8 - SEARCH_PROBES)
+    tasks, extra = _search_rounds(model, 0.3, 8)
+    assert not model.searching
+    # found: just after the end, within two rechecks' width
+    assert 0.3 <= model.tau <= 0.3 * (1 + 2 * RECHECK_FRACTION) + 1e-9
+    # a few generations, at most one extra call per probe: (13.33 -> 1 %: log4 is under 4)
+    assert tasks <= 6 * 8 and extra <= 6 * SEARCH_PROBES, (tasks, extra)
+    # afterwards, back to small steps: a generation moves it by DRIFT_FRACTION
     before = model.tau
-    model.learn(model.tau, first_check=model.tau, live=1)  # back to small steps
+    for _ in range(8):
+        model.learn(model.tau, first_check=model.tau, live=8)
     assert 1 - model.tau / before == pytest.approx(DRIFT_FRACTION)
+
+
+def test_a_search_ends_at_its_top_when_durations_disagree():
+    # one task still running at 8 s when another had ended by 5 s: durations vary, no search
+    model = EndModel()
+    model.learn(5.0, running_at=1.0)
+    assert model.searching
+    model.not_yet(8.0)
+    assert not model.searching and model.tau == pytest.approx(5.0)
+    # the usual learning goes on from there: a late end raises it
+    model.learn(9.0, running_at=8.0, late=True, first_check=5.0)
+    assert model.tau > 8.0
+
+
+def test_at_one_slot_a_generation_for_the_step_is_a_few_ends():
+    model = EndModel(tau=30.0, early=0.0)
+    generations = []
+    for _ in range(3):
+        before = model.tau
+        for _ in range(DRIFT_MIN_GENERATION):  # one slot: each end alone in flight
+            model.learn(model.tau, first_check=model.tau, live=1)
+        generations.append(1 - model.tau / before)
+    # DRIFT_MIN_GENERATION ends move it by one step, which then grows
+    assert generations == pytest.approx(
+        [DRIFT_FRACTION, DRIFT_FRACTION * DRIFT_GROWTH, DRIFT_FRACTION * DRIFT_GROWTH ** 2])
 
 
 def test_a_straggler_is_asked_again_ever_less_often_within_the_cap():
@@ -159,6 +229,10 @@ def test_the_bound_on_creates_in_flight_follows_the_window():
     assert default_creates_in_flight(1) == CREATES_IN_FLIGHT_MIN
     assert default_creates_in_flight(320) == 20
     assert default_creates_in_flight(5000) == CREATES_IN_FLIGHT_MAX
+    # ... and what the slots need to turn over once a task: 50 slots of 1 s tasks at 200 ms
+    assert default_creates_in_flight(50, 0.2, 1.0) == 15  # 10 needed, x 1.5
+    assert default_creates_in_flight(50, 0.2, 30.0) == CREATES_IN_FLIGHT_MIN  # long: the minimum
+    assert default_creates_in_flight(1000, 0.2, 0.5) == CREATES_IN_FLIGHT_MAX  # never past it
 
 
 def test_creates_in_flight_follow_the_round_trip_and_the_rate_the_slots_need():
@@ -306,6 +380,28 @@ def test_regular_ends_are_read_for_rarely_and_not_before_any_task_can_end(runner
     assert young._next_read_at(now) - now == pytest.approx(2.0, abs=0.01)
     _live(young, 3)
     assert young._next_read_at(now) - now == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_run_of_many_rows_reads_closely_for_its_first_ends_within_a_budget(runner):
+    r = runner(rows=400, concurrency=20)
+    r.pool.start(r)  # what the run has to do: its rows
+    assert r.pool.planned == 400
+    _measure(r, 0.01, 1)
+    oldest = min(_live(r, i, age_s=28.0).t0 for i in range(20))
+    now = time.monotonic()
+    r._last_read_at = now
+    # the floor, not a tenth of the 28 s age (2.8 s) ...
+    assert r._next_read_at(now) - now == pytest.approx(2.0 * ACCOUNT_POLL_MIN_FRACTION, abs=0.01)
+    # ... for FIRST_END_READS_PER_ROW reads a row, then the age slows them again
+    r._first_end_reads = int(FIRST_END_READS_PER_ROW * 400)
+    assert r._next_read_at(now) - now == pytest.approx(
+        FIRST_END_AGE_FRACTION * (now - oldest), abs=0.001)
+    # the budget follows the rows left to do, and is split over the run's keys
+    small = runner(rows=40)
+    small.pool.start(small)
+    assert small._first_end_budget() == pytest.approx(FIRST_END_READS_PER_ROW * 40)
+    small.pool.size = 2
+    assert small._first_end_budget() == pytest.approx(FIRST_END_READS_PER_ROW * 20)
 
 
 def test_a_read_that_shows_ends_hands_over_the_slots_of_the_likeliest_tasks(runner):
