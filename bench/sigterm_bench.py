@@ -7,14 +7,15 @@ files it leaves are complete and current.
     python bench/sigterm_bench.py --save DIR          # keep the prepared run (before rhbatch starts)
     python bench/sigterm_bench.py --reuse DIR         # start from a run kept with --save
     python bench/sigterm_bench.py --reuse DIR --keep-results   # ... and the results it holds
+    python bench/sigterm_bench.py --profile exit.txt  # py-spy (wall clock) from SIGTERM to exit
 
 The run is built like ``bench/run_bench.py``'s ``resume`` section (``build_half_done``: the
 manifest's run made with ``open_run``, every other row set to SUCCESS by SQL). Then, unless
 ``--cold``, its results files are written the way the session that left it half done would have
-written them on its way out (``export.write_results``; timed, it is also the cost of one full
-rewrite). ``rhbatch run`` is started against the simulator in its own process
-(``bench/simproc.py``; tasks last an hour so they stay live), SIGTERM is sent once ``--creates``
-creates have been answered, and the bench waits for the exit.
+written them on its way out (``ResultsFlusher.finish``: a whole rewrite, there being no index yet;
+timed, it is also the cost of one full rewrite). ``rhbatch run`` is started against the simulator
+in its own process (``bench/simproc.py``; tasks last an hour so they stay live), SIGTERM is sent
+once ``--creates`` creates have been answered, and the bench waits for the exit.
 
 "complete" means both files hold one parseable record per row, in input order; "current" means
 each record's status and task id are those in ``state.db`` when rhbatch exited.
@@ -48,23 +49,40 @@ START_TIMEOUT_S = 600.0
 
 
 def write_results_as_a_session_would(run_dir: Path) -> float:
-    """The results files of the run as its last session left them (with their index, where this
-    rhbatch keeps one); returns the seconds taken."""
+    """The results files of the run as its last session left them on its way out (with their
+    index, where this rhbatch keeps one: ``ResultsFlusher.finish``); returns the seconds taken."""
     from pipeline import export
     from pipeline.store import RunStore
 
-    try:
-        from pipeline import refresh
-        write = getattr(refresh, "write_results", export.write_results)
-    except ImportError:
-        write = export.write_results
     started = time.perf_counter()
     store = RunStore.open(run_dir)
     try:
-        write(store)
+        try:
+            from pipeline.refresh import ResultsFlusher
+        except ImportError:
+            export.write_results(store)
+        else:
+            ResultsFlusher(store, 10.0).finish(store)
     finally:
         store.close()
     return time.perf_counter() - started
+
+
+def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy attached to ``pid`` (every thread, idle frames kept: the exit's wall clock)."""
+    spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    fmt = "speedscope" if out.suffix == ".json" else "raw"  # speedscope keeps the samples' order
+    spy = subprocess.Popen([spy_bin, "record", "--pid", str(pid), "--rate", "250", "--idle",
+                            "--threads", "--format", fmt, "--output", str(out), "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the signal
+    return spy
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU of ``pid`` so far, its threads and the children it waited for."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime..cstime
 
 
 def stored_state(run_dir: Path) -> list[tuple[str, str, str | None]]:
@@ -124,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", type=Path, help="start from a run directory kept with --save")
     parser.add_argument("--keep-results", action="store_true",
                         help="with --reuse: keep its results files (default: written again)")
+    parser.add_argument("--profile", type=Path,
+                        help="record the exit with py-spy here (idle frames kept; raw stacks, or "
+                             "speedscope for a name ending .json)")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rhbatch-sigterm-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         shutil.rmtree(args.save, ignore_errors=True)
         shutil.copytree(run_dir, args.save, symlinks=True)
+    os.sync()  # the copy's writeback (GBs) would otherwise land in the exit being measured
     config = sim_config(concurrency=50, duration_s=3600.0, time_scale=1.0)
     with SimProcess(workdir, config) as sim:
         env = dict(os.environ, RUNNINGHUB_API_KEY=api_key(), RUNNINGHUB_BASE_URL=sim.base_url)
@@ -162,12 +184,20 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 time.sleep(0.05)
             first_creates_s = time.monotonic() - started
+            spy = start_profile(proc.pid, args.profile) if args.profile else None
+            cpu_before = cpu_s(proc.pid)
             signalled = time.monotonic()
             print(f"SIGTERM sent at {time.strftime('%H:%M:%S')}.{int(time.time() % 1 * 1000):03d}",
                   flush=True)
             proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=START_TIMEOUT_S)
+            assert proc.stderr is not None
+            err = proc.stderr.read()  # until the child exits; then reaped here for its rusage
+            _, status, usage = os.wait4(proc.pid, 0)
             exit_s = time.monotonic() - signalled
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            exit_cpu_s = usage.ru_utime + usage.ru_stime - cpu_before
+            if spy is not None:
+                spy.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -177,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     csv_check = check_csv(run_dir / "results.csv", stored)
     print(f"rhbatch run: start -> {args.creates} creates {first_creates_s:.2f}s")
     print(f"SIGTERM -> exit: {exit_s:.2f}s (exit code {proc.returncode}; target < "
-          f"{EXIT_TARGET_S:g}s: {'met' if exit_s < EXIT_TARGET_S else 'NOT met'})")
+          f"{EXIT_TARGET_S:g}s: {'met' if exit_s < EXIT_TARGET_S else 'NOT met'}); CPU (user+sys) "
+          f"of rhbatch in it {exit_cpu_s:.2f}s")
     for name, found in (("results.jsonl", jsonl), ("results.csv", csv_check)):
         print(f"{name}: complete {found['complete']} ({found['why']}), records not current: "
               f"{found['stale']}")

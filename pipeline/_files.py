@@ -191,6 +191,20 @@ def storage_error(exc: OSError, path: Path, run_dir: Path | None = None, *,
                         f"{os_fix(exc, run_dir or path.parent, **fallback)}")
 
 
+def database_error(exc: Exception, path: Path) -> StorageError:
+    """A SQLite error on the run state at ``path``, as a StorageError that names the fix."""
+    text = str(exc)
+    if "full" in text:
+        fix = DISK_FULL_FIX
+    elif "readonly" in text or "read-only" in text:
+        fix = _unwritable_fix(path.parent)
+    elif "locked" in text:
+        fix = "another program holds the database; stop it and resume"
+    else:
+        fix = "the run state could not be written; check the disk, then resume"
+    return StorageError(f"Run state {escape_controls(path)}: {text}: {fix}")
+
+
 def refuse_entry(path: Path, what: str) -> StateError:
     """The error for ``path`` in a run directory that rhbatch must not write through."""
     shown = escape_controls(path)

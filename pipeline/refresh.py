@@ -12,18 +12,22 @@ A new version is cheap although the files are large, because it is spliced, not 
   each file's identity (size and mtime in ns, which a ``cp -a`` of the run keeps) and the byte
   length of every row's record in it, the rows' ``idx`` in file order, the ``updated_at`` of each
   row as it was rendered, and ``read_at``, the ``time.time()`` at which the rows were read. Binary
-  layout: one line of JSON (format, rows, read_at, byte order, per file its identity and header
-  length, the ``files`` table's signature), then four arrays of ``rows`` 8-byte values in the
-  machine's byte order: idx, updated_at (double), record lengths in ``results.jsonl``, record
-  lengths in ``results.csv``. It is written after both files, so a kill between them leaves an
-  index that describes neither, and the next refresh rewrites them whole.
+  layout: one line of JSON (format, rows, read_at, settled_at, byte order, per file its identity
+  and header length, the ``files`` table's signature), then four arrays of ``rows`` 8-byte values
+  in the machine's byte order: idx, updated_at (double), record lengths in ``results.jsonl``,
+  record lengths in ``results.csv``. It is written after both files, so a kill between them
+  leaves an index that describes neither, and the next refresh rewrites them whole.
 - A refresh (:func:`splice`) reads the rows whose ``updated_at`` is at or after ``read_at`` less
   :data:`CHANGE_MARGIN_S` (a write takes its time before it commits, and may wait for SQLite's
   lock that long), keeps those whose ``updated_at`` differs from the one rendered, adds the rows
   whose output files a download in this process changed (the ``files`` table has no time of its
   own), and renders only those. The bytes between their records are copied from the old file by
   the kernel (``copy_file_range``), never read into Python. So a refresh costs the changed rows in
-  Python and the file's size in the kernel.
+  Python and the file's size in the kernel. The run's last refresh (:meth:`ResultsFlusher.finish`,
+  with the run's own connection once its writes are over: none can be in flight) leaves a
+  *settled* index, ``settled_at`` = ``read_at`` less :data:`SETTLED_MARGIN_S` (a step back of the
+  clock), and the next refresh reads from there: a resume does not read again every row of the
+  last session's last minute (or every row of a run made just before).
 - Every row is rendered again (:func:`write_results`) when the index does not describe the files
   on disk: a new run, a file written by ``rhbatch download`` or another program, edited or
   deleted, a ``files`` table changed behind this process's back, the clock moved back past
@@ -81,6 +85,9 @@ INDEX_FORMAT = 1
 TMP_PREFIXES = tuple(temporary_prefix(name) for name in (*RESULT_FILES, INDEX_FILE))
 # Longer than SQLite's busy timeout (30 s, store.py): a row written at time T commits by T + 30 s.
 CHANGE_MARGIN_S = 60.0
+# When no write could be in flight as the rows were read (the run's last refresh, made with its own
+# connection once the run is over) only a step back of the clock can hide a change: this much.
+SETTLED_MARGIN_S = 10.0
 COPY_CHUNK_BYTES = 64 * 2**20  # an abandoned splice stops between two chunks
 # The disk a run's results may use while it goes, on average: each refresh rewrites both files
 # whole, so large ones are refreshed less often (the last refresh, when the run stops, is at once).
@@ -111,6 +118,8 @@ class ResultsIndex:
     identities: dict[str, Identity]
     signature: list[list[Any]]
     rendered: int = 0  # rows rendered by the write that made this index
+    # every row updated before this is in the files as rendered (None: read_at less the margin)
+    settled_at: float | None = None
 
     def position(self, idx: int) -> int | None:
         """The row ``idx``'s place in the files, or None if the files hold no such row."""
@@ -132,6 +141,7 @@ class ResultsIndex:
     def save(self, run_dir: Path) -> None:
         head = {"format": INDEX_FORMAT, "rows": len(self.idxs), "read_at": self.read_at,
                 "byteorder": sys.byteorder, "signature": self.signature,
+                "settled_at": self.settled_at,
                 "files": {name: {"identity": list(self.identities[name]),
                                  "header": self.headers[name]} for name in RESULT_FILES}}
         parts = [json.dumps(head).encode() + b"\n", self.idxs.tobytes(), self.versions.tobytes()]
@@ -166,6 +176,7 @@ class ResultsIndex:
                 identities={name: tuple(head["files"][name]["identity"])  # type: ignore[misc]
                             for name in RESULT_FILES},
                 signature=head["signature"],
+                settled_at=None if head.get("settled_at") is None else float(head["settled_at"]),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -194,8 +205,9 @@ def _results_file(run_dir: Path, name: str) -> AtomicFile:
     return AtomicFile(run_dir / name, "wb", run_dir=run_dir)
 
 
-def write_results(store: RunStore) -> ResultsIndex:
-    """Rewrite both results files from every row, then the index that describes them."""
+def write_results(store: RunStore, *, settled: bool = False) -> ResultsIndex:
+    """Rewrite both results files from every row, then the index that describes them;
+    ``settled``: no write can be in flight as the rows are read (:meth:`ResultsFlusher.finish`)."""
     run_dir = store.run_dir
     read_at = time.time()
     signature = files_signature(store)
@@ -223,7 +235,8 @@ def write_results(store: RunStore) -> ResultsIndex:
             handle.flush()
             identities[name] = _identity(os.fstat(handle.fileno()))
     index = ResultsIndex(read_at, idxs, versions, lengths, {jsonl_name: 0, csv_name: len(header)},
-                         identities, signature, rendered=len(idxs))
+                         identities, signature, rendered=len(idxs),
+                         settled_at=read_at - SETTLED_MARGIN_S if settled else None)
     index.save(run_dir)
     return index
 
@@ -233,7 +246,8 @@ def changed_rows(store: RunStore, index: ResultsIndex, also: Iterable[int] = (),
     """(position, row) of every row whose record in the files may differ from its row now: its
     ``updated_at`` differs from the one rendered, or it is in ``also``; by position."""
     wanted = set(also)
-    for idx, updated_at in store.updated_since(index.read_at - margin_s):
+    since = index.read_at - margin_s if index.settled_at is None else index.settled_at
+    for idx, updated_at in store.updated_since(since):
         at = index.position(idx)
         if at is None or index.versions[at] != updated_at:
             wanted.add(idx)
@@ -314,12 +328,13 @@ def _splice_file(run_dir: Path, name: str, index: ResultsIndex,
 
 def splice(store: RunStore, index: ResultsIndex, also: Iterable[int] = (), *,
            abandon: threading.Event | None = None, margin_s: float = CHANGE_MARGIN_S,
-           signature: list[list[Any]] | None = None) -> ResultsIndex | None:
+           signature: list[list[Any]] | None = None, settled: bool = False
+           ) -> ResultsIndex | None:
     """Bring the results files described by ``index`` up to date by rendering only the rows that
     changed (module docstring); the new index, ``index`` itself when nothing changed, or None
     when the files can only be rewritten whole. ``signature``: the ``files`` table's, read before
-    ``also`` was. Raises :class:`SpliceAbandoned` when ``abandon`` is set before it is done: the files
-    are then unchanged."""
+    ``also`` was; ``settled``: as for :func:`write_results`. Raises :class:`SpliceAbandoned` when
+    ``abandon`` is set before it is done: the files are then unchanged."""
     read_at = time.time()
     if read_at < index.read_at or not index.describes(store.run_dir):
         return None  # the clock went back (updated_at cannot be trusted), or the files changed
@@ -329,7 +344,11 @@ def splice(store: RunStore, index: ResultsIndex, also: Iterable[int] = (), *,
         rows = changed_rows(store, index, also, margin_s=margin_s)
     except LookupError:
         return None
+    settled_at = read_at - SETTLED_MARGIN_S if settled else None
     if not rows:
+        if settled and index.settled_at != settled_at:  # so the next splice reads less
+            index = dataclasses.replace(index, read_at=read_at, settled_at=settled_at)
+            index.save(store.run_dir)
         return dataclasses.replace(index, rendered=0)
     files: dict[int, list[Any]] = {}
     for _, row in rows:
@@ -355,7 +374,7 @@ def splice(store: RunStore, index: ResultsIndex, also: Iterable[int] = (), *,
     for at, row in rows:
         versions[at] = row["updated_at"] or 0.0
     new = ResultsIndex(read_at, index.idxs, versions, lengths, index.headers, identities,
-                       signature, rendered=len(rows))
+                       signature, rendered=len(rows), settled_at=settled_at)
     new.save(store.run_dir)
     return new
 
@@ -448,14 +467,16 @@ class ResultsFlusher:
             self.index = await asyncio.to_thread(self._load)
         return True
 
-    def _splice(self, index: ResultsIndex, store: RunStore | None = None) -> ResultsIndex | None:
+    def _splice(self, index: ResultsIndex, store: RunStore | None = None, *,
+                settled: bool = False) -> ResultsIndex | None:
         reader = store or RunStore.open(self.run_dir, readonly=True)
         try:
             # the signature first: a file changed after it is read is in ``also`` or the next one
             signature = files_signature(reader)
             also = self._take_also()
             try:
-                return splice(reader, index, also, abandon=self._abandon, signature=signature)
+                return splice(reader, index, also, abandon=self._abandon, signature=signature,
+                              settled=settled)
             except BaseException:
                 self._give_back(also)
                 raise
@@ -490,12 +511,14 @@ class ResultsFlusher:
             self._abandon.clear()
 
     def finish(self, store: RunStore) -> None:
-        """Make the results files current now (after :meth:`stop`), with ``store``'s connection."""
+        """Make the results files current now (after :meth:`stop`), with ``store``'s connection:
+        the run's, whose writes are over, so the index it leaves is settled (the next run's first
+        splice reads only the rows changed since)."""
         if self.index is not None:
-            self.index = self._splice(self.index, store)
+            self.index = self._splice(self.index, store, settled=True)
         how = "spliced"
         if self.index is None:
-            self.index, how = write_results(store), "rewritten whole"
+            self.index, how = write_results(store, settled=True), "rewritten whole"
         log.info("results current: %d row(s) rendered, %s", self.index.rendered, how)
 
 

@@ -47,6 +47,7 @@ from pipeline._files import (  # noqa: F401 (re-exported: the run directory's gu
     FileLock,
     _unwritable_fix,
     check_run_subdir,
+    database_error,
     open_in_run_dir,
     os_fix,
     refuse_entry,
@@ -54,7 +55,6 @@ from pipeline._files import (  # noqa: F401 (re-exported: the run directory's gu
 )
 from pipeline.costs import Cost, Spending
 from pipeline.errors import StateError, StorageError
-from pipeline.safetext import escape_controls
 
 STATE_DB = "state.db"
 LOCK_FILE = ".lock"
@@ -112,6 +112,14 @@ SUBMIT_UNKNOWN = "SUBMIT_UNKNOWN"
 STATES = (PENDING, SUBMITTING, QUEUED, RUNNING, SUCCESS, FAILED, CANCELLED, SUBMIT_UNKNOWN)
 LIVE = (QUEUED, RUNNING)
 FINAL = (SUCCESS, FAILED, CANCELLED)
+
+# spend (migration 005): each total and what one row adds to it
+_UNPRICED = ("({row}.task_id IS NOT NULL AND {row}.coins IS NULL AND {row}.money IS NULL AND "
+             "{row}.third_party_money IS NULL)")
+_SPEND_SUMS = {"tasks": "1", "coins": "IFNULL({row}.coins, 0)", "money": "IFNULL({row}.money, 0)",
+               "third": "IFNULL({row}.third_party_money, 0)",
+               "coins_n": "({row}.coins IS NOT NULL)", "money_n": "({row}.money IS NOT NULL)",
+               "third_n": "({row}.third_party_money IS NOT NULL)", "unpriced": _UNPRICED}
 
 MIGRATIONS: list[tuple[str, str]] = [
     (
@@ -201,6 +209,36 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX rows_updated ON rows (updated_at);
         """,
     ),
+    (
+        # What the rows cost per creating key and status, kept by SQLite in the transaction of every
+        # change of a row (triggers): RunStore.spending reads these totals, not every row; each
+        # key's dearest task comes from two small indexes. spend.key: key_fp, '' for NULL; *_n: the
+        # figures known. insert_rows counts new rows (a trigger per insert costs 50 % more).
+        "005_spending_totals",
+        """
+        CREATE TABLE spend (key TEXT NOT NULL, status TEXT NOT NULL, tasks INTEGER NOT NULL,
+            coins REAL NOT NULL, money REAL NOT NULL, third REAL NOT NULL,
+            coins_n INTEGER NOT NULL, money_n INTEGER NOT NULL, third_n INTEGER NOT NULL,
+            unpriced INTEGER NOT NULL, PRIMARY KEY (key, status));
+        INSERT INTO spend SELECT IFNULL(key_fp, ''), status, COUNT(*), TOTAL(coins), TOTAL(money),
+            TOTAL(third_party_money), COUNT(coins), COUNT(money), COUNT(third_party_money),
+            SUM(task_id IS NOT NULL AND coins IS NULL AND money IS NULL
+            AND third_party_money IS NULL) FROM rows GROUP BY 1, 2;
+        CREATE TRIGGER spend_out AFTER DELETE ON rows BEGIN {take} END;
+        CREATE TRIGGER spend_move AFTER UPDATE OF status, key_fp, task_id, coins, money,
+            third_party_money ON rows BEGIN {take} {add} END;
+        CREATE INDEX rows_top_coins ON rows (key_fp, coins) WHERE coins IS NOT NULL;
+        CREATE INDEX rows_top_money ON rows (key_fp, IFNULL(money, 0) + IFNULL(third_party_money, 0))
+            WHERE money IS NOT NULL OR third_party_money IS NOT NULL;
+        """.format(
+            add="INSERT INTO spend VALUES (IFNULL(new.key_fp, ''), new.status, "
+                + ", ".join(e.format(row="new") for e in _SPEND_SUMS.values())
+                + ") ON CONFLICT (key, status) DO UPDATE SET "
+                + ", ".join(f"{c} = {c} + excluded.{c}" for c in _SPEND_SUMS) + ";",
+            take="UPDATE spend SET "
+                 + ", ".join(f"{c} = {c} - {e.format(row='old')}" for c, e in _SPEND_SUMS.items())
+                 + " WHERE key = IFNULL(old.key_fp, '') AND status = old.status;"),
+    ),
 ]
 
 
@@ -222,19 +260,6 @@ class ActiveTask:
     submitted_at: float
     started_at: float | None
     key_fp: str | None = None  # the key that created it (None: the run's only key)
-
-
-def _translate(exc: sqlite3.Error, path: Path) -> StorageError:
-    text = str(exc)
-    if "full" in text:
-        fix = DISK_FULL_FIX
-    elif "readonly" in text or "read-only" in text:
-        fix = _unwritable_fix(path.parent)
-    elif "locked" in text:
-        fix = "another program holds the database; stop it and resume"
-    else:
-        fix = "the run state could not be written; check the disk, then resume"
-    return StorageError(f"Run state {escape_controls(path)}: {text}: {fix}")
 
 
 class RunLock(FileLock):
@@ -269,10 +294,8 @@ class RunStore:
             if entry.is_symlink():
                 raise refuse_entry(entry, f"a symbolic link (to {os.readlink(entry)})")
         if not path.is_file() and not create:
-            raise StateError(
-                f"{run_dir} holds no rhbatch run (no {STATE_DB}): check the path, or start one "
-                f"with `rhbatch run MANIFEST --out {run_dir}`"
-            )
+            raise StateError(f"{run_dir} holds no rhbatch run (no {STATE_DB}): check the path, or "
+                             f"start one with `rhbatch run MANIFEST --out {run_dir}`")
         try:
             if create:
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -289,14 +312,15 @@ class RunStore:
                 store._migrate()
             return store
         except sqlite3.DatabaseError as exc:
-            raise _translate(exc, path) from None
+            raise database_error(exc, path) from None
         except OSError as exc:
             raise StorageError(f"Cannot create run directory {run_dir}: {exc.strerror}") from None
 
     @classmethod
     def _upgrade(cls, path: Path) -> None:
         """Before a read-only open: apply pending migrations if the file can be written (they
-        only add columns, safe beside a reader); a read-only copy of an old run stays as it is."""
+        only add columns, tables and indexes, safe beside a reader); a read-only copy of an old
+        run stays as it is."""
         probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         try:
             version = probe.execute("PRAGMA user_version").fetchone()[0]
@@ -316,7 +340,7 @@ class RunStore:
             )
         for number, (_name, sql) in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.transaction():
-                for statement in sql.split(";"):
+                for statement in sql.split(";\n"):  # each ends a line; a trigger's inner ones don't
                     if statement.strip():
                         self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {number}")
@@ -355,7 +379,7 @@ class RunStore:
                 raise
             self.conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            raise _translate(exc, self.path) from None
+            raise database_error(exc, self.path) from None
 
     def _write(self, sql: str, params: Sequence[Any] = (), *, durable: bool = True) -> None:
         """One statement, committed; ``durable=False`` skips the fsync (see the module docstring)."""
@@ -363,7 +387,7 @@ class RunStore:
             self._sync_mode(durable)
             self.conn.execute(sql, params)
         except sqlite3.DatabaseError as exc:
-            raise _translate(exc, self.path) from None
+            raise database_error(exc, self.path) from None
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -386,41 +410,32 @@ class RunStore:
         now = time.time()
         count = 0
         chunk: list[tuple[Any, ...]] = []
-        with self.transaction() as conn:
+        with self.transaction():
             for row in rows:
-                chunk.append(
-                    (
-                        row.index,
-                        row.number,
-                        row.row_id,
-                        row.workflow_id,
-                        _dumps(list(row.node_info_list)),
-                        _dumps(row.inputs),
-                        _dumps(row.options),
-                        now,
-                    )
-                )
+                chunk.append((row.index, row.number, row.row_id, row.workflow_id,
+                              _dumps(list(row.node_info_list)), _dumps(row.inputs),
+                              _dumps(row.options), now))
                 if len(chunk) >= batch:
-                    count += len(chunk)
-                    conn.executemany(
-                        "INSERT INTO rows (idx, number, row_id, workflow_id, node_info_list, "
-                        "inputs, options, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                        chunk,
-                    )
+                    count += self._insert_chunk(chunk)
                     chunk = []
             if chunk:
-                count += len(chunk)
-                conn.executemany(
-                    "INSERT INTO rows (idx, number, row_id, workflow_id, node_info_list, "
-                    "inputs, options, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                    chunk,
-                )
+                count += self._insert_chunk(chunk)
         return count
+
+    def _insert_chunk(self, chunk: list[tuple[Any, ...]]) -> int:
+        self.conn.executemany(
+            "INSERT INTO rows (idx, number, row_id, workflow_id, node_info_list, inputs, options, "
+            "updated_at) VALUES (?,?,?,?,?,?,?,?)", chunk)
+        self.conn.execute(  # the spending totals (migration 005): PENDING rows, nothing known
+            "INSERT INTO spend VALUES ('', 'PENDING', ?, 0, 0, 0, 0, 0, 0, 0) "
+            "ON CONFLICT (key, status) DO UPDATE SET tasks = tasks + excluded.tasks", (len(chunk),))
+        return len(chunk)
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
-        for status, n in self.conn.execute("SELECT status, COUNT(*) FROM rows GROUP BY status"):
-            out[status] = n
+        out.update(self.conn.execute("SELECT status, SUM(tasks) FROM spend GROUP BY status" if
+                                     self._totals() else
+                                     "SELECT status, COUNT(*) FROM rows GROUP BY status"))
         return out
 
     def total(self) -> int:
@@ -429,24 +444,21 @@ class RunStore:
     def pending(self, after_idx: int = -1, limit: int = 1000) -> list[sqlite3.Row]:
         return self.conn.execute(
             "SELECT idx, row_id, workflow_id, node_info_list, options, attempts FROM rows "
-            "WHERE status = 'PENDING' AND idx > ? ORDER BY idx LIMIT ?",
-            (after_idx, limit),
+            "WHERE status = 'PENDING' AND idx > ? ORDER BY idx LIMIT ?", (after_idx, limit)
         ).fetchall()
 
     def active(self) -> list[ActiveTask]:
-        return [
-            ActiveTask(r["idx"], r["task_id"], r["status"], r["submitted_at"] or 0.0,
-                       r["started_at"], r["key_fp"])
-            for r in self.conn.execute(
-                "SELECT idx, task_id, status, submitted_at, started_at, key_fp FROM rows "
-                "WHERE status IN ('QUEUED', 'RUNNING') ORDER BY submitted_at, idx"
-            )
-        ]
+        return [ActiveTask(r["idx"], r["task_id"], r["status"], r["submitted_at"] or 0.0,
+                           r["started_at"], r["key_fp"]) for r in self.conn.execute(
+            "SELECT idx, task_id, status, submitted_at, started_at, key_fp FROM rows "
+            "WHERE status IN ('QUEUED', 'RUNNING') ORDER BY submitted_at, idx")]
 
     def key_counts(self) -> dict[str | None, dict[str, int]]:
         """Per key fingerprint (None: not recorded), how many rows are in each state."""
         out: dict[str | None, dict[str, int]] = {}
         for key_fp, status, n in self.conn.execute(
+                "SELECT NULLIF(key, ''), status, tasks FROM spend WHERE tasks > 0 AND (key != '' "
+                "OR status != 'PENDING')" if self._totals() else
                 "SELECT key_fp, status, COUNT(*) FROM rows WHERE key_fp IS NOT NULL OR "
                 "status != 'PENDING' GROUP BY key_fp, status"):
             out.setdefault(key_fp, {})[status] = n
@@ -458,12 +470,8 @@ class RunStore:
             cur = conn.execute(
                 "UPDATE rows SET status = 'SUBMIT_UNKNOWN', error = ?, updated_at = ? "
                 "WHERE status = 'SUBMITTING'",
-                (
-                    "rhbatch stopped while this row's create request may have been in flight; "
-                    "check RunningHub's call records before resubmitting",
-                    time.time(),
-                ),
-            )
+                ("rhbatch stopped while this row's create request may have been in flight; "
+                 "check RunningHub's call records before resubmitting", time.time()))
             return cur.rowcount
 
     def mark_submitting(self, idx: int, token: str | None = None, key_fp: str | None = None) -> None:
@@ -516,17 +524,9 @@ class RunStore:
             "UPDATE rows SET status = 'SUCCESS', outputs = ?, coins = ?, money = ?, "
             "third_party_money = ?, usage = ?, task_cost_s = ?, finished_at = ?, error = NULL, "
             "error_code = NULL, failed_reason = NULL, updated_at = ? WHERE idx = ?",
-            (
-                _dumps(outputs),
-                cost.coins,
-                cost.money,
-                cost.third_party_money,
-                None if cost.children is None else _dumps(cost.children),
-                cost.seconds,
-                at,
-                time.time(),
-                idx,
-            ),
+            (_dumps(outputs), cost.coins, cost.money, cost.third_party_money,
+             None if cost.children is None else _dumps(cost.children), cost.seconds, at,
+             time.time(), idx),
             durable=False,
         )
 
@@ -553,44 +553,22 @@ class RunStore:
 
     def unknown_tokens(self) -> dict[str, int]:
         """Webhook tokens of the attempts whose create is unknown: token -> row index."""
-        return {
-            r[0]: r[1]
-            for r in self.conn.execute(
-                "SELECT attempt_token, idx FROM rows WHERE status = 'SUBMIT_UNKNOWN' "
-                "AND attempt_token IS NOT NULL"
-            )
-        }
+        return {r[0]: r[1] for r in self.conn.execute(
+            "SELECT attempt_token, idx FROM rows WHERE status = 'SUBMIT_UNKNOWN' "
+            "AND attempt_token IS NOT NULL")}
 
-    def mark_failed(
-        self,
-        idx: int,
-        *,
-        code: int | None,
-        error: str,
-        failed_reason: Any = None,
-        at: float | None = None,
-        status: str = FAILED,
-        cost: Cost | None = None,
-    ) -> None:
+    def mark_failed(self, idx: int, *, code: int | None, error: str, failed_reason: Any = None,
+                    at: float | None = None, status: str = FAILED,
+                    cost: Cost | None = None) -> None:
         cost = cost or Cost()
         self._write(
             "UPDATE rows SET status = ?, error_code = ?, error = ?, failed_reason = ?, "
             "coins = ?, money = ?, third_party_money = ?, usage = ?, "
             "task_cost_s = COALESCE(?, task_cost_s), finished_at = ?, updated_at = ? WHERE idx = ?",
-            (
-                status,
-                code,
-                error,
-                None if failed_reason is None else _dumps(failed_reason),
-                cost.coins,
-                cost.money,
-                cost.third_party_money,
-                None if cost.children is None else _dumps(cost.children),
-                cost.seconds,
-                at if at is not None else time.time(),
-                time.time(),
-                idx,
-            ),
+            (status, code, error, None if failed_reason is None else _dumps(failed_reason),
+             cost.coins, cost.money, cost.third_party_money,
+             None if cost.children is None else _dumps(cost.children), cost.seconds,
+             at if at is not None else time.time(), time.time(), idx),
             durable=False,
         )
 
@@ -604,26 +582,21 @@ class RunStore:
                     "error_code, error, submitted_at, finished_at, coins, money, "
                     "third_party_money, key_fp) SELECT idx, attempts, task_id, status, error_code, "
                     "error, submitted_at, finished_at, coins, money, third_party_money, key_fp "
-                    "FROM rows WHERE idx = ?",
-                    (idx,),
-                )
+                    "FROM rows WHERE idx = ?", (idx,))
                 conn.execute(
                     "UPDATE rows SET status = 'PENDING', task_id = NULL, error = NULL, "
                     "error_code = NULL, failed_reason = NULL, outputs = NULL, coins = NULL, "
                     "money = NULL, third_party_money = NULL, usage = NULL, attempt_token = NULL, "
                     "reconciled = NULL, key_fp = NULL, task_cost_s = NULL, submitted_at = NULL, "
-                    "started_at = NULL, finished_at = NULL, updated_at = ? WHERE idx = ?",
-                    (now, idx),
-                )
+                    "started_at = NULL, finished_at = NULL, updated_at = ? WHERE idx = ?", (now, idx))
                 conn.execute("DELETE FROM files WHERE row_idx = ?", (idx,))
         return len(indexes)
 
     def _row_chunks(self, batch: int) -> Iterator[list[sqlite3.Row]]:
         last = -1
         while True:
-            chunk = self.conn.execute(
-                "SELECT * FROM rows WHERE idx > ? ORDER BY idx LIMIT ?", (last, batch)
-            ).fetchall()
+            chunk = self.conn.execute("SELECT * FROM rows WHERE idx > ? ORDER BY idx LIMIT ?",
+                                      (last, batch)).fetchall()
             if not chunk:
                 return
             yield chunk
@@ -688,9 +661,7 @@ class RunStore:
         row: sqlite3.Row | None = self.conn.execute(
             "SELECT f.row_idx, f.n, f.url, f.node_id, f.path, f.sha256, f.status, f.tries, "
             "r.row_id, r.number, r.outputs FROM files f JOIN rows r ON r.idx = f.row_idx "
-            "WHERE f.row_idx = ? AND f.n = ? AND r.status = 'SUCCESS'",
-            (row_idx, n),
-        ).fetchone()
+            "WHERE f.row_idx = ? AND f.n = ? AND r.status = 'SUCCESS'", (row_idx, n)).fetchone()
         return row
 
     _FILE_COLUMNS = frozenset({"path", "sha256", "size", "status", "error", "tries"})
@@ -702,10 +673,8 @@ class RunStore:
             raise ValueError(f"not a files column: {sorted(unknown)}")
         sets = ", ".join(f"{k} = ?" for k in values)
         with self.transaction() as conn:
-            conn.execute(
-                f"UPDATE files SET {sets} WHERE row_idx = ? AND n = ? AND url = ?",  # noqa: S608
-                (*values.values(), row_idx, n, url),
-            )
+            conn.execute(f"UPDATE files SET {sets} WHERE row_idx = ? AND n = ? AND url = ?",  # noqa: S608
+                         (*values.values(), row_idx, n, url))
 
     def file_path_taken(self, rel: str, row_idx: int, n: int) -> bool:
         """Whether another file's record already claims the path ``rel``."""
@@ -751,8 +720,7 @@ class RunStore:
             "SELECT idx, updated_at FROM rows WHERE updated_at >= ?", (since,))
 
     def top_failures(self, limit: int) -> list[tuple[int, int | None, str | None]]:
-        """(count, error_code, error) of the most common causes of failed, cancelled and unknown
-        rows, most frequent first."""
+        """(count, error_code, error) of the commonest causes of failed, cancelled, unknown rows."""
         return [(r["n"], r["error_code"], r["error"]) for r in self.conn.execute(
             "SELECT COUNT(*) AS n, error_code, error FROM rows WHERE status IN "
             "('FAILED', 'CANCELLED', 'SUBMIT_UNKNOWN') GROUP BY error_code, error "
@@ -781,20 +749,52 @@ class RunStore:
 
     def spending_by_key(self, *, whole: bool = False) -> dict[str | None, Spending]:
         """:meth:`spending` per fingerprint of the creating key (None: not recorded, an old run's
-        one key); ``whole``: every key together under None."""
+        one key); ``whole``: every key together under None. The rows' part is read from the
+        totals SQLite keeps (migration 005), or, in a read-only copy of an older run, a scan."""
         out: dict[str | None, Spending] = {None: Spending()} if whole else {}
-        group = "status" if whole else "key_fp, status"
-        for source in ("rows", "attempts_log"):
-            for key_fp, status, n, coins, money, third, unpriced, top, top_money in self.conn.execute(
-                f"SELECT {'NULL' if whole else 'key_fp'}, status, COUNT(*), SUM(coins), "  # noqa: S608
-                f"SUM(money), SUM(third_party_money), SUM(task_id IS NOT NULL AND coins IS NULL "
-                f"AND money IS NULL AND third_party_money IS NULL), MAX(coins), "
-                f"MAX(COALESCE(money, 0) + COALESCE(third_party_money, 0)) FROM {source} "
-                f"GROUP BY {group}"
-            ):
-                into = out.setdefault(key_fp, Spending())
-                into.add(status, n, coins, money, third, unpriced or 0, top, top_money,
-                         final=status in FINAL)
-                if source == "attempts_log" and status == SUBMIT_UNKNOWN:
-                    into.unknown_attempts += n
+        totals = self._totals()
+        if totals:
+            self._spending_of_rows(out, whole)
+        for source in ("attempts_log",) if totals else ("rows", "attempts_log"):
+            self._spending_scan(out, source, whole)
         return out
+
+    def _totals(self) -> bool:  # SQLite keeps the rows' totals (005; not in an old read-only copy)
+        return bool(self.conn.execute("PRAGMA user_version").fetchone()[0] >= 5)
+
+    def _spending_of_rows(self, out: dict[str | None, Spending], whole: bool) -> None:
+        keys = set()
+        for key, status, n, coins, money, third, coins_n, money_n, third_n, unpriced in self.conn.execute(
+                "SELECT * FROM spend WHERE tasks > 0 ORDER BY status, key"):
+            keys.add(key)
+            into = out.setdefault(None if whole else key or None, Spending())
+            # a total none of whose figures is known is None, as SUM says (not 1e-17 of residue)
+            into.add(status, n, coins if coins_n else None, money if money_n else None,
+                     third if third_n else None, unpriced, None, None, final=status in FINAL)
+        for key in sorted(keys):  # each key's dearest task, as Spending.add takes a group's
+            into = out[None if whole else key or None]
+            top, top_money = self.conn.execute(
+                "SELECT (SELECT MAX(coins) FROM rows WHERE key_fp IS ?1 AND coins IS NOT NULL), "
+                "(SELECT MAX(IFNULL(money, 0) + IFNULL(third_party_money, 0)) FROM rows "
+                "WHERE key_fp IS ?1 AND (money IS NOT NULL OR third_party_money IS NOT NULL))",
+                (key or None,)).fetchone()
+            if top is not None:
+                into.max_coins = max(into.max_coins or 0.0, top)
+            if top_money:
+                into.max_money = max(into.max_money or 0.0, top_money)
+
+    def _spending_scan(self, out: dict[str | None, Spending], source: str, whole: bool) -> None:
+        """Add the spending of every row of ``source`` (rows or attempts_log) to ``out``."""
+        group = "status" if whole else "key_fp, status"
+        for key_fp, status, n, coins, money, third, unpriced, top, top_money in self.conn.execute(
+            f"SELECT {'NULL' if whole else 'key_fp'}, status, COUNT(*), SUM(coins), "  # noqa: S608
+            f"SUM(money), SUM(third_party_money), SUM(task_id IS NOT NULL AND coins IS NULL "
+            f"AND money IS NULL AND third_party_money IS NULL), MAX(coins), "
+            f"MAX(COALESCE(money, 0) + COALESCE(third_party_money, 0)) FROM {source} "
+            f"GROUP BY {group}"
+        ):
+            into = out.setdefault(key_fp, Spending())
+            into.add(status, n, coins, money, third, unpriced or 0, top, top_money,
+                     final=status in FINAL)
+            if source == "attempts_log" and status == SUBMIT_UNKNOWN:
+                into.unknown_attempts += n

@@ -165,3 +165,49 @@ def test_sigterm_on_a_half_done_run_leaves_both_results_files_complete_and_curre
     said = re.findall(r"results current: (\d+) row\(s\) rendered, (\w+)",
                       (run_dir / "rhbatch.log").read_text(encoding="utf-8"))
     assert said and said[-1][1] == "spliced" and int(said[-1][0]) <= len(live), said
+
+
+def _stored(run_dir: Path) -> list[tuple[str, str, str | None]]:
+    store = st.RunStore.open(run_dir, readonly=True)
+    try:
+        return [(r["row_id"], r["status"], r["task_id"]) for r in store.iter_rows()]
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="signals")
+@pytest.mark.timeout(180)
+def test_two_sessions_stopped_by_sigterm_each_leave_the_results_current(make_sim, api_key, tmp_path):
+    """The index the first session leaves on its way out is settled (its writes were over), so the
+    second session's splices read only the rows changed since; none of its changes is missed."""
+    sim = make_sim(time_scale=1.0, task_duration_s=600.0, queue_delay_s=0.0)
+    manifest = write_manifest(tmp_path / "m.csv", 2000)
+    run_dir = tmp_path / "run"
+    _half_done(manifest, run_dir)
+    argv = [sys.executable, "-m", "pipeline", "run", str(manifest), "--out", str(run_dir),
+            "--concurrency", "30", "--poll-interval", "0.05", "--account-poll-interval", "0.05",
+            "-q"]
+    for session in range(2):
+        wanted = len(sim.audit.tasks()) + 4
+        proc = subprocess.Popen(argv, env=subprocess_env(sim.base_url, api_key),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda n=wanted: len(sim.audit.tasks()) >= n, proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 3, err
+        stored = _stored(run_dir)
+        live = {task["taskId"] for task in sim.audit.tasks()}
+        assert {t for _, s, t in stored if s in st.LIVE} == live  # every create recorded
+        records = read_results(run_dir)
+        assert [(r["row_id"], r["status"], r["taskId"]) for r in records] == stored, session
+        with (run_dir / "results.csv").open(encoding="utf-8", newline="") as fh:
+            assert [(r["row_id"], r["status"], r["taskId"] or None)
+                    for r in csv.DictReader(fh)] == stored, session
+        store = st.RunStore.open(run_dir, readonly=True)
+        try:
+            index = refresh.ResultsIndex.load(store)
+            assert index is not None and index.settled_at is not None
+            newest = max(r["updated_at"] for r in store.iter_rows())
+        finally:
+            store.close()
+        assert newest < index.read_at  # every write of the session was over when it was read

@@ -282,3 +282,42 @@ def test_a_kill_at_any_instant_leaves_both_files_complete_and_the_index_sound(fi
                 assert _bytes(finished_run) == _whole_rewrite(finished_run, tmp_path)
         finally:
             store.close()
+
+
+def test_the_last_refresh_of_a_run_is_settled_so_the_next_run_reads_only_what_changed_since(
+        finished_run, tmp_path, monkeypatch):
+    """The run's own last refresh (no write can be in flight then) leaves an index whose next
+    splice reads only the rows updated since it, less a step of the clock; one made while a run
+    may be writing keeps the whole margin, and both still catch every change."""
+    store = st.RunStore.open(finished_run)
+    try:
+        store.conn.execute("UPDATE rows SET updated_at = updated_at - 40")  # the run ended 40 s ago
+        assert refresh.write_results(store).settled_at is None  # as the child's, during a run
+        flusher = refresh.ResultsFlusher(store, 10.0)
+        flusher.finish(store)  # nothing changed: the index is made settled all the same
+        loaded = refresh.ResultsIndex.load(store)
+        assert loaded is not None and loaded.settled_at is not None
+        assert loaded.read_at - refresh.SETTLED_MARGIN_S == pytest.approx(loaded.settled_at)
+        read: list[int] = []
+        updated_since = store.updated_since
+
+        def counted(since: float):
+            for idx, at in updated_since(since):
+                read.append(idx)
+                yield idx, at
+
+        monkeypatch.setattr(store, "updated_since", counted)
+        store.mark_failed(3, code=805, error="after the run")
+        spliced = refresh.splice(store, loaded)
+        assert spliced is not None and spliced.rendered == 1 and read == [3]
+        assert spliced.settled_at is None  # a splice of a run still going is not settled
+        read.clear()
+        store.mark_failed(4, code=805, error="still going")
+        again = refresh.splice(store, spliced)
+        # the whole margin: every row (all updated within it), though only row 4 is rendered
+        assert again is not None and again.rendered == 1 and len(read) == 30
+    finally:
+        store.close()
+    assert _bytes(finished_run) == _whole_rewrite(finished_run, tmp_path)
+    records = read_results(finished_run)
+    assert (records[3]["error"], records[4]["error"]) == ("after the run", "still going")
