@@ -60,6 +60,7 @@ from pipeline.prepare import Prepared, load_and_prepare, load_checked, prepare_r
 from pipeline.refresh import ResultsFlusher, remove_stale_temporaries
 from pipeline.runner import Event, Runner, RunSummary
 from pipeline.safetext import number
+from pipeline.transport import run_async
 from pipeline.webhooks import WebhookReceiver, parse_listen
 
 log = logging.getLogger("rhbatch")
@@ -555,7 +556,7 @@ def _execute(store: st.RunStore, settings: Settings, created: bool, options: Run
     options.on_open(store, created)
     flusher = ResultsFlusher(store, settings.results_flush_interval_s)
     with _signals_held(options.handle_signals):
-        summary = asyncio.run(_drive(store, settings, options, flusher))
+        summary = run_async(_drive(store, settings, options, flusher))
         flusher.finish(store)  # a Ctrl-C now waits for it: results stay whole
     log.info("run ended: %s exit %d", summary.counts, summary.exit_code)
     return summary

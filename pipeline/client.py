@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -61,6 +62,12 @@ from pipeline.errors import (
 )
 from pipeline.safetext import clean_text, clip
 from pipeline.store import Cost
+
+_orjson: Any
+try:  # optional: the standard library's json gives the same answers, at a few times the CPU
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - where no orjson wheel exists
+    _orjson = None
 
 if TYPE_CHECKING:
     from pipeline.transport import AiohttpTransport
@@ -201,13 +208,68 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def parse_json(body: bytes | str) -> Any:
-    """Strict JSON (RFC 8259): no NaN/Infinity, no overflowing floats; :data:`NOT_JSON` for
-    anything else, including nesting too deep for the parser."""
+def _parse_json_stdlib(body: bytes | str) -> Any:
     try:
         return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         return NOT_JSON
+
+
+# An integer of 20 digits (or a negative one of 19) may lie outside 64 bits, where orjson reads a
+# float and the standard library an exact int: such a body is read by the standard library.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_WIDE_POSITIVE, _WIDE_NEGATIVE = b"0" * 20, b"-" + b"0" * 19
+_WIDE_NUMBER_TEXT = re.compile(r"\d{20}|-\d{19}")
+# orjson reads 1,024 levels deep, the standard library as deep as the call stack allows (often
+# fewer): a body with more brackets than this (a few per output file) is read by the latter
+_ORJSON_MAX_OPEN = 256
+# what orjson encodes itself: plain values only; subclasses, dataclasses and dates are refused
+_ORJSON_PLAIN = 0 if _orjson is None else (
+    _orjson.OPT_PASSTHROUGH_SUBCLASS | _orjson.OPT_PASSTHROUGH_DATACLASS
+    | _orjson.OPT_PASSTHROUGH_DATETIME)
+
+
+def parse_json(body: bytes | str) -> Any:
+    """Strict JSON (RFC 8259): no NaN/Infinity, no overflowing floats; :data:`NOT_JSON` for
+    anything else, including nesting too deep for the parser.
+
+    The result is always the standard library's (``json.loads`` with those rules): orjson reads
+    the body first where it is installed, and whatever orjson refuses (a BOM, UTF-16, a lone
+    surrogate, NaN, a float past the double range) or might read differently (an integer past
+    64 bits, nesting deep enough for the standard library to refuse) is read by the standard
+    library, which decides."""
+    if _orjson is not None:
+        if isinstance(body, bytes):
+            digits = body.translate(_DIGITS_AS_ZERO)  # a C loop: a regex scan costs 10x more
+            plain = (_WIDE_POSITIVE not in digits and _WIDE_NEGATIVE not in digits
+                     and body.count(b"[") + body.count(b"{") <= _ORJSON_MAX_OPEN)
+        else:
+            plain = _WIDE_NUMBER_TEXT.search(body) is None and (
+                body.count("[") + body.count("{") <= _ORJSON_MAX_OPEN)
+        if plain:
+            try:
+                return _orjson.loads(body)
+            except _orjson.JSONDecodeError:
+                pass
+    return _parse_json_stdlib(body)
+
+
+def dump_json(value: Any) -> bytes:
+    """A request body: compact UTF-8 JSON that reads back to the same values as
+    ``json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)`` (a float
+    may be spelled differently: 1e-5 for 1e-05). orjson encodes where it is installed; what it
+    refuses (non-str keys, ints past 64 bits, str/int/float subclasses, dataclasses, dates,
+    nesting past 254) and any body with a ``null`` (orjson writes NaN as null) is encoded by the
+    standard library, which raises where it always did."""
+    if _orjson is not None:
+        try:
+            out = _orjson.dumps(value, option=_ORJSON_PLAIN)
+        except _orjson.JSONEncodeError:
+            pass
+        else:
+            if b"null" not in out:
+                return out
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 @dataclass
@@ -616,8 +678,7 @@ class RunningHubClient:
             async with asyncio.timeout(self.deadline_s):
                 if fast:
                     assert self._fast is not None
-                    body = (json.dumps(request["json"], ensure_ascii=False, separators=(",", ":"),
-                                       allow_nan=False).encode() if "json" in request else None)
+                    body = dump_json(request["json"]) if "json" in request else None
                     status, headers, raw = await self._fast.send(
                         method, self.base_url + path, body, self._fast_headers,
                         self._fast_timeout, max_bytes=API_MAX_BYTES, proxy=self._fast_proxy)

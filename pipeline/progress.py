@@ -93,13 +93,15 @@ class Progress:
             self._stopping_said = event.detail
             detail = escape_controls(redact(event.detail))
             if detail == "interrupted":
-                detail = ("interrupted: finishing the create in flight and saving state; press "
-                          "Ctrl-C again to stop at once (that row then becomes SUBMIT_UNKNOWN)")
+                detail = ("interrupted: finishing the creates in flight and saving state; press "
+                          "Ctrl-C again to stop at once (a row whose create is still in flight "
+                          "then becomes SUBMIT_UNKNOWN)")
             self.bar.write(f"Stopping: {detail}", file=sys.stderr)
-        self.bar.set_postfix(
-            sub=self.counts["submitted"], ok=self.counts["success"], fail=self.counts["failed"],
-            unk=self.counts["unknown"], refresh=False,
-        )
+        if not self.bar.disable:  # a disabled bar still formats its postfix: skip that work
+            self.bar.set_postfix(
+                sub=self.counts["submitted"], ok=self.counts["success"], fail=self.counts["failed"],
+                unk=self.counts["unknown"], refresh=False,
+            )
 
     def close(self) -> None:
         self._stop.set()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import math
+import random
 import secrets
+import struct
 
 import httpx
 import pytest
@@ -363,3 +367,144 @@ def test_json_calls_on_the_aiohttp_stack_build_no_httpx_request(monkeypatch):
                 assert rh.requests_sent >= 3
 
         run(go())
+
+
+# -- JSON on the hot path: orjson where installed, always the standard library's answer ----------
+
+def _canonical(value):
+    """``value`` as a flat list of typed tokens (1 and 1.0, 0.0 and -0.0 differ here), without
+    recursion, so a body nested as deep as a parser allows compares too."""
+    tokens, todo = [], [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            tokens.append(("dict", len(item)))
+            for k, v in reversed(list(item.items())):
+                todo += [v, ("key", k)]
+        elif isinstance(item, list):
+            tokens.append(("list", len(item)))
+            todo += reversed(item)
+        elif isinstance(item, tuple) and item[:1] == ("key",):
+            tokens.append(item)
+        else:
+            tokens.append((type(item).__name__, repr(item)))
+    return tokens
+
+
+def _random_value(rng, depth=0):
+    kind = rng.randrange(9 if depth < 4 else 6)
+    if kind == 0:
+        edge = [0, -1, 2**53 + 1, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64 - 1, 2**64,
+                -(2**64), 10**19, -(10**19) + 1, 10**30]
+        return rng.choice(edge + [rng.randrange(-(2**70), 2**70)])
+    if kind == 1:
+        bits = rng.getrandbits(64)
+        value = struct.unpack("<d", struct.pack("<Q", bits))[0]
+        return value if math.isfinite(value) else rng.choice([0.1, -0.0, 5e-324, 1.7976931348623157e308])
+    if kind == 2:
+        return "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0, 32), 0x2028,
+                                       rng.randrange(0x80, 0xD7FF), rng.randrange(0x10000, 0x10FFFF)]))
+                       for _ in range(rng.randrange(8)))
+    if kind == 3:
+        return rng.choice([True, False, None])
+    if kind in (4, 5):
+        return str(rng.randrange(10**25))  # digits in a string: task ids, seeds
+    if kind in (6, 7):
+        return {f"k{rng.randrange(5)}": _random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+    return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+
+
+EDGE_BODIES = [
+    b'{"code":0,"msg":"success","data":{"taskId":1904136902449209346,"taskStatus":"QUEUED"}}',
+    b"18446744073709551615", b"18446744073709551616", b"-9223372036854775808",
+    b"-9223372036854775809", b"123456789012345678901234567890", b"1.00000000000000000000001",
+    b"1e400", b"-1e400", b"1e-400", b"5e-324", b"1E2", b"-0", b"-0.0", b"[NaN]", b"[Infinity]",
+    b"[-Infinity]", b'{"a":1,"a":2}', b'"\\ud800"', b'"\\udc00\\ud800"', b'"\\u00e9\\u2028\\ud83d\\ude00"',
+    b'\xef\xbb\xbf{"a":1}', '{"a":1}'.encode("utf-16"), '{"a":1}'.encode("utf-32"),
+    b'{"a":"\xff"}', b'{"a":"\x01"}', b' \t\n{}\r\n', b"", b" ", b'{"a":1}x', b"01", b"1.",
+    b".5", b"[1,]", b"{'a':1}", b"[" * 3000 + b"]" * 3000, b"[" * 1000 + b"]" * 1000,
+    b"[" * 500 + b"]" * 500, b'{"a":[1,2,{"b":null}]}', b"true", b"nul", b'"\\x41"',
+]
+
+
+def test_answers_read_exactly_as_the_standard_library_reads_them():
+    from pipeline import client as module
+
+    pytest.importorskip("orjson")
+    assert module._orjson is not None  # the fast path is the one under test
+    rng = random.Random(18)
+    bodies = list(EDGE_BODIES)
+    for _ in range(3000):
+        text = json.dumps(_random_value(rng), ensure_ascii=rng.random() < 0.3).encode()
+        bodies.append(text)
+        if text and rng.random() < 0.3:  # a damaged copy: cut short or with a stray byte
+            cut = rng.randrange(len(text))
+            bodies.append(text[:cut] if rng.random() < 0.5 else
+                          text[:cut] + bytes([rng.randrange(256)]) + text[cut:])
+    for body in bodies:
+        expected = module._parse_json_stdlib(body)
+        got = module.parse_json(body)
+        assert (got is module.NOT_JSON) == (expected is module.NOT_JSON), body[:80]
+        if expected is not module.NOT_JSON:
+            assert _canonical(got) == _canonical(expected), body[:80]
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        expected = module._parse_json_stdlib(text)
+        got = module.parse_json(text)
+        assert (got is module.NOT_JSON) == (expected is module.NOT_JSON), text[:80]
+        if expected is not module.NOT_JSON:
+            assert _canonical(got) == _canonical(expected), text[:80]
+
+
+def test_request_bodies_encode_the_same_values_and_refuse_what_the_standard_library_refuses():
+    from pipeline import client as module
+
+    pytest.importorskip("orjson")
+    assert module._orjson is not None
+
+    class Text(str):
+        pass
+
+    def stdlib(value):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+    rng = random.Random(18)
+    values = [_random_value(rng) for _ in range(3000)] + [
+        {"apiKey": KEY, "taskId": "1910246754753896450"}, {"seed": float("nan")},
+        [float("inf")], {"a": [None, float("-inf")]}, {1: "int key"}, {"big": 2**64},
+        {"text": Text("a str subclass")}, {"s": "\ud800"}, {"t": (1, 2)}, [[[[]]]] * 3,
+        {"bytes": b"raw"}, {"set": {1}}, {"deep": functools.reduce(lambda v, _: [v], range(300), 0)},
+    ]
+    for value in values:
+        try:
+            expected = stdlib(value)
+        except (ValueError, TypeError, RecursionError) as exc:
+            with pytest.raises(type(exc)):
+                module.dump_json(value)
+            continue
+        got = module.dump_json(value)
+        assert _canonical(json.loads(got)) == _canonical(json.loads(expected)), value
+    assert module.dump_json({"apiKey": "k", "taskId": "1"}) == b'{"apiKey":"k","taskId":"1"}'
+
+
+def test_without_orjson_the_standard_library_reads_and_writes_the_same(monkeypatch):
+    from pipeline import client as module
+
+    monkeypatch.setattr(module, "_orjson", None)  # a platform without an orjson wheel
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["body"] = json.loads(request.content)
+        return ok({"taskId": 1910246754753896450123, "taskStatus": "QUEUED"})
+
+    body = build_payload("1904136902449209346", [{"nodeId": "3", "fieldName": "seed",
+                                                   "fieldValue": 2**64}])
+    submitted, _ = run(_call(handler, "create", body))
+    assert submitted.task_id == "1910246754753896450123"  # exact, past 64 bits
+    assert seen["body"]["nodeInfoList"][0]["fieldValue"] == 2**64
+    assert module.parse_json(b"[NaN]") is module.NOT_JSON
+    with pytest.raises(ValueError):
+        module.dump_json({"seed": float("nan")})
+    assert module.dump_json({"a": "é"}) == '{"a":"é"}'.encode()

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import secrets
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -18,9 +20,13 @@ from conftest import closed_port, no_sleep
 from pipeline.client import RetryPolicy, RunningHubClient
 from pipeline.config import ConfigError, resolve_settings
 from pipeline.errors import ApiConnectionError, SubmitUnknownError
+from pipeline.transport import LOOP_ENV, loop_factory, run_async
 
 KEY = secrets.token_hex(16)
 STACKS = ("aiohttp", "httpx")
+# ``rhbatch run`` drives the client on uvloop where it is installed (transport.run_async): the
+# mapping of failures must hold on both loops
+LOOPS = ("asyncio", "uvloop")
 CREATE = {"workflowId": "1904136902449209346", "nodeInfoList": []}
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -104,6 +110,21 @@ ACCOUNT = json.dumps({"code": 0, "msg": "success", "data": {
     "apiType": "NORMAL"}}).encode()
 
 
+def on_loop(loop: str, go: Callable[[], Awaitable[None]]) -> None:
+    """``go()`` to its end on the named event loop, the way ``rhbatch run`` runs (run_async)."""
+    if loop == "asyncio":
+        asyncio.run(go())  # type: ignore[arg-type]
+        return
+    pytest.importorskip("uvloop")
+    assert os.environ.get(LOOP_ENV, "") != "asyncio" and loop_factory() is not None
+
+    async def checked() -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        await go()
+
+    run_async(checked())
+
+
 def client(stack: str, url: str, **settings: float) -> RunningHubClient:
     resolved = resolve_settings(api_key=KEY, base_url=url, env={}, http_transport=stack,
                                 read_timeout_s=settings.get("read_timeout_s", 5.0),
@@ -111,8 +132,9 @@ def client(stack: str, url: str, **settings: float) -> RunningHubClient:
     return RunningHubClient(resolved, policy=RetryPolicy(max_attempts=3, sleep=no_sleep))
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("stack", STACKS)
-def test_a_refused_connection_is_never_sent_so_create_retries_it(stack):
+def test_a_refused_connection_is_never_sent_so_create_retries_it(loop, stack):
     async def go() -> None:
         async with client(stack, f"http://127.0.0.1:{closed_port()}") as rh:
             with pytest.raises(ApiConnectionError) as caught:
@@ -121,12 +143,13 @@ def test_a_refused_connection_is_never_sent_so_create_retries_it(stack):
             assert not isinstance(caught.value, SubmitUnknownError)
             assert rh.requests_sent == 3  # every attempt of the policy, since none could have landed
 
-    asyncio.run(go())
+    on_loop(loop, go)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("fault", ["silence", "dropped", "not http"])
-def test_a_create_that_reached_the_server_without_an_answer_is_unknown_and_sent_once(stack, fault):
+def test_a_create_that_reached_the_server_without_an_answer_is_unknown_and_sent_once(loop, stack, fault):
     reply = {"silence": hang, "dropped": drop, "not http": answering(b"HELLO\r\n\r\n")}[fault]
 
     async def go() -> None:
@@ -138,11 +161,12 @@ def test_a_create_that_reached_the_server_without_an_answer_is_unknown_and_sent_
             assert head.startswith(b"POST /task/openapi/create HTTP/1.1\r\n")
             assert json.loads(body)["workflowId"] == CREATE["workflowId"]
 
-    asyncio.run(go())
+    on_loop(loop, go)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("stack", STACKS)
-def test_an_answer_arrives_whole_with_the_key_only_where_it_belongs(stack):
+def test_an_answer_arrives_whole_with_the_key_only_where_it_belongs(loop, stack):
     async def go() -> None:
         async with Wire(answering(http_answer(CREATED))) as wire, client(stack, wire.url) as rh:
             first = await rh.create(CREATE)
@@ -155,11 +179,12 @@ def test_an_answer_arrives_whole_with_the_key_only_where_it_belongs(stack):
             assert "user-agent: rhbatch" in lines
             assert json.loads(body) == {"apiKey": KEY, **CREATE}
 
-    asyncio.run(go())
+    on_loop(loop, go)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("stack", STACKS)
-def test_a_gzip_answer_is_decoded_once(stack):
+def test_a_gzip_answer_is_decoded_once(loop, stack):
     packed = http_answer(gzip.compress(ACCOUNT), headers={"Content-Encoding": "gzip"})
 
     async def go() -> None:
@@ -167,11 +192,12 @@ def test_a_gzip_answer_is_decoded_once(stack):
             status = await rh.account_status()
             assert status.current_task_counts == 3
 
-    asyncio.run(go())
+    on_loop(loop, go)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("stack", STACKS)
-def test_a_redirect_is_not_followed(stack):
+def test_a_redirect_is_not_followed(loop, stack):
     moved = http_answer(b"", status="302 Found", headers={"Location": "http://127.0.0.1:9/elsewhere"})
 
     async def go() -> None:
@@ -180,11 +206,12 @@ def test_a_redirect_is_not_followed(stack):
                 await rh.create(CREATE)
             assert len(wire.requests) == 1
 
-    asyncio.run(go())
+    on_loop(loop, go)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("stack", STACKS)
-def test_tls_trusts_what_httpx_trusts_and_an_untrusted_certificate_is_never_sent(stack, tmp_path,
+def test_tls_trusts_what_httpx_trusts_and_an_untrusted_certificate_is_never_sent(loop, stack, tmp_path,
                                                                                   monkeypatch):
     authority = trustme.CA()
     served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -206,7 +233,7 @@ def test_tls_trusts_what_httpx_trusts_and_an_untrusted_certificate_is_never_sent
                 assert (await rh.create(CREATE)).task_id == "1910246754753896450"
             assert len(wire.requests) == 1
 
-    asyncio.run(go())
+    on_loop(loop, go)
 
 
 def test_the_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(monkeypatch):
@@ -238,3 +265,65 @@ def test_an_unknown_stack_is_a_config_error_naming_the_variable():
         resolve_settings(api_key=KEY, env={"RHBATCH_HTTP": "curl"})
     assert resolve_settings(api_key=KEY, env={"RHBATCH_HTTP": "httpx"}).http_transport == "httpx"
     assert resolve_settings(api_key=KEY, env={}).http_transport == "aiohttp"
+
+
+def test_a_run_is_driven_by_uvloop_unless_told_otherwise_or_it_is_missing(monkeypatch):
+    pytest.importorskip("uvloop")
+
+    async def which() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    monkeypatch.delenv(LOOP_ENV, raising=False)
+    assert run_async(which()) == "uvloop"
+    monkeypatch.setenv(LOOP_ENV, "asyncio")  # the opt-out
+    assert loop_factory() is None and run_async(which()) == "asyncio"
+    monkeypatch.setenv(LOOP_ENV, "uvloop")
+    assert run_async(which()) == "uvloop"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # a platform without uvloop: import fails
+    assert loop_factory() is None and run_async(which()) == "asyncio"
+
+
+def chunked(body: bytes, *, extra: dict[str, str] | None = None, piece: int = 1 << 20) -> bytes:
+    lines = ["HTTP/1.1 200 OK", "Transfer-Encoding: chunked", "Content-Type: application/json"]
+    lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
+    out = [("\r\n".join(lines) + "\r\n\r\n").encode()]
+    for at in range(0, len(body), piece):
+        part = body[at:at + piece]
+        out.append(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+    return b"".join(out) + b"0\r\n\r\n"
+
+
+BIG = b'{"code":0,"msg":"' + b"x" * (9 << 20) + b'","data":{"taskId":"1"}}'
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("shape", ["announced", "chunked", "length and chunked"])
+def test_an_answer_past_the_cap_is_refused_however_it_is_framed(loop, shape):
+    """8 MiB is the bound whether the answer announces its size, streams it in chunks, or
+    announces a small size while streaming a large one (the chunks are what count)."""
+    small = {"Content-Length": "40"}
+    payload = {"announced": http_answer(BIG), "chunked": chunked(BIG),
+               "length and chunked": chunked(BIG, extra=small)}[shape]
+
+    async def go() -> None:
+        async with Wire(answering(payload)) as wire, client("aiohttp", wire.url) as rh:
+            with pytest.raises(SubmitUnknownError) as caught:
+                await rh.create(CREATE)
+            assert len(wire.requests) == 1
+            assert KEY not in str(caught.value)
+            if shape != "length and chunked":  # refused as a protocol error is as good
+                assert "larger than 8 MiB" in str(caught.value)
+
+    on_loop(loop, go)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_chunked_answer_within_the_cap_arrives_whole(loop):
+    async def go() -> None:
+        async with Wire(answering(chunked(CREATED, piece=7))) as wire, \
+                client("aiohttp", wire.url) as rh:
+            assert (await rh.create(CREATE)).task_id == "1910246754753896450"
+            assert (await rh.create(CREATE)).task_id == "1910246754753896450"  # kept alive
+            assert len(wire.requests) == 2
+
+    on_loop(loop, go)
