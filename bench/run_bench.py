@@ -158,7 +158,7 @@ def bench_slots(workdir: Path, *, tasks: int, concurrency: int, duration_s: floa
 # time (CPU, loopback HTTP) counts that many times over in simulated time.
 GRID = ((1, 30.0, 60, 60.0), (20, 3.0, 200, 1.0), (50, 30.0, 500, 15.0), (20, 120.0, 200, 60.0),
         (50, 1.0, 1000, 1.0))
-GRID_SMOKE = ((1, 30.0, 4, 300.0), (10, 3.0, 40, 10.0))
+GRID_SMOKE = ((1, 30.0, 4, 300.0), (10, 3.0, 20, 20.0))
 GRID_ROUND_TRIPS_S = (0.0, 0.2)
 
 
@@ -202,7 +202,7 @@ def bench_wide(workdir: Path, *, smoke: bool) -> list[Row]:
     # real time (time scale 1): at a higher scale this machine, not rhbatch, would be the limit
     # (a wave of 1,000 ends in a few real seconds is 2,000 requests for the client and the
     # simulator on 2 cores)
-    concurrency, duration, tasks, scale = (100, 30.0, 300, 20.0) if smoke else (
+    concurrency, duration, tasks, scale = (100, 30.0, 200, 40.0) if smoke else (
         1000, 30.0, 5000, 1.0)
     config = sim_config(concurrency=concurrency, duration_s=duration, time_scale=scale,
                         round_trip_s=0.2)
@@ -229,7 +229,7 @@ def bench_faults(workdir: Path, *, smoke: bool) -> list[Row]:
     the task was made): the run ends within 3 x the ideal, with the default intervals (real
     time, time scale 1). Lost creates hold slots the run cannot see; the capacity answers they
     cause wait for the account's count."""
-    rows_n, concurrency, duration = (60, 4, 0.3) if smoke else (300, 8, 0.3)
+    rows_n, concurrency, duration = (20, 4, 0.3) if smoke else (300, 8, 0.3)
     faults = {"http_5xx": 0.05, "drop_connection": 0.05, "garbage_body": 0.05,
               "lost_create": 0.05, "routes": ["create"]}
     config = sim_config(concurrency=concurrency, duration_s=duration, time_scale=1.0,
@@ -685,10 +685,10 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_keys(workdir, tasks=60 if smoke else 2000, duration_s=30.0,
                                time_scale=time_scale)
         if "client" in only:
-            client_tasks = args.tasks or (300 if smoke else 100_000)
+            client_tasks = args.tasks or (100 if smoke else 100_000)
             rows += bench_client(workdir, tasks=client_tasks,
                                  concurrency=100 if smoke else 1000)
-        manifest_rows = args.manifest_rows or (5_000 if smoke else 1_000_000)
+        manifest_rows = args.manifest_rows or (2_000 if smoke else 1_000_000)
         manifest = None
         if "manifest" in only:
             manifest_table, manifest = bench_manifest(workdir, rows=manifest_rows)

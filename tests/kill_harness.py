@@ -1,5 +1,5 @@
-"""Kill-and-resume harness: run ``rhbatch run`` in a subprocess, SIGKILL it at random instants,
-resume each time, and check the simulator's audit against the output manifest.
+"""Kill-and-resume harness: run ``rhbatch run`` in a subprocess, SIGKILL it at chosen instants
+(see INSTANTS), resume each time, and check the simulator's audit against the output manifest.
 
 Used by ``tests/test_kill_resume.py`` (a few kills) and ``bench/kill_harness.py`` (20 or more).
 """
@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ class HarnessResult:
     mismatches: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     exit_codes: list[int] = field(default_factory=list)
+    instants: Counter[str] = field(default_factory=Counter)  # kills per INSTANTS class
 
 
 def _canonical(node_info_list: Any) -> str:
@@ -54,6 +56,99 @@ def subprocess_env(base_url: str, key: str) -> dict[str, str]:
     return env
 
 
+# The instants a kill lands at, each recognised from what the simulator (in this process) has seen
+# of the child so far, so that every kill falls where it is meant to instead of where a timer
+# happens to land (on a loaded machine a timer started at spawn often fires before the first
+# request):
+#   starting         before the child's first request: imports, manifest, state.db, the run lock
+#   first_request    its first request just received by the simulator (preflight or resume reads)
+#   timed            a random instant ``kill_after_s`` after the child's first request
+#   create_sent      a create just accepted: the task exists and is billed, the answer in flight
+#   create_answered  a few ms after a create was accepted: the answer read, the task id being recorded
+#   ambiguous        a create answered in one of the shapes of ``Faults.after_work`` (task made and
+#                    billed, the answer an error, a stall, a trickle, ...) just received, the answer in
+#                    flight (only where the simulator injects that fault)
+#   polling          a status/outputs query of a live task just received
+#   finishing        every row submitted (none PENDING in state.db): the run is waiting for its
+#                    last tasks, recording their ends, writing results.jsonl and the summary
+INSTANTS = ("starting", "first_request", "timed", "create_sent", "create_answered", "ambiguous",
+            "polling", "finishing")
+POLL_ROUTES = frozenset({"status", "outputs", "v2_query"})
+EVENT_TIMEOUT_S = 60.0  # an instant that never comes: the child is killed then anyway
+
+
+def kill_schedule(kills: int, *, ambiguous: bool) -> list[str]:
+    """The instant of each kill: the classes in turn (``ambiguous`` only if ``ambiguous``),
+    ``finishing`` (which lets the run get to its end) once, last, when there are kills enough for
+    every class."""
+    cycle = tuple(i for i in INSTANTS[:-1] if ambiguous or i != "ambiguous")
+    if kills <= len(cycle):
+        return [cycle[i % len(cycle)] for i in range(kills)]
+    return [cycle[i % len(cycle)] for i in range(kills - 1)] + ["finishing"]
+
+
+def _every_row_submitted(run_dir: Path) -> bool:
+    """No row of the run in ``run_dir`` waits to be submitted (read-only, beside the writer)."""
+    try:
+        conn = sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True, timeout=0.1)
+    except sqlite3.Error:
+        return False
+    try:
+        waiting = conn.execute(
+            "SELECT COUNT(*) FROM rows WHERE status IN ('PENDING', 'SUBMITTING')").fetchone()[0]
+    except sqlite3.Error:  # not made yet, or busy
+        return False
+    finally:
+        conn.close()
+    return waiting == 0
+
+
+def _wait_for_instant(proc: subprocess.Popen, sim: Any, instant: str, run_dir: Path,
+                      kill_after_s: tuple[float, float], rng: random.Random) -> bool:
+    """Wait until ``instant`` of ``proc``'s run (see INSTANTS); False if the child ended first."""
+    requests, tasks = sim._requests, sim.service.task_list  # appended to by the simulator's thread
+    r0, t0 = len(requests), len(tasks)
+    skip_creates = rng.randrange(0, 8)  # which create: not always the first after a resume
+    skip_polls = rng.randrange(0, 20)
+    started = time.monotonic()
+    until = started + EVENT_TIMEOUT_S
+    delay = {"starting": rng.uniform(0.0, 0.15), "create_answered": rng.uniform(0.002, 0.05),
+             "ambiguous": rng.uniform(0.0, 0.02),
+             "timed": rng.uniform(*kill_after_s), "finishing": rng.uniform(0.0, 0.05)}.get(instant, 0.0)
+    seen_at: float | None = None  # when the instant's event was seen (the kill follows ``delay`` later)
+    scanned, next_look = r0, started
+    while time.monotonic() < until:
+        if proc.poll() is not None:
+            return False
+        now = time.monotonic()
+        if seen_at is None:
+            if instant == "starting":
+                seen_at = started
+            elif instant in ("first_request", "timed"):
+                seen_at = now if len(requests) > r0 else None
+            elif instant in ("create_sent", "create_answered"):
+                seen_at = now if len(tasks) > t0 + skip_creates else None
+            elif instant in ("polling", "ambiguous"):
+                end = len(requests)
+                for row in requests[scanned:end]:
+                    if instant == "ambiguous" and "after_work:" in (row[8] or ""):
+                        seen_at = now
+                        break
+                    if instant == "polling" and row[3] in POLL_ROUTES:
+                        skip_polls -= 1
+                        if skip_polls < 0:
+                            seen_at = now
+                            break
+                scanned = end
+            elif instant == "finishing" and len(requests) > r0 and now >= next_look:
+                next_look = now + 0.01
+                seen_at = now if _every_row_submitted(run_dir) else None
+        if seen_at is not None and now >= seen_at + delay:
+            return True
+        time.sleep(0.001)
+    return True
+
+
 def run_with_kills(
     sim: Any,
     key: str,
@@ -67,7 +162,8 @@ def run_with_kills(
     extra_flags: tuple[str, ...] = (),
     deadline_s: float = 240.0,
 ) -> HarnessResult:
-    """Kill ``kills`` times, then run to the end; resubmit unknown rows with explicit consent."""
+    """Kill ``kills`` times at the instants of ``kill_schedule``, then run to the end; resubmit
+    unknown rows with explicit consent. ``sim`` must run in this process (its records are watched)."""
     rng = random.Random(seed)
     result = HarnessResult()
     started = time.monotonic()
@@ -77,18 +173,28 @@ def run_with_kills(
     ]
     run_args = ["run", str(manifest), "--out", str(run_dir), *flags]
     env = subprocess_env(sim.base_url, key)
+    schedule = kill_schedule(kills, ambiguous=sim.faults.after_work > 0)
     while result.kills < kills and time.monotonic() - started < deadline_s:
+        instant = schedule[result.kills]
         proc = subprocess.Popen(_command(run_args), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(*kill_after_s))
+        requests_before = len(sim._requests)
+        if not _wait_for_instant(proc, sim, instant, run_dir, kill_after_s, rng):
+            proc.wait()
             result.exit_codes.append(proc.returncode)
             if proc.returncode in (0, 1):
                 break  # finished before the kill landed
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            result.kills += 1
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode != -signal.SIGKILL:  # it ended on its own just before the kill
+            result.exit_codes.append(proc.returncode)
+            if proc.returncode in (0, 1):
+                break
+            continue
+        result.kills += 1
+        if instant != "starting" or len(sim._requests) == requests_before:
+            result.instants[instant] += 1
     final = subprocess.run(_command(run_args), env=env, capture_output=True, text=True,
                            timeout=deadline_s)
     result.exit_codes.append(final.returncode)
