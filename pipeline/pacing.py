@@ -187,12 +187,18 @@ class EndModel:
         return min(cap_s, max(floor_s, gap))
 
     def learn(self, ended_by: float, *, running_at: float | None = None, late: bool = False,
-              by_read: bool = False, first_check: float | None = None, live: int = 1) -> None:
+              by_read: bool = False, first_check: float | None = None, live: int = 1,
+              probe: bool = False) -> None:
         """One task ended by ``ended_by`` s after its create; it was still running at
         ``running_at`` s (its last "not yet", if any); ``late``: it was still running at its
         first check (due at ``first_check`` s); ``by_read``: an account read found its end;
-        ``live``: tasks now in flight. An end counts as early when a read found it well
-        (EARLY_MARGIN_FRACTION of ``tau``) before its first check would have."""
+        ``live``: tasks now in flight; ``probe``: its first check was a probe of a search. An
+        end counts as early when a read found it well (EARLY_MARGIN_FRACTION of ``tau``) before
+        its first check would have."""
+        if probe and self._high is None:
+            # a probe of a search that is over: its answers were learnt as they came, and where
+            # it ended in the wide gap up to the top says nothing more
+            first_check, running_at, late = None, None, False
         self.ends += 1
         due = first_check if first_check is not None else self.tau
         early = (by_read and not late and due is not None

@@ -1294,14 +1294,10 @@ class Runner:
                 running = quiet - live.t0  # a read after that showed no end of ours, about
             late = live.negatives > 0
         known = self.model.known
-        first_check = live.first_check
-        if live.probe and not self.model.searching:
-            # a probe of a search that is over: its answers were learnt as they came, and where
-            # it ended in the wide gap up to the top says nothing more
-            first_check, running, late = None, None, False
         # a generation is the slots' worth of tasks (not the few left at the run's end)
         self.model.learn(max(0.0, ended), running_at=running, late=late, by_read=live.by_read,
-                         first_check=first_check, live=max(self.window, len(self.live)))
+                         first_check=live.first_check, live=max(self.window, len(self.live)),
+                         probe=live.probe)
         self._forget(live)
         if not known and self.model.known:
             self._replan()

@@ -142,6 +142,14 @@ def test_after_a_first_end_seen_in_a_wide_interval_the_end_is_searched_for_with_
     assert 0.3 <= model.tau <= 0.3 * (1 + 2 * RECHECK_FRACTION) + 1e-9
     # a few generations, at most one extra call per probe: (13.33 -> 1 %: log4 is under 4)
     assert tasks <= 6 * 8 and extra <= 6 * SEARCH_PROBES, (tasks, extra)
+    # a probe of the search answering once it is over, from the wide gap up to the old top,
+    # says nothing more; the same end of a task asked at its expected end raises the guess
+    found = model.tau
+    model.learn(0.9, running_at=0.26, late=True, first_check=0.26, live=8, probe=True)
+    assert model.tau == found
+    plain = EndModel.from_state(model.state())
+    plain.learn(0.9, running_at=0.26, late=True, first_check=0.26, live=8)
+    assert plain.tau > found
     # afterwards, back to small steps: a generation moves it by DRIFT_FRACTION
     before = model.tau
     for _ in range(8):
