@@ -39,6 +39,8 @@ DRIFT_MIN_GENERATION = 4  # a generation, for the step, is at least this many en
 # where every task has ended); a probe that finds its task running asks again at the top, so a
 # round costs at most this many extra calls and narrows the interval this many + 1 times.
 SEARCH_PROBES = 3
+FLOOR_GENERATIONS = 4  # generations for which the drift stays above a regular end seen closely
+FOUND_SAMPLES = 16  # the recent ends found at their first check that can bound a late end
 LATE_SAMPLES = 5  # a task still running at its first check raises the expected end to the median
 # of this many late ends, so one straggler does not delay every later check
 EARLY_WEIGHT = 0.2  # moving average of "an account read found this end before its first check"
@@ -52,8 +54,9 @@ EARLY_MARGIN_FRACTION = 0.05  # found this share of the expected end before its 
 # for every CREATE_SLOTS_EACH slots of the window, from CREATES_IN_FLIGHT_MIN to
 # CREATES_IN_FLIGHT_MAX, and not fewer than CREATE_NEED_HEADROOM times what turning every slot
 # over once a task duration needs at the measured round trip (short tasks at a far service:
-# 50 slots of 1 s tasks at 200 ms need 10 in flight). A kill leaves at most that many rows in
-# doubt. Within it, Little's law
+# 50 slots of 1 s tasks at 200 ms need 10 in flight); at a far service (a round trip of
+# FAR_RTT_S or more) not fewer than the window (a wave of ends is refilled in one round trip).
+# A kill leaves at most that many rows in doubt. Within it, Little's law
 # on the measured round trip: the rate the slots need (free slots, or the slots of a wave of
 # tasks about to end, filled within CREATE_FILL_S; every slot turned over once a task duration)
 # times the round trip, times CREATE_RATE_HEADROOM. At a far service (a round trip of FAR_RTT_S
@@ -122,6 +125,13 @@ class EndModel:
         self.early = early
         self.ends = 0
         self._late: deque[tuple[float, float]] = deque(maxlen=LATE_SAMPLES)
+        # where recent tasks were found ended at their first check: an upper bound on a late
+        # end that the guess only just slipped under (see learn)
+        self._found: deque[float] = deque(maxlen=FOUND_SAMPLES)
+        # below this offset a regular duration was seen still running: the drift stops just
+        # above it for the ends left in _floor_ends (see learn)
+        self._floor: float | None = None
+        self._floor_ends = 0
         self._drift = DRIFT_FRACTION
         self._agreeing = 0
         # the search after a wide first end: the bottom and top of where tasks end, and the
@@ -130,6 +140,7 @@ class EndModel:
         self._high: float | None = None
         self._probes = 0
         self._checks = 0
+        self._round = SEARCH_PROBES  # probes a round: fewer with fewer slots (first_check)
 
     @property
     def known(self) -> bool:
@@ -146,13 +157,16 @@ class EndModel:
         assert self.tau is not None
         if self._high is None or self._low is None:
             return self.tau
+        # fewer slots than probes: fewer probes a round, so each halves what is left (on one
+        # slot every task of a round that restarts is a probe, and a call when it is early)
+        self._round = min(SEARCH_PROBES, max(1, window))
         self._checks += 1
-        if self._checks > max(window, SEARCH_PROBES + 1):
+        if self._checks > max(window, self._round + 1):
             self._probes, self._checks = 0, 1
-        if self._probes >= SEARCH_PROBES:
+        if self._probes >= self._round:
             return self._high
         self._probes += 1
-        return self._low + (self._high - self._low) * self._probes / (SEARCH_PROBES + 1)
+        return self._low + (self._high - self._low) * self._probes / (self._round + 1)
 
     def not_yet(self, age_s: float) -> None:
         """A task was still running ``age_s`` after its create."""
@@ -172,7 +186,7 @@ class EndModel:
             self._agreeing = 0
             return
         self.tau = self._high
-        if self._high - self._low <= width * (1 - 0.5 / (SEARCH_PROBES + 1)):
+        if self._high - self._low <= width * (1 - 0.5 / (self._round + 1)):
             self._probes = self._checks = 0
 
     def recheck_s(self, overdue_s: float, *, floor_s: float = RECHECK_MIN_S,
@@ -235,6 +249,16 @@ class EndModel:
         if late:
             # where it ended: between its last "not yet" and the answer that said it had
             low = ended_by if running_at is None else min(running_at, ended_by)
+            # ... or sooner, when durations are regular: the recent tasks found ended at their
+            # first check all ended by then (none of them before this "not yet", give or take a
+            # recheck of jitter: else durations vary, and the interval stands). The guess had
+            # only slipped under the end, and the answer after a recheck is a round trip later.
+            tolerance = RECHECK_FRACTION * self.tau
+            bounded = False
+            if self._found and min(self._found) >= low - tolerance:
+                above = [f for f in self._found if f > low]
+                if above and min(above) < ended_by:
+                    ended_by, bounded = min(above), True
             self._late.append(((low + ended_by) / 2, (ended_by - low) / 2))
             middles = [m for m, _ in self._late]
             # just after the middle of the recent late ends (a few are trusted no further than
@@ -242,15 +266,33 @@ class EndModel:
             middle = (statistics.median(middles) if len(middles) >= 3
                       else min(min(middles), 2 * self.tau))
             # plus half the usual width of those intervals (at most a recheck): the first checks
-            # should find the task ended
-            margin = min(statistics.median(h for _, h in self._late), RECHECK_FRACTION * self.tau)
+            # should find the task ended. An end placed that closely gets a whole recheck: just
+            # over it, the next small step earlier would be a "not yet" again (one slot: every
+            # fifth task, against every fifteenth to twentieth)
+            margin = (RECHECK_FRACTION * self.tau if bounded else
+                      min(statistics.median(h for _, h in self._late), RECHECK_FRACTION * self.tau))
             self.tau = max(self.tau, middle + margin)
             self._drift = DRIFT_FRACTION
             self._agreeing = 0
+            if bounded:
+                self._floor = low
+                self._floor_ends = FLOOR_GENERATIONS * max(DRIFT_MIN_GENERATION, live)
             return
+        if first_check is not None and not by_read:
+            self._found.append(ended_by)
         generation = max(DRIFT_MIN_GENERATION, live)
         # the whole generation moves it by the step
-        self.tau = max(RECHECK_MIN_S, self.tau * (1.0 - self._drift) ** (1.0 / generation))
+        drifted = self.tau * (1.0 - self._drift) ** (1.0 / generation)
+        if self._floor is not None:
+            # not below where a regular duration was seen running (a "not yet" for each task of
+            # the next generation, and at a far service a refused create for each handed-over
+            # slot), never raised by it; for a few generations, so that durations that shrink
+            # are still followed
+            drifted = max(drifted, min(self.tau, self._floor + RECHECK_FRACTION * self.tau / 2))
+            self._floor_ends -= 1
+            if self._floor_ends <= 0:
+                self._floor = None
+        self.tau = max(RECHECK_MIN_S, drifted)
         self._agreeing += 1
         if self._agreeing >= generation:
             self._agreeing = 0
@@ -279,10 +321,17 @@ def default_creates_in_flight(window: int, rtt_s: float | None = None,
     """The bound on creates in flight when the run sets none: one for every CREATE_SLOTS_EACH
     slots, from CREATES_IN_FLIGHT_MIN to CREATES_IN_FLIGHT_MAX; once a round trip ``rtt_s`` and
     a task duration ``task_s`` are known, at least CREATE_NEED_HEADROOM times the creates in
-    flight that turning ``window`` slots over once a task duration needs (within the maximum)."""
+    flight that turning ``window`` slots over once a task duration needs (within the maximum).
+    At a far service (``rtt_s`` of FAR_RTT_S or more) the whole ``window`` (within the
+    maximum): the first fill reaches every slot in one round trip, and so does each generation
+    after it, since tasks made together end together (a wave of 20 ends refilled 8 at a time
+    costs its last slots two round trips; 50 slots of 1 s tasks at 200 ms filled 15 at a time:
+    1.2 s of ramp, 6 % of a 20-task run)."""
     bound = max(CREATES_IN_FLIGHT_MIN, window // CREATE_SLOTS_EACH)
     if rtt_s and task_s:
         bound = max(bound, math.ceil(window / task_s * rtt_s * CREATE_NEED_HEADROOM))
+    if rtt_s is not None and rtt_s >= FAR_RTT_S:
+        bound = max(bound, window)
     return min(CREATES_IN_FLIGHT_MAX, bound)
 
 

@@ -8,7 +8,8 @@ One asyncio process drives cooperating loops over the :class:`~pipeline.store.Ru
   per round trip: as many as the measured round trip and the rate the slots need call for (one
   at a time on loopback and near services), never more than ``creates_in_flight`` (default: one
   per 16 slots of the window, 8 to 64, and at least 1.5 times what turning the slots over once a
-  task needs at the measured round trip; 1 sends one at a time). A kill leaves at most that many
+  task needs at the measured round trip; at a far service the whole window, within 64, since
+  tasks made together end together; 1 sends one at a time). A kill leaves at most that many
   rows in doubt. The window starts at ``--concurrency`` (or the key's stated limit). A capacity
   answer (421, 415, 814, 1520, 1003, 1010-1012) sets it to what the account holds, and the next
   create waits until the account's count shows a free slot (the count includes tasks whose
@@ -122,6 +123,9 @@ HANDOVER_RTT_FRACTION = 0.005
 # A create sent within this many round trips of a handover may be taking that slot before its
 # task's end: its refusal for capacity teaches nothing about the key's limit.
 HANDOVER_CHECK_RTTS = 1.5
+# A task still running at its expected-end check moves the checks not yet sent of the others to
+# a recheck after its age, by at most this many rechecks each (see _defer_first_checks).
+DEFER_MAX_RECHECKS = 3
 CREATE_SLOTS_REFRESH_S = 0.05  # how often that figure is worked out again
 RTT_SAMPLES = 16  # the round trip is the median of this many recent polls and account reads
 # With a webhook receiver, how long a run waits at its end for deliveries that can reconcile
@@ -775,8 +779,12 @@ class Runner:
         self._after_create_ok()
         self.outcome.created += 1
         self.on_event(Event("submitted", idx))
-        if self._read_idle:
-            self._read_wake.set()  # the account watcher plans its next read with this task
+        if self._read_idle or (self.model.tau is None
+                               and len(self.live) == FIRST_END_FAST_LIVE):
+            # the account watcher plans its next read with this task (before any end is known
+            # it reads four times as often from FIRST_END_FAST_LIVE live tasks on: a read
+            # planned for the first task alone would come a whole interval later)
+            self._read_wake.set()
 
     def _remember_unknown(self, idx: int, token: str | None) -> None:
         self.key_ledger.doubt()
@@ -1002,6 +1010,28 @@ class Runner:
         slow = SAFETY_SLOW_FACTOR if self._account_exact else 1.0
         return cap * slow * random.uniform(0.8, 1.0)
 
+    def _defer_first_checks(self, late: _Live, age_s: float) -> None:
+        """``late`` was still running ``age_s`` after its create, at its expected-end check:
+        the tasks of its generation whose checks have not left yet are likely to be running
+        at theirs too (the model learns the later end only when that task ends, a recheck
+        from now). Their checks move to a recheck after that age, by at most
+        DEFER_MAX_RECHECKS rechecks each, so a regular duration that the guess slipped under
+        costs one "not yet" instead of one per task still to be checked."""
+        tau = self.model.tau
+        if tau is None:
+            return
+        gap = RECHECK_FRACTION * tau
+        until = age_s + gap
+        now = time.monotonic()
+        half_rtt = (self._rtt_s() or 0.0) / 2
+        for other in self.live.values():
+            if (other is late or other.polling or other.suspected or other.by_read
+                    or other.first_check is None or other.negatives or other.probe
+                    or other.running_at is not None or other.first_check >= until):
+                continue
+            other.first_check = min(until, other.first_check + DEFER_MAX_RECHECKS * gap)
+            self._schedule(other, max(0.0, other.t0 + other.first_check - half_rtt - now))
+
     def _replan(self) -> None:
         """The first end is known: every live task is asked at its own expected end instead."""
         for live in self.live.values():
@@ -1020,8 +1050,12 @@ class Runner:
         spare = pool - min(self.create_bound, max(4, pool // 3)) - 1
         if rtt and tau:
             need = max(need, int(max(1, len(self.live)) / tau * rtt * POLL_HEADROOM) + 1)
-            if rtt >= FAR_RTT_S and self._heap and self._heap[0].at < time.monotonic() - rtt:
-                need = spare  # checks overdue by a round trip: a backlog to clear
+            if rtt >= FAR_RTT_S:
+                # a far service: a wave of tasks made together is checked together (their
+                # slots are handed over as the checks leave)
+                need = max(need, self.window)
+                if self._heap and self._heap[0].at < time.monotonic() - rtt:
+                    need = spare  # checks overdue by a round trip: a backlog to clear
         return max(1, min(need, spare))
 
     def _schedule(self, live: _Live, delay: float) -> None:
@@ -1164,6 +1198,9 @@ class Runner:
                 if due > time.monotonic():  # asked before its expected end: that check stands
                     self._schedule(live, due - time.monotonic())
                     return
+            if (live.first_check is not None and live.negatives == 0 and not guessed
+                    and not live.probe and not self.model.searching):
+                self._defer_first_checks(live, at - live.t0)
             if live.first_check is not None:
                 live.negatives += 1
             self._schedule(live, self._recheck_delay(live))
@@ -1322,7 +1359,7 @@ class Runner:
                                                           or quiet - live.t0 > running):
                 running = quiet - live.t0  # a read after that showed no end of ours, about
             late = live.negatives > 0
-        known = self.model.known
+        known, top = self.model.known, self.model.tau if self.model.searching else None
         # a generation is the slots' worth of tasks (not the few left at the run's end)
         self.model.learn(max(0.0, ended), running_at=running, late=late, by_read=live.by_read,
                          first_check=live.first_check, live=max(self.window, len(self.live)),
@@ -1330,6 +1367,24 @@ class Runner:
         self._forget(live)
         if not known and self.model.known:
             self._replan()
+        elif top is not None and self.model.tau is not None and self.model.tau < top:
+            self._advance_first_checks(top)
+
+    def _advance_first_checks(self, top: float) -> None:
+        """The search's top (where every task has ended) came down from ``top``: the checks
+        not yet sent that were due there are due at the new top instead (the tasks made
+        during the first ends would otherwise all be asked where the first end was seen)."""
+        tau = self.model.tau
+        assert tau is not None
+        now = time.monotonic()
+        half_rtt = (self._rtt_s() or 0.0) / 2
+        for other in self.live.values():
+            if (other.polling or other.suspected or other.by_read or other.first_check is None
+                    or other.negatives or other.probe or other.running_at is not None
+                    or other.first_check <= tau or other.first_check > top):
+                continue
+            other.first_check = tau
+            self._schedule(other, max(0.0, other.t0 + tau - half_rtt - now))
 
     def _forget(self, live: _Live) -> None:
         if self.live.pop(live.idx, None) is not None and not live.suspected:

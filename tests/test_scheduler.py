@@ -16,6 +16,7 @@ import pytest
 from conftest import fast_settings, write_manifest
 
 from pipeline import store as st
+from pipeline.client import Submitted, TaskResult
 from pipeline.config import resolve_settings
 from pipeline.errors import CapacityError
 from pipeline.pacing import (
@@ -28,6 +29,7 @@ from pipeline.pacing import (
     DRIFT_FRACTION,
     DRIFT_GROWTH,
     DRIFT_MIN_GENERATION,
+    FLOOR_GENERATIONS,
     RECHECK_FRACTION,
     RECHECK_GROWTH,
     SEARCH_PROBES,
@@ -37,7 +39,9 @@ from pipeline.pacing import (
     default_creates_in_flight,
 )
 from pipeline.runner import (
+    DEFER_MAX_RECHECKS,
     FIRST_END_AGE_FRACTION,
+    FIRST_END_FAST_LIVE,
     FIRST_END_READS_PER_ROW,
     SAFETY_SLOW_FACTOR,
     UNKNOWN_STREAK_STOP,
@@ -237,9 +241,15 @@ def test_the_bound_on_creates_in_flight_follows_the_window():
     assert default_creates_in_flight(1) == CREATES_IN_FLIGHT_MIN
     assert default_creates_in_flight(320) == 20
     assert default_creates_in_flight(5000) == CREATES_IN_FLIGHT_MAX
-    # ... and what the slots need to turn over once a task: 50 slots of 1 s tasks at 200 ms
-    assert default_creates_in_flight(50, 0.2, 1.0) == 15  # 10 needed, x 1.5
-    assert default_creates_in_flight(50, 0.2, 30.0) == CREATES_IN_FLIGHT_MIN  # long: the minimum
+    # ... and what the slots need to turn over once a task: 50 slots of 50 ms tasks at 8 ms
+    assert default_creates_in_flight(50, 0.008, 0.05) == 12  # 8 needed, x 1.5
+    assert default_creates_in_flight(50, 0.005, 30.0) == CREATES_IN_FLIGHT_MIN  # long: the minimum
+    # at a far service the whole window, before and after a duration is known: tasks made
+    # together end together, and a wave refilled 8 at a time costs its last slots round trips
+    assert default_creates_in_flight(20, 0.2) == 20
+    assert default_creates_in_flight(20, 0.2, 30.0) == 20
+    assert default_creates_in_flight(50, 0.2, 1.0) == 50
+    assert default_creates_in_flight(4, 0.2, 1.0) == CREATES_IN_FLIGHT_MIN
     assert default_creates_in_flight(1000, 0.2, 0.5) == CREATES_IN_FLIGHT_MAX  # never past it
 
 
@@ -690,6 +700,165 @@ def test_a_refused_create_that_took_a_handed_over_slot_teaches_nothing_about_the
     r._forget(tasks[1])  # a task ended: a free slot, taken by a create that is refused
     asyncio.run(r._submit(r._take_rows()[0]))
     assert r._capacity_wait and r._capacity_strikes == 1
+
+
+def test_a_late_end_that_the_guess_only_slipped_under_is_placed_by_the_ends_found_around_it():
+    # Regular 3 s tasks at a far service: the guess drifts just under the end, a check finds
+    # its task running at 2.99 s, and the recheck's answer comes a round trip later (3.2 s).
+    # The tasks found ended at their first checks just before say the end is by 3.01 s: the
+    # model goes there, not to the middle of the round trip (3.1 s: every later slot idle
+    # 0.1 s a turnover, measured at C=20, D=3 s, 200 ms).
+    model = EndModel(tau=3.0, early=0.0)
+    for _ in range(6):
+        model.learn(3.01, first_check=3.0, live=20)
+    model.learn(3.2, running_at=2.99, late=True, first_check=2.99, live=20)
+    assert 3.0 < model.tau <= 3.01 + RECHECK_FRACTION * 3.0
+    # durations that vary: a task found ended well before this one was seen running, so the
+    # ends found around it say nothing about it, and the late interval stands
+    varied = EndModel(tau=3.0, early=0.0)
+    for ended in (3.01, 2.5, 3.01):
+        varied.learn(ended, first_check=3.0, live=20)
+    varied.learn(3.2, running_at=2.99, late=True, first_check=2.99, live=20)
+    assert varied.tau > 3.09
+
+
+def test_the_guess_does_not_drift_back_under_a_regular_end_it_just_found_for_a_few_generations():
+    model = EndModel(tau=3.0, early=0.0)
+    for _ in range(6):
+        model.learn(3.01, first_check=3.0, live=DRIFT_MIN_GENERATION)
+    model.learn(3.2, running_at=2.99, late=True, first_check=2.99, live=DRIFT_MIN_GENERATION)
+    floor = 2.99 + RECHECK_FRACTION * 3.0 / 2  # just above the "not yet"
+    seen = []
+    for _ in range(FLOOR_GENERATIONS * DRIFT_MIN_GENERATION):
+        model.learn(model.tau, first_check=model.tau, live=DRIFT_MIN_GENERATION)
+        seen.append(model.tau)
+    # the step had grown enough to cross 2.99 within those ends: it stopped just above
+    assert min(seen) == pytest.approx(floor, abs=1e-4)
+    # afterwards the guess moves earlier again (durations that shrink are still followed)
+    for _ in range(3 * DRIFT_MIN_GENERATION):
+        model.learn(model.tau, first_check=model.tau, live=DRIFT_MIN_GENERATION)
+    assert model.tau < 2.99
+
+
+def test_a_search_on_one_slot_halves_the_interval_with_each_probe():
+    # on one slot every task of a round is a probe while the interval shrinks: one probe at
+    # the middle (a call when it is early) instead of three from the bottom up
+    model = EndModel()
+    model.learn(2.0, running_at=0.0)
+    assert model.first_check(1) == pytest.approx(1.0)
+    assert model.first_check(1) == pytest.approx(2.0)  # the rest of the round at the top
+    model.not_yet(1.0)  # the probe was early: what is left is halved, a new round
+    assert model.first_check(1) == pytest.approx(1.5)
+
+
+class _AnswerClient(_NoClient):
+    """Polls answer ``state``; creates are accepted."""
+
+    def __init__(self, state: str = "RUNNING") -> None:
+        self.state = state
+        self.polls: list[str] = []
+
+    async def poll(self, task_id: str) -> Any:
+        self.polls.append(task_id)
+        return TaskResult(self.state)
+
+    async def create(self, body: Any) -> Any:
+        return Submitted(f"made{secrets.token_hex(4)}", "QUEUED")
+
+
+def test_a_task_running_at_its_check_moves_the_checks_not_yet_sent_of_its_generation(runner):
+    # Measured at C=20, D=120 s: when the guess slips under a regular duration, every task of
+    # the generation still to be checked was asked too early, one "not yet" each (0.2 calls
+    # per task over the run). The first "not yet" moves the others' first checks a recheck
+    # after its age, by at most DEFER_MAX_RECHECKS rechecks.
+    r = runner(rows=10, concurrency=8)
+    r.client = client = _AnswerClient("RUNNING")
+    r.model = EndModel(tau=120.0, early=0.0)
+    _measure(r, 0.002, 3)
+    late = _live(r, 100, age_s=120.0)
+    pending = [_live(r, 101 + i, age_s=119.0 - i) for i in range(3)]
+    young = _live(r, 110, age_s=10.0)  # made later with the same guess: moved too
+    raised = _live(r, 111, age_s=10.0)  # its check is already past the new point: not moved
+    sent = _live(r, 112, age_s=119.9)  # its check is on its way: not moved
+    for live in (late, *pending, young, raised, sent):
+        r._first_check_delay(live)
+    sent.polling = True
+    raised.first_check = 121.0
+    generations = [live.generation for live in pending]
+    gap = RECHECK_FRACTION * 120.0
+    asyncio.run(r._poll_one(late))
+    assert client.polls == [late.task_id] and late.negatives == 1
+    for live, generation in zip(pending, generations, strict=True):
+        assert 120.0 < live.first_check <= 120.0 + DEFER_MAX_RECHECKS * gap
+        assert live.first_check == pytest.approx(120.0 + gap, abs=0.05)
+        assert live.generation > generation  # rescheduled there
+    assert young.first_check == pytest.approx(120.0 + gap, abs=0.05)
+    assert raised.first_check == 121.0 and sent.first_check == 120.0
+    # a probe of a search that finds its task running moves nothing
+    r2 = runner(rows=10, concurrency=8)
+    r2.client = _AnswerClient("RUNNING")
+    r2.model = EndModel()
+    r2.model.learn(120.0, running_at=100.0)  # a first end seen widely: a search
+    assert r2.model.searching
+    _measure(r2, 0.002, 3)
+    probe, other = _live(r2, 100, age_s=105.0), _live(r2, 101, age_s=104.0)
+    r2._first_check_delay(probe)
+    r2._first_check_delay(other)
+    assert probe.probe and probe.first_check < 120.0
+    before = other.first_check
+    asyncio.run(r2._poll_one(probe))
+    assert other.first_check == before
+
+
+def test_checks_due_at_the_top_of_a_search_follow_it_down(runner):
+    # The tasks made while the first ends come in are asked at the top of the search (where the
+    # first end was seen); once a probe finds its task ended lower, those checks not yet sent
+    # are due there instead.
+    r = runner(rows=10, concurrency=8)
+    r.model = EndModel()
+    r.model.learn(3.4, running_at=2.6)
+    assert r.model.searching and r.model.tau == 3.4
+    _measure(r, 0.002, 3)
+    probe = _live(r, 100, age_s=3.1)
+    waiting = [_live(r, 101 + i, age_s=3.0) for i in range(4)]
+    young = _live(r, 110, age_s=0.5)
+    for live in (probe, *waiting, young):
+        r._first_check_delay(live)
+    probe.first_check, probe.probe = 3.1, True
+    tops = [live for live in (*waiting, young) if not live.probe]
+    assert tops and all(live.first_check == 3.4 for live in tops)
+    r._finish(probe, time.monotonic())
+    assert r.model.tau == pytest.approx(3.1, abs=0.01)
+    for live in tops:
+        assert live.first_check == pytest.approx(3.1, abs=0.01)
+    probes = [live for live in (*waiting, young) if live.probe]
+    assert all(live.first_check < 3.4 for live in probes)  # the search's points: left alone
+
+
+def test_the_reads_for_the_first_ends_quicken_as_soon_as_enough_tasks_are_live(runner):
+    # The account watcher planned its next read when the first task was live (at the full
+    # interval, a lone task); the FIRST_END_FAST_LIVE-th create wakes it, so it reads at a
+    # quarter of the interval from then on instead of a whole interval after the first.
+    r = runner(rows=10, concurrency=8)
+    r.client = _AnswerClient()
+    _measure(r, 0.002, 3)
+    r._read_idle = False
+
+    async def submit_all() -> list[bool]:
+        woken = []
+        for _ in range(FIRST_END_FAST_LIVE + 1):
+            row = r._next_pending()
+            r._read_wake.clear()
+            await r._submit(row)
+            woken.append(r._read_wake.is_set())
+        return woken
+
+    woken = asyncio.run(submit_all())
+    assert len(r.live) == FIRST_END_FAST_LIVE + 1
+    assert woken == [n == FIRST_END_FAST_LIVE for n in range(1, FIRST_END_FAST_LIVE + 2)]
+    now = time.monotonic()
+    r._last_read_at = now
+    assert r._next_read_at(now) == pytest.approx(now + 2.0 * ACCOUNT_POLL_MIN_FRACTION)
 
 
 def test_after_a_create_in_doubt_creates_go_one_at_a_time(runner):
