@@ -1022,15 +1022,22 @@ class Runner:
             return
         gap = RECHECK_FRACTION * tau
         until = age_s + gap
-        now = time.monotonic()
+        for other, due in self._unsent_first_checks():
+            if other is not late and due < until:
+                self._move_first_check(other, min(until, due + DEFER_MAX_RECHECKS * gap))
+
+    def _unsent_first_checks(self) -> list[tuple[_Live, float]]:
+        """The live tasks whose expected-end check (not a search's probe) has not left yet,
+        with its offset."""
+        return [(t, t.first_check) for t in self.live.values()
+                if t.first_check is not None and not (
+                    t.polling or t.suspected or t.by_read or t.negatives or t.probe
+                    or t.running_at is not None)]
+
+    def _move_first_check(self, live: _Live, first_check: float) -> None:
+        live.first_check = first_check
         half_rtt = (self._rtt_s() or 0.0) / 2
-        for other in self.live.values():
-            if (other is late or other.polling or other.suspected or other.by_read
-                    or other.first_check is None or other.negatives or other.probe
-                    or other.running_at is not None or other.first_check >= until):
-                continue
-            other.first_check = min(until, other.first_check + DEFER_MAX_RECHECKS * gap)
-            self._schedule(other, max(0.0, other.t0 + other.first_check - half_rtt - now))
+        self._schedule(live, max(0.0, live.t0 + first_check - half_rtt - time.monotonic()))
 
     def _replan(self) -> None:
         """The first end is known: every live task is asked at its own expected end instead."""
@@ -1376,15 +1383,9 @@ class Runner:
         during the first ends would otherwise all be asked where the first end was seen)."""
         tau = self.model.tau
         assert tau is not None
-        now = time.monotonic()
-        half_rtt = (self._rtt_s() or 0.0) / 2
-        for other in self.live.values():
-            if (other.polling or other.suspected or other.by_read or other.first_check is None
-                    or other.negatives or other.probe or other.running_at is not None
-                    or other.first_check <= tau or other.first_check > top):
-                continue
-            other.first_check = tau
-            self._schedule(other, max(0.0, other.t0 + tau - half_rtt - now))
+        for other, due in self._unsent_first_checks():
+            if tau < due <= top:
+                self._move_first_check(other, tau)
 
     def _forget(self, live: _Live) -> None:
         if self.live.pop(live.idx, None) is not None and not live.suspected:
