@@ -988,7 +988,7 @@ class Runner:
             live.first_check = self.model.first_check(self.window)
             live.probe = live.first_check < tau
             live.negatives = 0
-            return max(0.0, live.t0 + live.first_check - (self._rtt_s() or 0.0) / 2 - now)
+            return max(0.0, self._check_leaves_at(live, live.first_check) - now)
         if not self._account_ok:
             return self.settings.poll_interval_s
         slow = SAFETY_SLOW_FACTOR if self._account_exact else 1.0
@@ -1036,8 +1036,12 @@ class Runner:
 
     def _move_first_check(self, live: _Live, first_check: float) -> None:
         live.first_check = first_check
-        half_rtt = (self._rtt_s() or 0.0) / 2
-        self._schedule(live, max(0.0, live.t0 + first_check - half_rtt - time.monotonic()))
+        self._schedule(live, max(0.0, self._check_leaves_at(live, first_check) - time.monotonic()))
+
+    def _check_leaves_at(self, live: _Live, offset: float) -> float:
+        """When a check that should reach the service ``offset`` s after ``live``'s create
+        leaves (monotonic): half a round trip before."""
+        return live.t0 + offset - (self._rtt_s() or 0.0) / 2
 
     def _replan(self) -> None:
         """The first end is known: every live task is asked at its own expected end instead."""
@@ -1201,7 +1205,7 @@ class Runner:
             live.running_at = at
             self.model.not_yet(at - live.t0)
             if guessed and live.first_check is not None and live.negatives == 0:
-                due = live.t0 + live.first_check - (self._rtt_s() or 0.0) / 2
+                due = self._check_leaves_at(live, live.first_check)
                 if due > time.monotonic():  # asked before its expected end: that check stands
                     self._schedule(live, due - time.monotonic())
                     return
