@@ -1430,7 +1430,9 @@ class Runner:
             floor = (base * ACCOUNT_POLL_MIN_FRACTION if len(live) >= FIRST_END_FAST_LIVE
                      else base)
             if self._first_end_reads < self._first_end_budget():
-                return last + floor  # a run of many rows: the first ends seen closely
+                # a run of many rows: the first ends seen closely, the floor apart at the
+                # service (``last`` is when the last read was handled, half a trip after it left)
+                return last + floor - (self._rtt_floor_s() or 0.0) / 2
             return last + max(floor, FIRST_END_AGE_FRACTION * (now - oldest))
         opens = [t.t0 + READ_WINDOW_FRACTION * tau for t in live]
         open_now = sum(1 for at in opens if at <= now)

@@ -428,6 +428,26 @@ def test_a_run_of_many_rows_reads_closely_for_its_first_ends_within_a_budget(run
     assert small._first_end_budget() == pytest.approx(FIRST_END_READS_PER_ROW * 20)
 
 
+def test_at_a_far_service_the_reads_for_the_first_ends_reach_it_the_floor_apart(runner):
+    # The last read's time is its middle, when the service looked (half a round trip after it
+    # left); the next leaves half a trip before the floor is up, so the service sees the reads
+    # the floor apart (0.5 s at a 2 s interval), not the floor and half a trip (0.6 s at 200 ms).
+    r = runner(rows=400, concurrency=20)
+    r.pool.start(r)
+    _measure(r, 0.2, 3)
+    for i in range(20):
+        _live(r, i, age_s=1.0)
+    now = time.monotonic()
+    looked = now - 0.05
+    r._last_read_at = looked
+    leaves = r._next_read_at(now)
+    assert leaves + 0.2 / 2 - looked == pytest.approx(2.0 * ACCOUNT_POLL_MIN_FRACTION, abs=0.001)
+    # once the close reads are spent, the age paces them as before, from the last middle
+    r._first_end_reads = int(FIRST_END_READS_PER_ROW * 400)
+    assert r._next_read_at(now) - looked == pytest.approx(2.0 * ACCOUNT_POLL_MIN_FRACTION,
+                                                          abs=0.001)
+
+
 def test_a_read_that_shows_ends_hands_over_the_slots_of_the_likeliest_tasks(runner):
     r = runner()
     r.model = EndModel(tau=30.0, early=0.0)
