@@ -107,8 +107,12 @@ FIRST_END_FAST_LIVE = 4  # ... and down to a quarter of that interval while this
 # stay at that floor, not slowed by the age, while they number less than FIRST_END_READS_PER_ROW
 # times the rows the run has to do (split over its keys). They cost at most that many calls per
 # task, and the first generation's ends are seen within the floor's interval (0.5 s at the
-# default 2 s) instead of a tenth of their age (3 s for 30 s tasks).
+# default 2 s) instead of a tenth of their age (3 s for 30 s tasks). Within the floor they are
+# a tenth of that age apart, down to FIRST_END_CLOSE_FRACTION of the floor: short tasks' first
+# ends are seen to a tenth of their duration (0.3 s for 3 s tasks, not 0.5 s), at a few reads
+# more in the first seconds of a run.
 FIRST_END_READS_PER_ROW = 0.2
+FIRST_END_CLOSE_FRACTION = 0.5
 # ... and each task is asked about every max_poll_interval_s, this many times less often while the
 # account count is exactly ours (the count then tells every end by itself).
 SAFETY_SLOW_FACTOR = 4.0
@@ -1432,6 +1436,10 @@ class Runner:
             if self._first_end_reads < self._first_end_budget():
                 # a run of many rows: the first ends seen closely, the floor apart at the
                 # service (``last`` is when the last read was handled, half a trip after it left)
+                # or a tenth of the oldest task's age, if less (within FIRST_END_CLOSE_FRACTION)
+                if len(live) >= FIRST_END_FAST_LIVE:
+                    floor = min(floor, max(FIRST_END_CLOSE_FRACTION * floor,
+                                           FIRST_END_AGE_FRACTION * (now - oldest)))
                 return last + floor - (self._rtt_floor_s() or 0.0) / 2
             return last + max(floor, FIRST_END_AGE_FRACTION * (now - oldest))
         opens = [t.t0 + READ_WINDOW_FRACTION * tau for t in live]

@@ -41,6 +41,7 @@ from pipeline.pacing import (
 from pipeline.runner import (
     DEFER_MAX_RECHECKS,
     FIRST_END_AGE_FRACTION,
+    FIRST_END_CLOSE_FRACTION,
     FIRST_END_FAST_LIVE,
     FIRST_END_READS_PER_ROW,
     SAFETY_SLOW_FACTOR,
@@ -436,16 +437,44 @@ def test_at_a_far_service_the_reads_for_the_first_ends_reach_it_the_floor_apart(
     r.pool.start(r)
     _measure(r, 0.2, 3)
     for i in range(20):
-        _live(r, i, age_s=1.0)
+        _live(r, i, age_s=10.0)
     now = time.monotonic()
     looked = now - 0.05
     r._last_read_at = looked
     leaves = r._next_read_at(now)
     assert leaves + 0.2 / 2 - looked == pytest.approx(2.0 * ACCOUNT_POLL_MIN_FRACTION, abs=0.001)
-    # once the close reads are spent, the age paces them as before, from the last middle
+    # once the close reads are spent, a tenth of the age (1 s) paces them, from the last middle
     r._first_end_reads = int(FIRST_END_READS_PER_ROW * 400)
-    assert r._next_read_at(now) - looked == pytest.approx(2.0 * ACCOUNT_POLL_MIN_FRACTION,
-                                                          abs=0.001)
+    assert r._next_read_at(now) - looked == pytest.approx(1.0, abs=0.01)
+
+
+def test_the_reads_for_the_first_ends_of_short_tasks_are_a_tenth_of_their_age_apart(runner):
+    # Within the floor (0.5 s at a 2 s interval), reads before the first end are a tenth of the
+    # oldest task's age apart at the service, down to half the floor: 3 s tasks' first ends are
+    # seen within 0.3 s, not 0.5 s; a task older than 5 s is read for at the floor.
+    r = runner(rows=400, concurrency=20)
+    r.pool.start(r)
+    _measure(r, 0.2, 3)
+    floor = 2.0 * ACCOUNT_POLL_MIN_FRACTION
+    tasks = [_live(r, i, age_s=3.0) for i in range(20)]
+    now = time.monotonic()
+    oldest = min(t.t0 for t in tasks)
+    r._last_read_at = now
+    at_service = r._next_read_at(now) + 0.2 / 2 - now
+    assert at_service == pytest.approx(FIRST_END_AGE_FRACTION * (now - oldest), abs=0.001)
+    assert at_service < floor
+    for t in tasks:  # younger: no closer than half the floor
+        t.t0 = now - 1.0
+    assert r._next_read_at(now) + 0.2 / 2 - now == pytest.approx(
+        FIRST_END_CLOSE_FRACTION * floor, abs=0.001)
+    # a lone task or a few are read for at the interval, whatever their age
+    few = runner(rows=400, concurrency=20)
+    few.pool.start(few)
+    _measure(few, 0.2, 3)
+    for i in range(FIRST_END_FAST_LIVE - 1):
+        _live(few, i, age_s=3.0)
+    few._last_read_at = now
+    assert few._next_read_at(now) + 0.2 / 2 - now == pytest.approx(2.0, abs=0.001)
 
 
 def test_a_read_that_shows_ends_hands_over_the_slots_of_the_likeliest_tasks(runner):
