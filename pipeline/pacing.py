@@ -235,6 +235,8 @@ class EndModel:
             self._probes = self._checks = 0
             return
         if self._high is not None and self._low is not None:
+            if first_check is not None and not by_read:
+                self._found.append(ended_by)  # found at its check: a bound for a late end after
             width = self._high - self._low
             self._high = min(self._high, max(RECHECK_MIN_S, ended_by))
             if running_at is not None:
@@ -262,9 +264,11 @@ class EndModel:
             self._late.append(((low + ended_by) / 2, (ended_by - low) / 2))
             middles = [m for m, _ in self._late]
             # just after the middle of the recent late ends (a few are trusted no further than
-            # twice the current guess): not where the checks happened to be made
-            middle = (statistics.median(middles) if len(middles) >= 3
-                      else min(min(middles), 2 * self.tau))
+            # twice the current guess): not where the checks happened to be made; an end
+            # bounded by the ends found around it is no straggler, and is placed by itself
+            # (the median would still hold the wide intervals of generations ago)
+            middle = ((low + ended_by) / 2 if bounded else statistics.median(middles)
+                      if len(middles) >= 3 else min(min(middles), 2 * self.tau))
             # plus half the usual width of those intervals (at most a recheck): the first checks
             # should find the task ended. An end placed that closely gets a whole recheck: just
             # over it, the next small step earlier would be a "not yet" again (one slot: every

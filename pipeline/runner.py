@@ -109,10 +109,11 @@ FIRST_END_FAST_LIVE = 4  # ... and down to a quarter of that interval while this
 # task, and the first generation's ends are seen within the floor's interval (0.5 s at the
 # default 2 s) instead of a tenth of their age (3 s for 30 s tasks). Within the floor they are
 # a tenth of that age apart, down to FIRST_END_CLOSE_FRACTION of the floor: short tasks' first
-# ends are seen to a tenth of their duration (0.3 s for 3 s tasks, not 0.5 s), at a few reads
-# more in the first seconds of a run.
+# ends are seen to a tenth of their duration (0.3 s for 3 s tasks, not 0.5 s; 0.1 s for 1 s
+# tasks, where half the floor left the first generation's slots 0.42 s idle at C=50, 200 ms),
+# at a few reads more in the first seconds of a run.
 FIRST_END_READS_PER_ROW = 0.2
-FIRST_END_CLOSE_FRACTION = 0.5
+FIRST_END_CLOSE_FRACTION = 0.2
 # ... and each task is asked about every max_poll_interval_s, this many times less often while the
 # account count is exactly ours (the count then tells every end by itself).
 SAFETY_SLOW_FACTOR = 4.0
@@ -203,6 +204,7 @@ class _Live:
     negatives: int = 0  # "still running" answers since that check
     running_at: float | None = None  # monotonic time of its last "still running" answer
     read_low: float | None = None  # monotonic time of the read before the one that suspected it
+    read_high: float | None = None  # a read that found no task live on the account: ended by then
     hinted_at: float | None = None  # monotonic time a webhook said it ended
     handover: bool = False  # its slot went to the next create as its expected-end check left
 
@@ -512,6 +514,13 @@ class Runner:
         took = answered - sent
         return sent + (took if floor is None else min(floor, took)) / 2
 
+    def _made_at(self, sent: float, answered: float) -> float:
+        """When the service made the task of a create sent at ``sent`` and answered at
+        ``answered``: half the fastest recent round trip before the answer."""
+        floor = self._rtt_floor_s()
+        took = answered - sent
+        return answered - (took if floor is None else min(floor, took)) / 2
+
     def _rtt_s(self) -> float | None:
         """The network round trip: the median of recent polls and account reads (creates are
         left out: a create can be slow at the service, which more creates in flight would not
@@ -766,7 +775,7 @@ class Runner:
         self.store.mark_submitted(idx, answer.task_id, status, now)
         self._unsynced = True
         # the task was made while the request was at the service
-        live = _Live(idx, answer.task_id, status, now, answered, self._looked_at(sent, answered))
+        live = _Live(idx, answer.task_id, status, now, answered, self._made_at(sent, answered))
         if answer.status == "FAILED":
             # ComfyUI rejected the prompt but a task exists: record why, then learn its cost
             reason = prompt_failure({"promptTips": answer.prompt_tips})
@@ -1368,6 +1377,8 @@ class Runner:
             running = None
         else:
             ended = at - live.t0
+            if live.read_high is not None:  # ended by a read that found the account idle
+                ended = min(ended, live.read_high - live.t0)
             running = None if live.running_at is None else live.running_at - live.t0
             quiet = live.read_low if live.by_read else self._quiet_read_at
             if quiet is not None and quiet > live.t0 and (running is None
@@ -1543,6 +1554,12 @@ class Runner:
         ``asked_at``; the read before was at ``previous``)."""
         ours = [t for t in before if t.idx in self.live and t.seen_at <= asked_at]
         self._account_exact = count <= len(ours)
+        if count == 0:
+            # nothing live on the account: every task of ours made before the read had ended
+            # by the time it was handled (a bound the confirming poll, a round trip later, is not)
+            for t in ours:
+                if t.running_at is None or t.running_at < asked_at:
+                    t.read_high = self._last_read_at
         gap = len(ours) - count - sum(1 for t in ours if t.suspected)
         if gap <= 0:
             if count == len(ours):  # exactly ours: none of them had ended then
