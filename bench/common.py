@@ -98,13 +98,15 @@ class SimProcess:
         self.close()
 
 
-def write_manifest(path: Path, n: int, start: int = 0) -> Path:
-    """``n`` distinct text2img rows (prompt x seed), the shape of a real sweep."""
+def write_manifest(path: Path, n: int, start: int = 0, *, steps: bool = False) -> Path:
+    """``n`` distinct text2img rows (prompt x seed), the shape of a real sweep: three bound
+    columns, four with ``steps`` (``3.steps`` too)."""
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["workflowId", "6.text", "3.seed", "3.cfg"])
+        writer.writerow(["workflowId", "6.text", "3.seed", "3.cfg"] + ["3.steps"] * steps)
         for i in range(start, start + n):
-            writer.writerow([TEXT2IMG, f"a photo of subject {i // 100}, studio light", i, 7.0])
+            row: list[object] = [TEXT2IMG, f"a photo of subject {i // 100}, studio light", i, 7.0]
+            writer.writerow(row + [20 + i % 30] * steps)
     return path
 
 

@@ -27,7 +27,9 @@ def test_bench_smoke_prints_every_row(tmp_path: Path) -> None:
                    "detection latency p95", "round trip 200 ms", "slots busy",
                    "20 % create faults", "time waiting for a free slot",
                    "CPU (user+sys) per task", "peak RSS, MB",
-                   "rows / s", "first new create", "official example loop", "official loop x",
+                   "rows / s", "floor: pandas.read_csv", "first new create",
+                   "SIGTERM after", "results.jsonl, results.csv after it",
+                   "official example loop", "official loop x",
                    "runninghub-cli 0.1.0", "rhbatch"):
         assert any(needle in m for m in metrics), needle
     assert done.stdout.splitlines()[2].split("|")[1].strip() == "metric"
