@@ -1554,20 +1554,21 @@ class Runner:
         ``asked_at``; the read before was at ``previous``)."""
         ours = [t for t in before if t.idx in self.live and t.seen_at <= asked_at]
         self._account_exact = count <= len(ours)
+        # a task seen running after we asked cannot be one that had ended
+        could_have_ended = [t for t in ours if t.running_at is None or t.running_at < asked_at]
         if count == 0:
             # nothing live on the account: every task of ours made before the read had ended
             # by the time it was handled (a bound the confirming poll, a round trip later, is not)
-            for t in ours:
-                if t.running_at is None or t.running_at < asked_at:
-                    t.read_high = self._last_read_at
+            for t in could_have_ended:
+                t.read_high = self._last_read_at
         gap = len(ours) - count - sum(1 for t in ours if t.suspected)
         if gap <= 0:
             if count == len(ours):  # exactly ours: none of them had ended then
                 self._quiet_read_at = self._last_read_at
             return
-        # A task seen running after we asked cannot be one that had ended; of the rest, the one
-        # expected to end first is the likeliest. A task still running at its expected end is a
-        # straggler: expect it a recheck after that answer.
+        # Of the tasks that could have ended, the one expected to end first is the likeliest. A
+        # task still running at its expected end is a straggler: expect it a recheck after that
+        # answer.
         tau = self.model.tau
 
         def expected_end(t: _Live) -> float:
@@ -1577,11 +1578,7 @@ class Runner:
                 return t.running_at + tau * RECHECK_FRACTION
             return t.t0 + tau
 
-        candidates = sorted(
-            (t for t in ours if not t.suspected
-             and (t.running_at is None or t.running_at < asked_at)),
-            key=expected_end,
-        )
+        candidates = sorted((t for t in could_have_ended if not t.suspected), key=expected_end)
         for live in candidates[:gap]:
             self._suspect(live, True)
             live.by_read = True
